@@ -1,0 +1,1 @@
+"""Network architectures (registry kind ``architectures``)."""

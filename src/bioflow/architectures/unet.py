@@ -1,0 +1,213 @@
+"""U-Net (Ronneberger et al., 2015) for 2D and 3D images, with the options the field teaches.
+
+The network keeps the spatial size: convolutions are padded ("same"), so an input whose sizes are
+multiples of ``2**depth`` gives an output of the same size. Tiled prediction pads other sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Norm = Literal["batch", "instance", "none"]
+Activation = Literal["relu", "leaky_relu", "sigmoid", "maxout"]
+Pooling = Literal["max", "avg"]
+Upsampling = Literal["transpose", "interpolate"]
+
+
+class Maxout(nn.Module):
+    """Maxout over groups of ``pieces`` consecutive channels (Goodfellow et al., 2013)."""
+
+    def __init__(self, pieces: int) -> None:
+        super().__init__()
+        self.pieces = pieces
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        return x.view(n, c // self.pieces, self.pieces, *x.shape[2:]).amax(dim=2)
+
+
+def _conv(spatial_dims: int) -> type[nn.Module]:
+    return {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3×3(×3) convolutions, each followed by normalisation and the activation."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        spatial_dims: int,
+        norm: Norm,
+        activation: Activation,
+        maxout_pieces: int,
+    ) -> None:
+        conv = _conv(spatial_dims)
+        widen = maxout_pieces if activation == "maxout" else 1
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(2):
+            layers.append(
+                conv(channels, out_channels * widen, kernel_size=3, padding=1, bias=norm == "none")
+            )
+            if norm == "batch":
+                layers.append({2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims](out_channels * widen))
+            elif norm == "instance":
+                layers.append(
+                    {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial_dims](
+                        out_channels * widen, affine=True
+                    )
+                )
+            layers.append(_activation(activation, maxout_pieces))
+            channels = out_channels
+        super().__init__(*layers)
+
+
+def _activation(name: Activation, maxout_pieces: int) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU(inplace=True)
+    if name == "leaky_relu":
+        return nn.LeakyReLU(0.01, inplace=True)
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    return Maxout(maxout_pieces)
+
+
+class Up(nn.Module):
+    """Doubles the spatial size and halves the channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int, mode: Upsampling) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode == "transpose":
+            tconv = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
+            self.proj = tconv(in_channels, out_channels, kernel_size=2, stride=2)
+        else:
+            self.proj = _conv(spatial_dims)(in_channels, out_channels, kernel_size=1)
+        self.interp = "bilinear" if spatial_dims == 2 else "trilinear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "transpose":
+            return self.proj(x)
+        x = F.interpolate(x, scale_factor=2, mode=self.interp, align_corners=False)
+        return self.proj(x)
+
+
+class UNet(nn.Module):
+    """U-Net encoder-decoder with skip connections.
+
+    Parameters
+    ----------
+    in_channels, out_channels
+        Channels of the input image and of the output (classes, or restored channels). Supplied by
+        the task from the data; configs normally leave them out.
+    spatial_dims
+        2 for images (N, C, Y, X), 3 for volumes (N, C, Z, Y, X).
+    depth
+        Number of down-sampling steps; inputs should be multiples of ``2**depth``.
+    base_channels
+        Channels at the first level; doubled at each level down.
+    norm
+        ``batch``, ``instance`` or ``none``.
+    activation
+        ``relu``, ``leaky_relu``, ``sigmoid`` or ``maxout`` (max over ``maxout_pieces`` feature maps).
+    pooling
+        ``max`` or ``avg`` down-sampling.
+    upsampling
+        ``transpose`` (learned 2×2 transposed convolution) or ``interpolate`` (bilinear/trilinear
+        interpolation followed by a 1×1 convolution).
+    residual
+        Add the input to the output (the network learns a correction); needs
+        ``in_channels == out_channels``. Used for restoration.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        spatial_dims: Literal[2, 3] = 2,
+        depth: int = 3,
+        base_channels: int = 32,
+        norm: Norm = "batch",
+        activation: Activation = "relu",
+        maxout_pieces: int = 2,
+        pooling: Pooling = "max",
+        upsampling: Upsampling = "transpose",
+        residual: bool = False,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if depth < 0:
+            raise ValueError(f"depth must be >= 0, got {depth}")
+        if residual and in_channels != out_channels:
+            raise ValueError(
+                f"residual=True needs in_channels == out_channels, got {in_channels} and {out_channels}"
+            )
+        self.spatial_dims = spatial_dims
+        self.depth = depth
+        self.residual = residual
+        self.upsampling = upsampling
+        block = dict(spatial_dims=spatial_dims, norm=norm, activation=activation, maxout_pieces=maxout_pieces)
+        widths = [base_channels * 2**level for level in range(depth + 1)]
+        self.encoders = nn.ModuleList()
+        channels = in_channels
+        for width in widths:
+            self.encoders.append(ConvBlock(channels, width, **block))
+            channels = width
+        pool = {("max", 2): nn.MaxPool2d, ("max", 3): nn.MaxPool3d, ("avg", 2): nn.AvgPool2d, ("avg", 3): nn.AvgPool3d}
+        self.pool = pool[(pooling, spatial_dims)](kernel_size=2)
+        self.ups = nn.ModuleList()
+        self.decoders = nn.ModuleList()
+        for width in reversed(widths[:-1]):
+            self.ups.append(Up(channels, width, spatial_dims, upsampling))
+            self.decoders.append(ConvBlock(2 * width, width, **block))
+            channels = width
+        self.head = _conv(spatial_dims)(channels, out_channels, kernel_size=1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Spatial sizes must be multiples of this number."""
+        return 2**self.depth
+
+    def receptive_field(self) -> int:
+        """Receptive field (pixels along each axis) of one output pixel, from the layer geometry.
+
+        Follows every path from an output pixel back to the input (skip connections and the path
+        through the bottleneck) and takes the widest. Per step back: two 3×3 convolutions widen a
+        window by 4; a 2×2 pooling doubles it; an up-sampling maps ``r`` fine pixels onto at most
+        ``r // 2 + 1`` coarse pixels (transposed 2×2 convolution) or ``r // 2 + 2`` (linear
+        interpolation reads two neighbours). The alignment of each window is taken at its worst,
+        so this is an upper bound; it is exact for the configurations in the tests.
+        """
+
+        def from_encoder(level: int, r: int) -> int:
+            r += 4
+            return r if level == 0 else from_encoder(level - 1, 2 * r)
+
+        def from_decoder(level: int, r: int) -> int:
+            if level == self.depth:
+                return from_encoder(level, r)
+            r += 4
+            coarse = r // 2 + (1 if self.upsampling == "transpose" else 2)
+            return max(from_encoder(level, r), from_decoder(level + 1, coarse))
+
+        return from_decoder(0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        h = x
+        for level, encoder in enumerate(self.encoders):
+            h = encoder(h)
+            if level < self.depth:
+                skips.append(h)
+                h = self.pool(h)
+        for up, decoder in zip(self.ups, self.decoders):
+            h = up(h)
+            h = decoder(torch.cat([skips.pop(), h], dim=1))
+        out = self.head(h)
+        return out + x if self.residual else out

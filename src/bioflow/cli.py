@@ -1,0 +1,236 @@
+"""The ``bioflow`` command.
+
+Heavy libraries (torch, Lightning, MLflow, Hydra) are imported inside the sub-commands that need
+them, so that ``bioflow --help`` and ``bioflow plugins`` start instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from bioflow import __version__
+from bioflow.errors import BioflowError
+
+DEFAULT_PROJECT_DIR_ENV = "BIOFLOW_PROJECT_DIR"
+
+
+def _project_dir_default() -> str:
+    return os.environ.get(DEFAULT_PROJECT_DIR_ENV, "bioflow-runs")
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"bioflow: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    return code
+
+
+# -- train ----------------------------------------------------------------------------------------
+def config_searchpath_override(overrides: Sequence[str]) -> list[str]:
+    """Add the config packages of installed plugins to Hydra's search path, unless the user set it."""
+    from bioflow.registry import registry
+
+    if any(o.lstrip("+~").startswith("hydra.searchpath") for o in overrides):
+        return []
+    packages = [c.target for c in registry.components("configs")]
+    packages = [p for p in packages if p != "bioflow.configs"]
+    if not packages:
+        return []
+    return ["hydra.searchpath=[" + ",".join(f"pkg://{p}" for p in packages) + "]"]
+
+
+_HYDRA_FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
+
+
+def _prevalidate(overrides: list[str]) -> None:
+    """Compose and validate the config before Hydra starts a job, so errors come as one line."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from bioflow.config import CONFIG_PACKAGE, PRIMARY_CONFIG, validate
+
+    try:
+        with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+            cfg = compose(config_name=PRIMARY_CONFIG, overrides=overrides)
+            container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise BioflowError(f"config: {_first_lines(str(exc))}") from exc
+    validate(container)
+
+
+def _first_lines(text: str) -> str:
+    """Hydra's messages span lines; keep the informative part on one line."""
+    keep = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Set the environment")]
+    return " ".join(keep)[:600]
+
+
+def train_command(overrides: list[str]) -> int:
+    """``bioflow train [overrides]``: compose the config with Hydra and run the training job."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from bioflow.config import PRIMARY_CONFIG
+
+    original_argv = list(sys.argv)
+    # Lightning's DDP launcher starts the other ranks with this command line.
+    launch_argv = [original_argv[0], "train", *overrides]
+    overrides = list(overrides) + config_searchpath_override(overrides)
+    is_info = any(o in _HYDRA_FLAGS_WITHOUT_RUN for o in overrides)
+    multirun = any(o in ("-m", "--multirun") for o in overrides)
+    if not is_info and not multirun:
+        try:
+            _prevalidate(overrides)
+        except BioflowError as exc:
+            return fail(exc.one_line())
+
+    outcome = {"code": 0}
+
+    @hydra.main(version_base="1.3", config_path="pkg://bioflow.configs", config_name=PRIMARY_CONFIG)
+    def job(cfg) -> float | None:
+        from pathlib import Path
+
+        from omegaconf.errors import OmegaConfBaseException
+
+        from bioflow.train import print_summary, run_training
+
+        sys.argv = launch_argv
+        try:
+            container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+            summary = run_training(container, Path(HydraConfig.get().runtime.output_dir))
+        except BioflowError as exc:
+            outcome["code"] = fail(exc.one_line())
+            return None
+        except OmegaConfBaseException as exc:
+            outcome["code"] = fail(f"config: {_first_lines(str(exc))}")
+            return None
+        if summary["is_global_zero"]:
+            print_summary(summary)
+        return summary["best_score"]
+
+    sys.argv = [original_argv[0]] + overrides
+    try:
+        job()
+    except SystemExit as exc:  # Hydra exits on its own errors after printing them
+        return int(exc.code or 0) if not isinstance(exc.code, str) else fail(exc.code)
+    finally:
+        sys.argv = original_argv
+    return outcome["code"]
+
+
+# -- plugins ----------------------------------------------------------------------------------------
+def plugins_command(args: argparse.Namespace) -> int:
+    from bioflow.registry import KINDS, registry
+
+    kinds = [args.kind] if args.kind else list(KINDS)
+    for kind in kinds:
+        if kind not in KINDS:
+            return fail(f"unknown kind '{kind}'; kinds are: {', '.join(KINDS)}")
+    for kind in kinds:
+        comps = registry.components(kind)
+        clashes = registry.clashes(kind)
+        print(f"{kind} ({KINDS[kind]}):")
+        if not comps:
+            print("  (none)")
+        width = max((len(c.name) for c in comps), default=0)
+        for c in comps:
+            flag = "  [name clash: use " + c.qualified_name + "]" if c.name in clashes else ""
+            print(f"  {c.name:<{width}}  {c.distribution} {c.version}  ({c.target}){flag}")
+    if not args.check:
+        return 0
+    problems = registry.problems()
+    if problems:
+        print(f"\n{len(problems)} problem(s):", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print("\nall plugins load; no name clashes")
+    return 0
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+def evaluate_command(args: argparse.Namespace) -> int:
+    from bioflow.evaluate import evaluate, print_evaluation
+
+    result = evaluate(
+        args.model, project_dir=args.project_dir, tracking_uri=args.tracking_uri, split=args.split,
+        log_to_run=not args.no_log,
+    )
+    print_evaluation(result)
+    return 0
+
+
+# -- dashboard ----------------------------------------------------------------------------------
+def dashboard_command(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    from bioflow.tracking.store import Store
+
+    store = Store.create(args.project_dir)
+    if not (store.project_dir / "mlflow.db").is_file():
+        return fail(f"{store.project_dir}: no MLflow store here (mlflow.db); train first or pass --project-dir")
+    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
+    if mlflow is None:
+        return fail("the mlflow command is not installed in this environment")
+    cmd = [
+        mlflow, "server", "--backend-store-uri", store.tracking_uri,
+        "--default-artifact-root", store.artifact_location, "--host", "127.0.0.1", "--port", str(args.port),
+        "--workers", "1",
+    ]
+    print(f"MLflow dashboard for {store.project_dir} at http://127.0.0.1:{args.port} (Ctrl+C stops it)", flush=True)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+# -- main -------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bioflow",
+        description="Train and apply CNNs for bioimage analysis (U-Net, StarDist, CARE, Noise2Void).",
+    )
+    parser.add_argument("--version", action="version", version=f"bioflow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser(
+        "train", add_help=False,
+        help="train a model from the Hydra config (`bioflow train --help` lists the config groups)",
+    )
+    ev = sub.add_parser("evaluate", help="test-split metrics of a checkpoint or MLflow run, logged into its run")
+    ev.add_argument("model", help="a checkpoint file, or the id of an MLflow run (its best checkpoint is used)")
+    ev.add_argument("--split", default="test", choices=["test", "val", "train"], help="split to evaluate (default: test)")
+    ev.add_argument("--project-dir", default=_project_dir_default(), help="project folder of the embedded store")
+    ev.add_argument("--tracking-uri", default=None, help="MLflow tracking server, instead of the embedded store")
+    ev.add_argument("--no-log", action="store_true", help="do not log the metrics into the MLflow run")
+    pl = sub.add_parser("plugins", help="list installed components (architectures, losses, ...) by kind")
+    pl.add_argument("--kind", help="list one kind only")
+    pl.add_argument("--check", action="store_true", help="import every plugin; exit 1 on a clash or a broken plugin")
+    db = sub.add_parser("dashboard", help="open the MLflow dashboard on the project's store (127.0.0.1)")
+    db.add_argument("--project-dir", default=_project_dir_default(), help="project folder (default: %(default)s)")
+    db.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        return train_command(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"evaluate": evaluate_command, "plugins": plugins_command, "dashboard": dashboard_command}
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return handlers[args.command](args)
+    except BioflowError as exc:
+        return fail(exc.one_line(), exc.exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

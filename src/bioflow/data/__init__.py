@@ -1,0 +1,1 @@
+"""Data: sources of images and targets, splits, normalisation, patches, augmentation, loaders."""

@@ -1,0 +1,105 @@
+"""Albumentations augmentation, applied after normalisation and safe for label images.
+
+Arrays inside bioflow are channel-first; albumentations expects channel-last and silently misreads
+a channel-first array, so the conversion happens here, explicitly, and nowhere else. Label masks
+are passed as int32 (albumentations keeps integer labels intact with nearest interpolation, even
+above 65535). Each call is seeded, so a sample is reproducible whatever the worker layout.
+
+The pipeline is configured as a mapping from albumentations transform names to their arguments,
+e.g. ``{HorizontalFlip: {p: 0.5}, RandomRotate90: {p: 0.5}}``, applied in that order. A transform
+set to ``null`` is switched off (an experiment can drop a transform its base config lists); ``{}``
+uses the transform's default arguments.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import Any, Literal, Mapping
+
+import numpy as np
+
+from bioflow.arguments import check_arguments
+from bioflow.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TargetKind = Literal["mask", "image", "none"]
+
+
+def build_pipeline(spec: Mapping[str, Mapping[str, Any] | None], where: str = "data.augment"):
+    """An ``albumentations.Compose`` from ``{TransformName: kwargs}``; ``None`` if ``spec`` is empty."""
+    import albumentations as A
+
+    transforms = []
+    for name, kwargs in (spec or {}).items():
+        if kwargs is None:
+            continue
+        cls = getattr(A, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+            known = [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.BasicTransform)]
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"{where}.{name}: unknown albumentations transform '{name}'{hint}")
+        kwargs = dict(kwargs)
+        check_arguments(cls, kwargs, where=f"{where}.{name}", label=f"transform '{name}'")
+        if issubclass(cls, A.ImageOnlyTransform):
+            log.warning(
+                "%s.%s changes intensities; albumentations clips float images to [0, 1], so normalised "
+                "values outside that range are lost", where, name,
+            )
+        try:
+            transforms.append(cls(**kwargs))
+        except Exception as exc:  # albumentations validates its arguments itself
+            raise ConfigError(f"{where}.{name}: {' '.join(str(exc).split())}") from exc
+    return A.Compose(transforms) if transforms else None
+
+
+class Augmenter:
+    """Applies one albumentations pipeline to channel-first image/target pairs.
+
+    Parameters
+    ----------
+    spec
+        ``{TransformName: kwargs}`` as in the config.
+    spatial_dims
+        2 or 3. Volumes go through albumentations' 3D targets (``volume``/``mask3d``).
+    target_kind
+        ``mask`` for label images (geometric transforms only, nearest interpolation), ``image`` for
+        restoration targets (transformed geometrically exactly like the input), ``none``.
+    """
+
+    def __init__(self, spec: Mapping[str, Any] | None, spatial_dims: int, target_kind: TargetKind = "mask") -> None:
+        self.pipeline = build_pipeline(spec)
+        self.spatial_dims = spatial_dims
+        self.target_kind = target_kind
+        if self.pipeline is not None and target_kind == "image":
+            import albumentations as A
+
+            for t in self.pipeline.transforms:
+                if isinstance(t, A.ImageOnlyTransform):
+                    raise ConfigError(
+                        f"data.augment.{type(t).__name__}: an intensity transform would change the input "
+                        "but not its restoration target; use geometric transforms only"
+                    )
+
+    def __call__(self, image: np.ndarray, target: np.ndarray | None, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.pipeline is None:
+            return image, target
+        self.pipeline.set_random_seed(seed)
+        img = np.ascontiguousarray(np.moveaxis(image, 0, -1))  # channel-last for albumentations
+        key_img, key_mask = ("image", "mask") if self.spatial_dims == 2 else ("volume", "mask3d")
+        data: dict[str, np.ndarray] = {key_img: img}
+        if target is not None and self.target_kind == "mask":
+            data[key_mask] = np.ascontiguousarray(target.astype(np.int32, copy=False))
+        elif target is not None and self.target_kind == "image":
+            # Stack input and target as channels so that both see the very same geometry.
+            both = np.concatenate([img, np.moveaxis(target, 0, -1)], axis=-1)
+            data = {key_img: np.ascontiguousarray(both)}
+        out = self.pipeline(**data)
+        if target is not None and self.target_kind == "image":
+            both = np.moveaxis(out[key_img], -1, 0)
+            return np.ascontiguousarray(both[: image.shape[0]]), np.ascontiguousarray(both[image.shape[0]:])
+        new_image = np.ascontiguousarray(np.moveaxis(out[key_img], -1, 0))
+        new_target = out.get(key_mask) if target is not None and self.target_kind == "mask" else target
+        return new_image, new_target

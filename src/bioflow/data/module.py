@@ -1,0 +1,175 @@
+"""The Lightning data module: source -> checks -> split -> normalisation -> patches -> loaders."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from bioflow.data.augment import Augmenter, TargetKind
+from bioflow.data.normalize import PercentileNorm
+from bioflow.data.patches import PatchDataset, PatchIndex, WholeImageDataset
+from bioflow.data.records import ImageRecord, check_records
+from bioflow.data.split import apply_split_names, split_names, split_records
+from bioflow.config import component
+from bioflow.errors import ConfigError
+from bioflow.registry import registry
+from bioflow.samplers.base import SeededSampler
+
+log = logging.getLogger(__name__)
+
+
+class BioflowDataModule(L.LightningDataModule):
+    """Data for one task, built from the ``data`` and ``sampler`` sections of the config.
+
+    Parameters
+    ----------
+    data
+        The ``data`` section (source, split, patch size, loaders, normalisation, augmentation).
+    sampler
+        The ``sampler`` section: registry name plus keyword arguments.
+    seed
+        Seeds the patch draws and the augmentation.
+    target_kind
+        ``mask`` (label images), ``image`` (restoration targets) or ``none``.
+    target_fn
+        Converts a target patch into what the task trains on (e.g. instance labels to classes).
+    split
+        A recorded split (names per split) to reuse instead of drawing one, e.g. at evaluation.
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        sampler: Mapping[str, Any],
+        seed: int,
+        target_kind: TargetKind = "mask",
+        target_fn: Callable | None = None,
+        split: Mapping[str, list[str]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = dict(data)
+        self.sampler_cfg = dict(sampler)
+        self.seed = seed
+        self.target_kind = target_kind
+        self.target_fn = target_fn
+        self.recorded_split = split
+        #: The split that ``test_dataloader`` serves (``bioflow evaluate --split`` changes it).
+        self.evaluation_split = "test"
+        self.splits: dict[str, list[ImageRecord]] | None = None
+
+    # -- preparation, done once, before the model is built ---------------------------------
+    def prepare(self) -> None:
+        """Read the source, check it and split it; idempotent."""
+        if self.splits is not None:
+            return
+        name, kwargs = component(self.cfg["source"])
+        records = registry.create("datasets", name, where="data.source", **kwargs)
+        check_records(records, needs_target=self.target_kind != "none")
+        if self.recorded_split is not None:
+            self.splits = apply_split_names(records, self.recorded_split)
+        else:
+            s = self.cfg["split"]
+            self.splits = split_records(records, s["val"], s["test"], s["seed"])
+        dims = len(records[0].spatial_shape)
+        patch = tuple(self.cfg["patch_size"])
+        if len(patch) != dims:
+            raise ConfigError(
+                f"data.patch_size: {list(patch)} has {len(patch)} axes but the images have {dims} spatial axes"
+            )
+        log.info(
+            "data: %d train, %d val, %d test images",
+            *(len(self.splits[s]) for s in ("train", "val", "test")),
+        )
+
+    @property
+    def split(self) -> dict[str, list[str]]:
+        assert self.splits is not None, "call prepare() first"
+        return split_names(self.splits)
+
+    @property
+    def in_channels(self) -> int:
+        assert self.splits is not None, "call prepare() first"
+        return self.splits["train"][0].channels
+
+    @property
+    def spatial_dims(self) -> int:
+        assert self.splits is not None, "call prepare() first"
+        return len(self.splits["train"][0].spatial_shape)
+
+    @property
+    def pixel_size(self) -> list[float] | None:
+        assert self.splits is not None, "call prepare() first"
+        size = self.splits["train"][0].pixel_size
+        return None if size is None else [float(s) for s in size]
+
+    def _norms(self, records: list[ImageRecord]) -> list[PercentileNorm]:
+        low, high = self.cfg["normalize"]["low"], self.cfg["normalize"]["high"]
+        return [PercentileNorm.fit(r.image, low, high) for r in records]
+
+    def _target_norms(self, records: list[ImageRecord]) -> list[PercentileNorm] | None:
+        if self.target_kind != "image":
+            return None
+        low, high = self.cfg["normalize"]["low"], self.cfg["normalize"]["high"]
+        return [PercentileNorm.fit(r.target, low, high) for r in records]
+
+    # -- Lightning hooks --------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    def train_dataloader(self) -> DataLoader:
+        records = self.splits["train"]
+        index = PatchIndex(records, tuple(self.cfg["patch_size"]))
+        name, kwargs = component(self.sampler_cfg)
+        sampler = registry.create(
+            "samplers", name, where="sampler", index=index, num_samples=self.cfg["patches_per_epoch"],
+            seed=self.seed, **kwargs,
+        )
+        dataset = PatchDataset(
+            index, self._norms(records), Augmenter(self.cfg.get("augment"), self.spatial_dims, self.target_kind),
+            self.target_fn, self._target_norms(records),
+        )
+        return self._loader(dataset, self.cfg["batch_size"], SeededSampler(sampler, self.seed))
+
+    def _whole(self, split: str) -> DataLoader:
+        records = self.splits[split]
+        dataset = WholeImageDataset(records, self._norms(records), self.target_fn, self._target_norms(records))
+        return self._loader(dataset, 1, _RankShard(len(dataset)))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._whole("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._whole(self.evaluation_split)
+
+    def _loader(self, dataset, batch_size: int, sampler) -> DataLoader:
+        workers = int(self.cfg["num_workers"])
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+            persistent_workers=workers > 0, pin_memory=False,
+        )
+
+
+class _RankShard:
+    """Whole-image evaluation order for this rank: images rank, rank + world, ... (no padding).
+
+    Unlike ``DistributedSampler`` nothing is repeated to even out the ranks, so no image counts
+    twice in the synced metrics.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def _share(self) -> range:
+        from bioflow.samplers.base import rank_and_world
+
+        rank, world = rank_and_world()
+        return range(rank, self.n, world)
+
+    def __len__(self) -> int:
+        return len(self._share())
+
+    def __iter__(self):
+        return iter(self._share())

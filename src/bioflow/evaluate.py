@@ -1,0 +1,110 @@
+"""``bioflow evaluate``: metrics of a trained model on a split of its data, logged into its run."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from bioflow.errors import BioflowError
+from bioflow.tracking.run import BEST_CHECKPOINT_ARTIFACT
+from bioflow.tracking.store import Store
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def resolve_model(model: str, store: Store, workdir: Path) -> tuple[Path, str | None]:
+    """A checkpoint path for ``model`` (a file, or an MLflow run id) and the run it belongs to."""
+    path = Path(model)
+    if path.is_file():
+        return path, None
+    if not _RUN_ID.match(model):
+        raise BioflowError(f"{model}: neither a checkpoint file nor an MLflow run id")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store.tracking_uri)
+    try:
+        client.get_run(model)
+        local = client.download_artifacts(model, BEST_CHECKPOINT_ARTIFACT, str(workdir))
+    except MlflowException as exc:
+        raise BioflowError(
+            f"run {model} in {store.tracking_uri}: cannot get its checkpoint ({exc.message.splitlines()[0]})"
+        ) from exc
+    except OSError as exc:
+        raise BioflowError(f"run {model}: its checkpoint artifact {BEST_CHECKPOINT_ARTIFACT} is missing ({exc})") from exc
+    return Path(local), model
+
+
+def evaluate(
+    model: str,
+    project_dir: str,
+    tracking_uri: str | None = None,
+    split: str = "test",
+    log_to_run: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint (or a run's best checkpoint) on the recorded ``split`` of its data."""
+    import lightning as L
+
+    from bioflow.checkpoint import load_checkpoint, task_from_checkpoint
+    from bioflow.data.module import BioflowDataModule
+    from bioflow.tasks import get_task
+
+    store = Store.create(project_dir, tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        path, run_id = resolve_model(model, store, Path(tmp))
+        checkpoint = load_checkpoint(path)
+        task = task_from_checkpoint(checkpoint, str(model))
+    run_id = run_id or checkpoint["bioflow"].get("run_id")
+    config = checkpoint["hyper_parameters"]["config"]
+    task_cls = get_task(config["task"]["name"])
+    data = BioflowDataModule(
+        config["data"], config["sampler"], seed=config["seed"], target_kind=task_cls.target_kind,
+        target_fn=task_cls.target_transform(task.task_settings), split=task.data_info.split,
+    )
+    data.prepare()
+    if not data.splits[split]:
+        raise BioflowError(f"{model}: the {split} split of this model's data is empty")
+    data.evaluation_split = split
+    trainer = L.Trainer(
+        accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False,
+    )
+    results = trainer.test(task, datamodule=data, verbose=False)
+    prefix = "test/" if split == "test" else f"eval_{split}/"
+    metrics = {prefix + k.split("/", 1)[1]: float(v) for k, v in (results[0] if results else {}).items()}
+    logged = False
+    if log_to_run and run_id is not None:
+        logged = _log_to_run(store, run_id, metrics, split)
+    return {"model": model, "split": split, "n_images": len(data.splits[split]), "metrics": metrics,
+            "run_id": run_id, "logged": logged, "tracking_uri": store.tracking_uri}
+
+
+def _log_to_run(store: Store, run_id: str, metrics: Mapping[str, float], split: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store.tracking_uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        print(f"bioflow: run {run_id} is not in {store.tracking_uri}; metrics not logged", file=sys.stderr)
+        return False
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / f"{split}_metrics.json"
+        target.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        client.log_artifact(run_id, str(target), "evaluation")
+    return True
+
+
+def print_evaluation(result: Mapping[str, Any]) -> None:
+    print(f"bioflow: {result['split']} split of {result['model']} ({result['n_images']} images)")
+    for key, value in sorted(result["metrics"].items()):
+        print(f"  {key} = {value:.4f}")
+    if result["logged"]:
+        print(f"  logged into MLflow run {result['run_id']} ({result['tracking_uri']})")

@@ -1,0 +1,1 @@
+"""Applying trained networks to images of any size."""

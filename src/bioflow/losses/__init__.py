@@ -1,0 +1,1 @@
+"""Loss functions (registry kind ``losses``)."""

@@ -1,0 +1,1 @@
+"""Metrics: pixel-wise segmentation scores and object matching scores."""

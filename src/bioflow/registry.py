@@ -1,0 +1,231 @@
+"""The plugin registry: every component bioflow can build, found through Python entry points.
+
+Built-in components and third-party packages use the same mechanism: each declares entry points in
+its own ``pyproject.toml`` under the groups listed in :data:`KINDS`. Listing components reads only
+package metadata (entry points stay strings); a component's module is imported on first use.
+
+Names are resolved strictly:
+
+- an unknown name raises :class:`~bioflow.errors.RegistryError` with the closest names and the
+  command that lists all of them;
+- a name that two distributions both register is never picked silently: using it raises an error
+  naming both distributions, and each stays reachable by its qualified name ``distribution:name``;
+- a plugin whose import fails is reported with its distribution and version, and every other
+  component keeps working.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable, Iterable
+
+from bioflow.errors import RegistryError
+
+#: Component kinds: short name -> entry-point group.
+KINDS: dict[str, str] = {
+    "architectures": "bioflow.architectures",
+    "losses": "bioflow.losses",
+    "samplers": "bioflow.samplers",
+    "postprocessors": "bioflow.postprocessors",
+    "batch_transforms": "bioflow.batch_transforms",
+    "datasets": "bioflow.datasets",
+    "configs": "bioflow.configs",
+}
+
+#: How one component of each kind is called in messages.
+SINGULAR: dict[str, str] = {
+    "architectures": "architecture",
+    "losses": "loss",
+    "samplers": "sampler",
+    "postprocessors": "postprocessor",
+    "batch_transforms": "batch transform",
+    "datasets": "dataset",
+    "configs": "config package",
+}
+
+QUALIFIER = ":"
+
+
+def canonical_distribution(name: str) -> str:
+    """Normalise a distribution name as packaging tools do (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclass(frozen=True)
+class Component:
+    """One registered component: where it comes from and what it points to (not yet imported)."""
+
+    kind: str
+    name: str
+    target: str
+    distribution: str
+    version: str
+
+    @property
+    def qualified_name(self) -> str:
+        """The name that stays unique when two distributions register the same ``name``."""
+        return f"{self.distribution}{QUALIFIER}{self.name}"
+
+    @property
+    def provenance(self) -> str:
+        return f"distribution '{self.distribution}' {self.version}"
+
+
+EntryPointSource = Callable[[str], Iterable[metadata.EntryPoint]]
+
+
+def _installed_entry_points(group: str) -> Iterable[metadata.EntryPoint]:
+    return metadata.entry_points(group=group)
+
+
+class Registry:
+    """Components of every kind, read from entry points on first use and cached.
+
+    Parameters
+    ----------
+    entry_points
+        Returns the entry points of one group; the default reads the installed distributions.
+        Tests pass their own to simulate installed plugins.
+    """
+
+    def __init__(self, entry_points: EntryPointSource = _installed_entry_points) -> None:
+        self._entry_points = entry_points
+        self._components: dict[str, list[Component]] = {}
+        self._eps: dict[tuple[str, str], metadata.EntryPoint] = {}
+        self._loaded: dict[tuple[str, str], Any] = {}
+
+    # -- discovery (metadata only) -------------------------------------------------------
+    def components(self, kind: str) -> list[Component]:
+        """Every component of ``kind``, clashing names included, sorted by name."""
+        group = _group(kind)
+        if kind not in self._components:
+            found: dict[tuple[str, str], Component] = {}
+            for ep in self._entry_points(group):
+                dist = ep.dist
+                dist_name = canonical_distribution(dist.name) if dist is not None else "unknown"
+                version = dist.version if dist is not None else "unknown"
+                comp = Component(kind, ep.name, ep.value, dist_name, version)
+                # The same distribution can be visible twice on sys.path; count it once.
+                found.setdefault((comp.distribution, comp.name), comp)
+                self._eps.setdefault((kind, comp.qualified_name), ep)
+            self._components[kind] = sorted(found.values(), key=lambda c: (c.name, c.distribution))
+        return list(self._components[kind])
+
+    def names(self, kind: str) -> list[str]:
+        """Unique component names of ``kind``."""
+        return sorted({c.name for c in self.components(kind)})
+
+    def clashes(self, kind: str) -> dict[str, list[Component]]:
+        """Names of ``kind`` registered by more than one distribution."""
+        by_name: dict[str, list[Component]] = {}
+        for comp in self.components(kind):
+            by_name.setdefault(comp.name, []).append(comp)
+        return {name: comps for name, comps in by_name.items() if len(comps) > 1}
+
+    def resolve(self, kind: str, name: str) -> Component:
+        """The component called ``name`` (plain or qualified ``distribution:name``)."""
+        comps = self.components(kind)
+        what = SINGULAR[kind]
+        if QUALIFIER in name:
+            dist, _, short = name.partition(QUALIFIER)
+            dist = canonical_distribution(dist)
+            for comp in comps:
+                if comp.name == short and comp.distribution == dist:
+                    return comp
+            matches = [c for c in comps if c.name == short]
+            if matches:
+                offered = ", ".join(f"'{c.qualified_name}'" for c in matches)
+                raise RegistryError(
+                    f"{what} '{short}' is not provided by distribution '{dist}'; "
+                    f"it is provided as {offered}"
+                )
+            raise self._unknown(kind, name)
+        matches = [c for c in comps if c.name == name]
+        if not matches:
+            raise self._unknown(kind, name)
+        if len(matches) > 1:
+            sources = " and ".join(f"{c.provenance}" for c in matches)
+            qualified = " or ".join(f"'{c.qualified_name}'" for c in matches)
+            raise RegistryError(
+                f"{what} '{name}' is registered by more than one distribution ({sources}); "
+                f"name one explicitly: {qualified}"
+            )
+        return matches[0]
+
+    def _unknown(self, kind: str, name: str) -> RegistryError:
+        what = SINGULAR[kind]
+        known = self.names(kind) + [c.qualified_name for c in self.components(kind)]
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return RegistryError(
+            f"unknown {what} '{name}'{hint} "
+            f"(`bioflow plugins --kind {kind}` lists every {what})"
+        )
+
+    # -- loading (imports plugin code) ---------------------------------------------------
+    def load(self, kind: str, name: str) -> Any:
+        """Import and return the object behind component ``name`` of ``kind``."""
+        comp = self.resolve(kind, name)
+        key = (kind, comp.qualified_name)
+        if key not in self._loaded:
+            try:
+                self._loaded[key] = self._eps[key].load()
+            except Exception as exc:  # any failure inside third-party code is reported, not raised raw
+                raise RegistryError(
+                    f"{SINGULAR[kind]} '{comp.name}' from {comp.provenance} failed to load "
+                    f"({comp.target}): {type(exc).__name__}: {exc}"
+                ) from exc
+        return self._loaded[key]
+
+    def create(self, kind: str, name: str, where: str | None = None, **kwargs: Any) -> Any:
+        """Build component ``name`` of ``kind`` with keyword arguments checked against its signature.
+
+        ``where`` is the config key path the arguments come from; it prefixes error messages.
+        """
+        from bioflow.arguments import check_arguments
+
+        factory = self.load(kind, name)
+        label = f"{SINGULAR[kind]} '{name}'"
+        check_arguments(factory, kwargs, where=where or label, label=label)
+        return factory(**kwargs)
+
+    def describe(self, kind: str, name: str) -> dict[str, str]:
+        """Name, distribution and version of a component, for checkpoints and run tags."""
+        comp = self.resolve(kind, name)
+        return {
+            "name": comp.name,
+            "qualified_name": comp.qualified_name,
+            "distribution": comp.distribution,
+            "version": comp.version,
+        }
+
+    # -- health --------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Every clash and every component whose import fails, one message each."""
+        out: list[str] = []
+        for kind in KINDS:
+            for name, comps in self.clashes(kind).items():
+                owners = " and ".join(c.provenance for c in comps)
+                out.append(f"{SINGULAR[kind]} '{name}' is registered by {owners}")
+            for comp in self.components(kind):
+                try:
+                    self.load(kind, comp.qualified_name)
+                except RegistryError as exc:
+                    out.append(str(exc))
+        return out
+
+
+def _group(kind: str) -> str:
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise RegistryError(
+            f"unknown component kind '{kind}'; kinds are: {', '.join(KINDS)}"
+        ) from None
+
+
+#: The registry of the installed environment.
+registry = Registry()

@@ -1,0 +1,1 @@
+"""Patch samplers (registry kind ``samplers``): which training candidates each epoch draws."""

@@ -1,0 +1,266 @@
+"""The base task: what every bioflow LightningModule shares.
+
+A task builds its network and loss from the registry, trains on patches, validates and tests on
+whole images through tiled prediction, and keeps in its checkpoint everything needed to rebuild it
+(component names, their arguments, plugin versions, the data's channels and pixel size, the split).
+Subclasses say how targets are prepared, how outputs become predictions, and which metrics count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torchmetrics import MeanMetric
+
+from bioflow import __version__
+from bioflow.config import component
+from bioflow.errors import ConfigError
+from bioflow.inference.tiling import minimum_overlap, predict_tiled
+from bioflow.optim import configure_optimization
+from bioflow.registry import registry
+
+
+@dataclass
+class DataInfo:
+    """What a model needs to know about its data, stored in the checkpoint."""
+
+    in_channels: int
+    spatial_dims: int
+    pixel_size: list[float] | None = None
+    split: dict[str, list[str]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "in_channels": self.in_channels,
+            "spatial_dims": self.spatial_dims,
+            "pixel_size": self.pixel_size,
+            "split": self.split,
+        }
+
+
+class BaseTask(L.LightningModule):
+    """Shared training, validation and test logic.
+
+    Parameters
+    ----------
+    config
+        The whole resolved config (plain Python containers).
+    data_info
+        Channels, dimensionality, pixel size and split of the training data.
+    """
+
+    #: How targets reach the task: "mask" (label images), "image" (restoration) or "none".
+    target_kind: ClassVar[str] = "mask"
+    #: Settings accepted in the ``task`` config section, with their defaults.
+    settings: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config, "data_info": data_info}, logger=False)
+        self.config = config
+        self.data_info = DataInfo(**data_info)
+        self.task_settings = {**self.settings, **component(config["task"])[1]}
+        self.net = self.build_network()
+        self.loss_fn = self.build_loss()
+        self.figure_samples: list[dict[str, np.ndarray]] = []
+        self.n_figure_samples = int(config["logger"]["figures"]["n_samples"])
+        self.mean_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def target_transform(cls, settings: Mapping[str, Any]):
+        """A picklable function applied to each target patch in the data loader (None: as is)."""
+        return None
+
+    def out_channels(self) -> int:
+        raise NotImplementedError
+
+    def build_network(self) -> torch.nn.Module:
+        name, kwargs = component(self.config["model"])
+        provided = {
+            "in_channels": self.data_info.in_channels,
+            "out_channels": self.out_channels(),
+            "spatial_dims": self.data_info.spatial_dims,
+        }
+        for key, value in provided.items():
+            if key in kwargs and kwargs[key] != value:
+                raise ConfigError(
+                    f"model.{key}: set to {kwargs[key]} but the task and data need {value}; remove the key"
+                )
+            kwargs[key] = value
+        factory = registry.load("architectures", name)
+        accepted = _parameters(factory)
+        if "spatial_dims" not in accepted:
+            kwargs.pop("spatial_dims")  # a 2D-only plugin need not take the argument
+        return registry.create("architectures", name, where="model", **kwargs)
+
+    def build_loss(self) -> torch.nn.Module:
+        name, kwargs = component(self.config["loss"])
+        return registry.create("losses", name, where="loss", **kwargs)
+
+    def configure_optimizers(self):
+        return configure_optimization(
+            self.parameters(), self.config, self.trainer.max_epochs, self.monitor, self.monitor_mode
+        )
+
+    # -- monitoring ---------------------------------------------------------------------------
+    @property
+    def monitor(self) -> str:
+        return self.task_settings["monitor"]
+
+    @property
+    def monitor_mode(self) -> str:
+        return self.task_settings["monitor_mode"]
+
+    # -- prediction ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    @property
+    def size_multiple(self) -> int:
+        return int(getattr(self.net, "size_multiple", 1))
+
+    def receptive_field(self) -> int:
+        """The network's receptive field in pixels (from the architecture when it says)."""
+        if hasattr(self.net, "receptive_field"):
+            return int(self.net.receptive_field())
+        from bioflow.inference.receptive_field import probe_receptive_field
+
+        return probe_receptive_field(self.net, self.data_info.in_channels, self.data_info.spatial_dims, self.size_multiple)
+
+    def tile_size(self) -> list[int]:
+        tile = self.config["predict"]["tile_size"]
+        if tile is None:
+            tile = [2 * p for p in self.config["data"]["patch_size"]]
+        return [int(t) for t in tile]
+
+    def predict_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Raw network output for one channel-first image of any size (tiled, blended)."""
+        rf = self.receptive_field()
+        overlap = self.config["predict"]["overlap"]
+        overlap = [minimum_overlap(rf)] * self.data_info.spatial_dims if overlap is None else list(overlap)
+        return predict_tiled(
+            self, image, self.tile_size(), overlap, rf, self.size_multiple,
+            batch_size=int(self.config["predict"]["batch_size"]),
+        )
+
+    # -- steps ------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        output = self(batch["image"])
+        loss = self.loss_fn(output, batch["target"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
+                "lower optimizer.lr or check the data for extreme values"
+            )
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=batch["image"].shape[0])
+        return loss
+
+    def _evaluate_step(self, batch: dict[str, Any], stage: str) -> None:
+        image, target = batch["image"][0], batch["target"][0]
+        output = self.predict_image(image)
+        self.mean_loss[stage].update(self.loss_fn(output[None], target[None]))
+        prediction = self.postprocess(output)
+        self.update_metrics(stage, prediction, target)
+        if stage == "val" and len(self.figure_samples) < self.n_figure_samples:
+            self.figure_samples.append(
+                {
+                    "name": batch["name"][0],
+                    "image": image.detach().cpu().numpy(),
+                    "target": target.detach().cpu().numpy(),
+                    "prediction": prediction.detach().cpu().numpy(),
+                }
+            )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self.figure_samples = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_evaluation("test")
+
+    def _end_evaluation(self, stage: str) -> None:
+        self.log(f"{stage}/loss", self.mean_loss[stage].compute())
+        self.mean_loss[stage].reset()
+        self.log_metrics(stage)
+
+    # -- subclass hooks -----------------------------------------------------------------------
+    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
+        """Turn the raw output for one image into the prediction the metrics compare."""
+        raise NotImplementedError
+
+    def update_metrics(self, stage: str, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def log_metrics(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def log_scores(self, stage: str, scores: Mapping[str, torch.Tensor]) -> None:
+        """Log computed (already synced) scores, skipping undefined ones."""
+        for key, value in scores.items():
+            value = torch.as_tensor(value, dtype=torch.float32)
+            if not math.isnan(float(value)):
+                self.log(f"{stage}/{key}", value, sync_dist=False, rank_zero_only=False)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        run_id = getattr(self.logger, "run_id", None) if self.logger is not None else None
+        checkpoint["bioflow"] = {
+            "version": __version__,
+            "task": self.config["task"]["name"],
+            "components": used_components(self.config),
+            "run_id": run_id,
+        }
+
+
+def _parameters(factory) -> Sequence[str]:
+    import inspect
+
+    try:
+        return list(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+#: Config sections that name registry components, with their kinds.
+COMPONENT_SECTIONS: dict[str, str] = {
+    "model": "architectures",
+    "loss": "losses",
+    "sampler": "samplers",
+    "data.source": "datasets",
+}
+
+
+def section(config: Mapping[str, Any], path: str) -> Mapping[str, Any] | None:
+    node: Any = config
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def used_components(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Name, arguments, distribution and version of every component the config uses."""
+    out: dict[str, dict[str, Any]] = {}
+    for path, kind in COMPONENT_SECTIONS.items():
+        node = section(config, path)
+        if node is None:
+            continue
+        name, kwargs = component(node)
+        out[path] = {"kind": kind, "kwargs": kwargs, **registry.describe(kind, name)}
+    return out

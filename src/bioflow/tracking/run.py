@@ -1,0 +1,175 @@
+"""One training job = one MLflow run: what is logged into it, and when.
+
+At the start (rank 0 only): the resolved config as flattened params and as ``config.yaml``, the
+split as ``split.json``, tags naming each component with its distribution and version, and the git
+commit of the working directory. During training: per-epoch metrics (through Lightning) and a PNG
+of input / ground truth / prediction for a few validation images. At the end: the best
+checkpoint, as ``checkpoints/best.ckpt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from bioflow import __version__
+from bioflow.tracking.store import Store
+
+BEST_CHECKPOINT_ARTIFACT = "checkpoints/best.ckpt"
+
+
+def make_logger(logger_cfg: Mapping[str, Any], store: Store, run_id: str | None = None) -> MLFlowLogger:
+    """Lightning's MLflow logger pointed at ``store`` (a new run, or ``run_id`` to continue one)."""
+    tags = {str(k): str(v) for k, v in (logger_cfg.get("tags") or {}).items()}
+    return MLFlowLogger(
+        experiment_name=logger_cfg["experiment_name"],
+        run_name=logger_cfg.get("run_name"),
+        tracking_uri=store.tracking_uri,
+        artifact_location=store.artifact_location,
+        tags=tags,
+        run_id=run_id,
+        log_model=False,
+    )
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def git_commit(folder: str | os.PathLike) -> str | None:
+    """The commit checked out in ``folder`` (with ``-dirty`` for local changes), if it is a git repo."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+@rank_zero_only
+def log_run_start(
+    logger: MLFlowLogger,
+    config: Mapping[str, Any],
+    components: Mapping[str, Mapping[str, Any]],
+    split: Mapping[str, list[str]],
+    run_dir: Path,
+) -> None:
+    """Params, config and split artifacts, and tags of a new run."""
+    import yaml
+
+    client, run_id = logger.experiment, logger.run_id
+    logger.log_hyperparams(flatten(config))
+    tags = {
+        "bioflow.version": __version__,
+        "bioflow.task": config["task"]["name"],
+        "bioflow.output_dir": str(run_dir),
+    }
+    for path, comp in components.items():
+        tags[f"bioflow.component.{path}"] = comp["qualified_name"]
+        tags[f"bioflow.plugin.{comp['distribution']}"] = comp["version"]
+    commit = git_commit(os.getcwd())
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        (Path(tmp) / "split.json").write_text(json.dumps(split, indent=1))
+        client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
+        client.log_artifact(run_id, str(Path(tmp) / "split.json"))
+
+
+@rank_zero_only
+def log_checkpoint(logger: MLFlowLogger, path: str | os.PathLike) -> None:
+    """Upload the model of a training checkpoint as the run's ``checkpoints/best.ckpt``.
+
+    Only what prediction and evaluation need is kept (weights and bioflow's metadata, no
+    optimizer state), which makes the artifact a fraction of the training checkpoint's size.
+    """
+    from bioflow.checkpoint import save_model_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / Path(BEST_CHECKPOINT_ARTIFACT).name
+        save_model_checkpoint(path, target)
+        logger.experiment.log_artifact(logger.run_id, str(target), str(Path(BEST_CHECKPOINT_ARTIFACT).parent))
+
+
+def _display(array: np.ndarray) -> np.ndarray:
+    """A 2D view of a channel-first image, label map or image target: middle slice of volumes."""
+    a = np.asarray(array)
+    if a.ndim >= 3 and a.shape[0] <= 4 and a.ndim in (3, 4):
+        a = a[0]  # first channel
+    while a.ndim > 2:
+        a = a[a.shape[0] // 2]
+    return a
+
+
+def render_samples(samples: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Save a grid of input / ground truth / prediction rows as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(samples), 3, figsize=(9, 3 * len(samples)), squeeze=False)
+    for row, sample in zip(axes, samples):
+        image = _display(sample["image"])
+        lo, hi = np.percentile(image, [1, 99.8])
+        row[0].imshow(image, cmap="gray", vmin=lo, vmax=hi)
+        target, prediction = _display(sample["target"]), _display(sample["prediction"])
+        if np.issubdtype(target.dtype, np.integer):  # class or instance labels: one colour scale
+            style = {"cmap": "viridis", "vmin": 0, "vmax": max(int(target.max()), int(prediction.max()), 1)}
+        else:  # restoration: the target's intensity range
+            style = {"cmap": "gray", "vmin": float(np.percentile(target, 1)), "vmax": float(np.percentile(target, 99.8))}
+        for ax, a in zip(row[1:], (target, prediction)):
+            ax.imshow(a, interpolation="nearest", **style)
+        for ax, label in zip(row, ("input", "ground truth", "prediction")):
+            ax.set_title(f"{sample['name']}: {label}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+class ValidationFigures(Callback):
+    """Logs a PNG of a few validation samples to the MLflow run every ``every_n_epochs`` epochs."""
+
+    def __init__(self, every_n_epochs: int = 1) -> None:
+        self.every_n_epochs = max(1, every_n_epochs)
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not getattr(pl_module, "figure_samples", None):
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        logger = trainer.logger
+        if not isinstance(logger, MLFlowLogger):
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"val_epoch_{trainer.current_epoch:04d}.png"
+            render_samples(pl_module.figure_samples, path, f"validation, epoch {trainer.current_epoch}")
+            logger.experiment.log_artifact(logger.run_id, str(path), "figures")

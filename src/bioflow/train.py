@@ -1,0 +1,133 @@
+"""The training job: config -> data -> task -> Lightning Trainer -> MLflow run -> test figures."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+
+from bioflow.config import component, validate
+from bioflow.data.module import BioflowDataModule
+from bioflow.tasks import get_task
+from bioflow.tasks.base import used_components
+from bioflow.tracking.run import ValidationFigures, log_checkpoint, log_run_start, make_logger
+from bioflow.tracking.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class EpochReport(Callback):
+    """One log line per epoch with the losses and the monitored score (readable in job logs)."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        shown = [k for k in ("train/loss", "val/loss", self.monitor) if k in metrics]
+        values = ", ".join(f"{k}={float(metrics[k]):.4f}" for k in shown)
+        log.info("epoch %d/%s: %s", trainer.current_epoch + 1, trainer.max_epochs, values)
+
+
+def with_absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with the project folder and the data source's path arguments made absolute."""
+    from bioflow.arguments import absolute_path_arguments
+    from bioflow.registry import registry
+
+    config = dict(config)
+    config["project_dir"] = str(Path(config["project_dir"]).expanduser().resolve())
+    name, kwargs = component(config["data"]["source"])
+    factory = registry.load("datasets", name)
+    config["data"] = {**config["data"], "source": {"name": name, **absolute_path_arguments(factory, kwargs, Path.cwd())}}
+    return config
+
+
+def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Train (and test) as the resolved ``config`` says; return a summary of the job.
+
+    Parameters
+    ----------
+    config
+        The resolved config as plain containers (validated here again).
+    run_dir
+        This job's output folder (Hydra's run directory).
+    """
+    validate(config)
+    config = with_absolute_paths(config)
+    store = Store.create(config["project_dir"], config["logger"]["tracking_uri"])
+    store.prepare()
+    L.seed_everything(config["seed"], workers=True, verbose=False)
+
+    task_cls = get_task(config["task"]["name"])
+    settings = {**task_cls.settings, **component(config["task"])[1]}
+    data = BioflowDataModule(
+        config["data"], config["sampler"], seed=config["seed"],
+        target_kind=task_cls.target_kind, target_fn=task_cls.target_transform(settings),
+    )
+    data.prepare()
+    data_info = {
+        "in_channels": data.in_channels,
+        "spatial_dims": data.spatial_dims,
+        "pixel_size": data.pixel_size,
+        "split": data.split,
+    }
+    task = task_cls(config, data_info)
+
+    logger = make_logger(config["logger"], store)
+    log_run_start(logger, config, used_components(config), data.split, run_dir)
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best-{epoch:03d}", monitor=task.monitor,
+        mode=task.monitor_mode, save_top_k=config["checkpoint"]["save_top_k"], save_last=True,
+    )
+    callbacks = [
+        checkpoint, ValidationFigures(config["logger"]["figures"]["every_n_epochs"]), LearningRateMonitor(),
+        EpochReport(task.monitor),
+    ]
+    trainer = L.Trainer(
+        **config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=run_dir,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(task, datamodule=data)
+    summary: dict[str, Any] = {
+        "run_id": logger.run_id,
+        "experiment": config["logger"]["experiment_name"],
+        "tracking_uri": store.tracking_uri,
+        "best_checkpoint": checkpoint.best_model_path,
+        "best_score": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
+        "output_dir": str(run_dir),
+        "dashboard": store.dashboard_command(),
+        "is_global_zero": trainer.is_global_zero,
+        "test": {},
+    }
+    if trainer.is_global_zero and checkpoint.best_model_path:
+        log_checkpoint(logger, checkpoint.best_model_path)
+    if config["test_after_training"] and checkpoint.best_model_path:
+        results = trainer.test(task, datamodule=data, ckpt_path=checkpoint.best_model_path, verbose=False)
+        summary["test"] = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    return summary
+
+
+def print_summary(summary: Mapping[str, Any], out=sys.stdout) -> None:
+    """The lines a user reads at the end of a training job."""
+    lines = ["", "bioflow: training finished"]
+    if summary["test"]:
+        lines.append("  test split:")
+        lines += [f"    {k} = {v:.4f}" for k, v in sorted(summary["test"].items())]
+    if summary["best_score"] is not None:
+        lines.append(f"  best validation score: {summary['best_score']:.4f}")
+    lines += [
+        f"  MLflow run: {summary['run_id']} (experiment '{summary['experiment']}')",
+        f"  tracking store: {summary['tracking_uri']}",
+        f"  best checkpoint: {summary['best_checkpoint']}",
+        f"  job folder: {summary['output_dir']}",
+        f"  dashboard: {summary['dashboard']}",
+    ]
+    print("\n".join(lines), file=out, flush=True)

@@ -1,0 +1,75 @@
+"""U-Net: output shapes for 2D/3D and every option; the receptive field against a gradient probe."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from bioflow.architectures.unet import UNet
+
+OPTIONS = list(
+    itertools.product(["batch", "instance", "none"], ["relu", "leaky_relu", "sigmoid", "maxout"], ["max", "avg"], ["transpose", "interpolate"])
+)
+
+
+@pytest.mark.parametrize(("norm", "activation", "pooling", "upsampling"), OPTIONS)
+def test_2d_shapes_for_every_option(norm, activation, pooling, upsampling):
+    net = UNet(3, 5, spatial_dims=2, depth=2, base_channels=4, norm=norm, activation=activation,
+               pooling=pooling, upsampling=upsampling)
+    out = net(torch.randn(2, 3, 32, 48))
+    assert out.shape == (2, 5, 32, 48)
+    out.mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+@pytest.mark.parametrize("upsampling", ["transpose", "interpolate"])
+def test_3d_shapes(depth, upsampling):
+    net = UNet(2, 3, spatial_dims=3, depth=depth, base_channels=2, upsampling=upsampling, norm="instance")
+    size = 2**depth * 2
+    assert net(torch.randn(1, 2, size, size + 2**depth, size)).shape == (1, 3, size, size + 2**depth, size)
+
+
+def test_residual_adds_the_input():
+    net = UNet(2, 2, depth=1, base_channels=4, residual=True)
+    torch.nn.init.zeros_(net.head.weight)
+    torch.nn.init.zeros_(net.head.bias)
+    x = torch.randn(1, 2, 16, 16)
+    assert torch.equal(net(x), x)
+    with pytest.raises(ValueError, match="in_channels == out_channels"):
+        UNet(1, 2, residual=True)
+
+
+def test_maxout_takes_the_maximum_over_pieces():
+    from bioflow.architectures.unet import Maxout
+
+    x = torch.tensor([[1.0, 5.0, -2.0, -3.0]]).view(1, 4, 1, 1)
+    assert Maxout(2)(x).flatten().tolist() == [5.0, -2.0]
+
+
+def probe(net: UNet, size: int) -> list[int]:
+    """Extent of input pixels that reach the centre output pixel (positive weights, no saturation)."""
+    net = net.double()
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            torch.nn.init.uniform_(m.weight, 0.1, 1.0)
+    best = [0, 0]
+    for offset in range(net.size_multiple):  # every alignment of the output pixel to the pooling grid
+        x = torch.rand(1, 1, size, size, dtype=torch.float64, requires_grad=True)
+        c = size // 2 + offset
+        net(x)[0, 0, c, c].backward()
+        nz = (x.grad[0, 0] != 0).nonzero()
+        extent = (nz.max(0).values - nz.min(0).values + 1).tolist()
+        best = [max(a, b) for a, b in zip(best, extent)]
+    return best
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 3])
+@pytest.mark.parametrize("upsampling", ["transpose", "interpolate"])
+def test_receptive_field_matches_a_gradient_probe(depth, upsampling):
+    net = UNet(1, 1, depth=depth, base_channels=2, norm="none", activation="leaky_relu", upsampling=upsampling)
+    rf = net.receptive_field()
+    measured = probe(net, 4 * rf)
+    assert max(measured) == rf

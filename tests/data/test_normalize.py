@@ -1,0 +1,33 @@
+"""Percentile normalisation against numpy's percentiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bioflow.data.normalize import PercentileNorm
+
+
+def test_maps_percentiles_to_zero_and_one_per_channel():
+    rng = np.random.default_rng(0)
+    image = np.stack([rng.normal(100, 10, (50, 60)), rng.normal(5000, 300, (50, 60))]).astype(np.uint16)
+    norm = PercentileNorm.fit(image, 2.0, 98.0)
+    out = norm(image)
+    for c in range(2):
+        lo, hi = np.percentile(image[c].astype(np.float32), [2.0, 98.0])
+        assert np.percentile(out[c], 2.0) == pytest.approx(0.0, abs=1e-5)
+        assert np.percentile(out[c], 98.0) == pytest.approx(1.0, abs=1e-5)
+        assert out[c, 0, 0] == pytest.approx((image[c, 0, 0] - lo) / (hi - lo), rel=1e-5)
+
+
+def test_constant_image_does_not_blow_up():
+    out = PercentileNorm.fit(np.full((1, 8, 8), 7.0))(np.full((1, 8, 8), 7.0))
+    assert np.all(np.isfinite(out)) and np.all(out == 0)
+
+
+def test_large_images_are_subsampled_but_close():
+    rng = np.random.default_rng(1)
+    image = rng.gamma(2.0, 100.0, (1, 3000, 3000)).astype(np.float32)
+    norm = PercentileNorm.fit(image, 1.0, 99.8)
+    lo, hi = np.percentile(image[0], [1.0, 99.8])
+    assert norm.low[0] == pytest.approx(lo, rel=0.02) and norm.high[0] == pytest.approx(hi, rel=0.02)

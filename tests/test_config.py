@@ -1,0 +1,120 @@
+"""Composition of every shipped config, and config errors reported before training starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from bioflow.config import CONFIG_PACKAGE, PRIMARY_CONFIG, validate, validate_structure
+from bioflow.errors import ConfigError
+from tests.helpers import REPO, run_cli
+
+CONFIGS = REPO / "configs"
+OPTIONS = sorted(
+    (group.name, option.stem)
+    for group in CONFIGS.iterdir()
+    if group.is_dir() and not group.name.startswith("_")
+    for option in group.glob("*.yaml")
+)
+
+
+def composed(*overrides: str) -> dict:
+    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+        cfg = compose(config_name=PRIMARY_CONFIG, overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def missing_keys(*overrides: str) -> list[str]:
+    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+        return sorted(OmegaConf.missing_keys(compose(config_name=PRIMARY_CONFIG, overrides=list(overrides))))
+
+
+def test_every_group_has_options():
+    groups = {g for g, _ in OPTIONS}
+    assert {"task", "data", "model", "loss", "sampler", "trainer", "logger", "experiment"} <= groups
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_shipped_config_composes_and_validates(group, option, tmp_path):
+    # options with mandatory values (`???`, e.g. folders of the user's data) get placeholders
+    filled = [f"{key}={tmp_path}" for key in missing_keys(f"{group}={option}")]
+    config = composed(f"{group}={option}", *filled)
+    validate(config)
+
+
+def test_configs_are_shipped_in_the_package():
+    import importlib.resources
+
+    files = importlib.resources.files(CONFIG_PACKAGE)
+    assert files.joinpath("train.yaml").is_file()
+    assert files.joinpath("model", "unet.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c["data"].update(patch_sise=[64, 64]), r"data\.patch_sise: unknown config key; did you mean 'patch_size'"),
+        (lambda c: c["data"].update(batch_size="eight"), r"data\.batch_size: expected int, got 'eight'"),
+        (lambda c: c.update(sed=1), r"^sed: unknown config key; did you mean 'seed'"),
+        (lambda c: c["logger"].pop("experiment_name"), r"logger\.experiment_name: missing"),
+        (lambda c: c["trainer"].update(logger=False), r"trainer\.logger: set by bioflow"),
+        (lambda c: c.update(model={"depth": 3}), r"model: expected a component"),
+    ],
+)
+def test_structure_errors_name_the_key_path(mutate, message):
+    config = composed()
+    mutate(config)
+    with pytest.raises(ConfigError, match=message):
+        validate_structure(config)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c["model"].update(dept=2), r"model\.dept: architecture 'unet' has no argument 'dept'; did you mean 'depth'"),
+        (lambda c: c["model"].update(norm="group"), r"model\.norm: expected one of 'batch', 'instance', 'none', got 'group'"),
+        (lambda c: c["model"].update(name="unett"), r"unknown architecture 'unett'; did you mean 'unet'"),
+        (lambda c: c["loss"].update(name="focal"), r"unknown loss 'focal'"),
+        (lambda c: c["task"].update(num_clases=3), r"task\.num_clases: .*did you mean 'num_classes'"),
+        (lambda c: c["trainer"].update(max_epoch=3), r"trainer\.max_epoch: .*did you mean 'max_epochs'"),
+        (lambda c: c["optimizer"].update(lr="fast"), r"optimizer\.lr: expected"),
+        (lambda c: c["optimizer"].update(name="adamx"), r"optimizer\.name: unknown optimizer 'adamx'"),
+        (lambda c: c["data"]["source"].update(n_image=3), r"data\.source\.n_image: .*did you mean 'n_images'"),
+    ],
+)
+def test_component_errors_name_the_key_path(mutate, message):
+    config = composed()
+    mutate(config)
+    with pytest.raises(Exception, match=message):
+        validate(config)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.dept=2", "model.dept"),
+        ("model=unett", "model/unett"),
+        ("trainer.max_epochs=abc", "trainer.max_epochs"),
+        ("model.depth=two", "model.depth"),
+        ("data.source.name=nuclei", "unknown dataset 'nuclei'"),
+        ("data=tiff_folder", "data.source.images"),
+    ],
+)
+def test_cli_config_errors_are_one_line_before_training(override, expected, tmp_path):
+    result = run_cli("train", override, f"project_dir={tmp_path}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("bioflow: error:") and expected in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # failed before any run or store was made
+
+
+def test_config_files_have_no_python_import_paths():
+    """Components are named by registry name, never by import path."""
+    for path in CONFIGS.rglob("*.yaml"):
+        text = path.read_text()
+        assert "_target_" not in text, path
