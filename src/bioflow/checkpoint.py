@@ -9,10 +9,17 @@ accepts tensors and plain containers only, so a file crafted to execute code on 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bioflow.errors import BioflowError, RegistryError
+
+#: Where a training run keeps its model in MLflow.
+BEST_CHECKPOINT_ARTIFACT = "checkpoints/best.ckpt"
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 MODEL_KEYS = ("state_dict", "hyper_parameters", "bioflow", "epoch", "global_step", "pytorch-lightning_version")
 
@@ -79,3 +86,47 @@ def task_from_checkpoint(checkpoint: dict[str, Any], origin: str):
     task.load_state_dict(checkpoint["state_dict"])
     task.eval()
     return task
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from its checkpoint, with where it came from."""
+
+    task: Any
+    checkpoint: dict[str, Any]
+    run_id: str | None
+    origin: str
+
+
+def load_model(model: str, store) -> LoadedModel:
+    """Rebuild the model named by ``model``: a checkpoint file, or an MLflow run id in ``store``.
+
+    A run id fetches the run's ``checkpoints/best.ckpt``. The returned task is in eval mode on the
+    CPU; ``run_id`` is the run the model was trained in (recorded in the checkpoint) when known.
+    """
+    path = Path(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_id = None
+        if not path.is_file():
+            if not _RUN_ID.match(model):
+                raise BioflowError(f"{model}: neither a checkpoint file nor an MLflow run id")
+            path, run_id = _download_checkpoint(model, store, Path(tmp)), model
+        checkpoint = load_checkpoint(path)
+        task = task_from_checkpoint(checkpoint, model)
+    return LoadedModel(task, checkpoint, run_id or checkpoint["bioflow"].get("run_id"), model)
+
+
+def _download_checkpoint(run_id: str, store, workdir: Path) -> Path:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store.tracking_uri)
+    try:
+        client.get_run(run_id)
+        return Path(client.download_artifacts(run_id, BEST_CHECKPOINT_ARTIFACT, str(workdir)))
+    except MlflowException as exc:
+        raise BioflowError(
+            f"run {run_id} in {store.tracking_uri}: cannot get its checkpoint ({exc.message.splitlines()[0]})"
+        ) from exc
+    except OSError as exc:
+        raise BioflowError(f"run {run_id}: its checkpoint artifact {BEST_CHECKPOINT_ARTIFACT} is missing ({exc})") from exc

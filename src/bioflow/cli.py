@@ -163,6 +163,19 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- predict ------------------------------------------------------------------------------------
+def predict_command(args: argparse.Namespace) -> int:
+    from bioflow.predict import predict
+
+    predict(
+        args.model, args.inputs, args.out, project_dir=args.project_dir, tracking_uri=args.tracking_uri,
+        axes=args.axes, tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
+        tta=args.tta, blend=args.blend, rescale=args.rescale, device=args.device, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
 # -- dashboard ----------------------------------------------------------------------------------
 def dashboard_command(args: argparse.Namespace) -> int:
     import shutil
@@ -207,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--project-dir", default=_project_dir_default(), help="project folder of the embedded store")
     ev.add_argument("--tracking-uri", default=None, help="MLflow tracking server, instead of the embedded store")
     ev.add_argument("--no-log", action="store_true", help="do not log the metrics into the MLflow run")
+    pr = sub.add_parser("predict", help="apply a model to TIFF files (tiled, any image size)")
+    pr.add_argument("model", help="a checkpoint file, or the id of an MLflow run (its best checkpoint is used)")
+    pr.add_argument("inputs", nargs="+", help="TIFF files, or folders of TIFF files")
+    pr.add_argument("--out", required=True, help="output folder (created; inputs are never overwritten)")
+    pr.add_argument("--axes", help="axes of the input files when their metadata does not say (e.g. ZYX, CYX, YXC)")
+    pr.add_argument("--tile-size", type=int, nargs="+", metavar="N", help="tile size (one value, or one per axis); default: from free memory")
+    pr.add_argument("--overlap", type=int, nargs="+", metavar="N", help="tile overlap; default: the network's receptive field")
+    pr.add_argument("--batch-size", type=int, help="tiles per forward pass")
+    pr.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips and 90-degree rotations")
+    pr.add_argument("--blend", choices=["cosine", "none"], default="cosine", help="how overlapping tiles are combined")
+    pr.add_argument("--rescale", action="store_true", help="resample images whose pixel size differs from training")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    pr.add_argument("--overwrite", action="store_true", help="replace existing output files (never inputs)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--project-dir", default=_project_dir_default(), help="project folder of the embedded store (for run ids)")
+    pr.add_argument("--tracking-uri", default=None, help="MLflow tracking server (for run ids)")
     pl = sub.add_parser("plugins", help="list installed components (architectures, losses, ...) by kind")
     pl.add_argument("--kind", help="list one kind only")
     pl.add_argument("--check", action="store_true", help="import every plugin; exit 1 on a clash or a broken plugin")
@@ -222,7 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return train_command(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"evaluate": evaluate_command, "plugins": plugins_command, "dashboard": dashboard_command}
+    handlers = {
+        "evaluate": evaluate_command, "predict": predict_command, "plugins": plugins_command,
+        "dashboard": dashboard_command,
+    }
     if args.command is None:
         parser.print_help()
         return 0

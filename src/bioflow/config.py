@@ -50,6 +50,8 @@ class Data:
     num_workers: int
     normalize: Normalize
     augment: Optional[dict[str, Optional[dict[str, Any]]]] = None
+    allow_empty_masks: bool = False
+    min_foreground: float = 0.0
 
 
 @dataclass

@@ -3,41 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 from bioflow.errors import BioflowError
-from bioflow.tracking.run import BEST_CHECKPOINT_ARTIFACT
 from bioflow.tracking.store import Store
-
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def resolve_model(model: str, store: Store, workdir: Path) -> tuple[Path, str | None]:
-    """A checkpoint path for ``model`` (a file, or an MLflow run id) and the run it belongs to."""
-    path = Path(model)
-    if path.is_file():
-        return path, None
-    if not _RUN_ID.match(model):
-        raise BioflowError(f"{model}: neither a checkpoint file nor an MLflow run id")
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(store.tracking_uri)
-    try:
-        client.get_run(model)
-        local = client.download_artifacts(model, BEST_CHECKPOINT_ARTIFACT, str(workdir))
-    except MlflowException as exc:
-        raise BioflowError(
-            f"run {model} in {store.tracking_uri}: cannot get its checkpoint ({exc.message.splitlines()[0]})"
-        ) from exc
-    except OSError as exc:
-        raise BioflowError(f"run {model}: its checkpoint artifact {BEST_CHECKPOINT_ARTIFACT} is missing ({exc})") from exc
-    return Path(local), model
-
 
 def evaluate(
     model: str,
@@ -49,17 +21,14 @@ def evaluate(
     """Evaluate a checkpoint (or a run's best checkpoint) on the recorded ``split`` of its data."""
     import lightning as L
 
-    from bioflow.checkpoint import load_checkpoint, task_from_checkpoint
+    from bioflow.checkpoint import load_model
     from bioflow.data.module import BioflowDataModule
     from bioflow.tasks import get_task
 
     store = Store.create(project_dir, tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        path, run_id = resolve_model(model, store, Path(tmp))
-        checkpoint = load_checkpoint(path)
-        task = task_from_checkpoint(checkpoint, str(model))
-    run_id = run_id or checkpoint["bioflow"].get("run_id")
-    config = checkpoint["hyper_parameters"]["config"]
+    loaded = load_model(model, store)
+    task, run_id = loaded.task, loaded.run_id
+    config = loaded.checkpoint["hyper_parameters"]["config"]
     task_cls = get_task(config["task"]["name"])
     data = BioflowDataModule(
         config["data"], config["sampler"], seed=config["seed"], target_kind=task_cls.target_kind,

@@ -37,6 +37,41 @@ class EpochReport(Callback):
         log.info("epoch %d/%s: %s", trainer.current_epoch + 1, trainer.max_epochs, values)
 
 
+def scale_check(task, data: BioflowDataModule) -> dict[str, str]:
+    """Compare the typical object size of the training labels with the receptive field.
+
+    Returns the tags to record; logs a warning when the typical object is larger than what one
+    output pixel of the network can see.
+    """
+    from bioflow.data.objects import object_size_summary
+
+    rf = task.receptive_field()
+    tags = {"bioflow.receptive_field_px": str(rf)}
+    if task.target_kind != "mask":
+        return tags
+    instances = task.task_settings.get("target", "binary") != "classes"
+    summary = object_size_summary(data.splits["train"], instances)
+    if summary is None:
+        return tags
+    tags["bioflow.object_size_median_px"] = f"{summary['median']:g}"
+    tags["bioflow.object_size_p90_px"] = f"{summary['p90']:g}"
+    if summary["median"] > rf:
+        tags["bioflow.warning.objects_exceed_receptive_field"] = "true"
+        log.warning(
+            "typical object in the training labels spans %g pixels (90%% of objects up to %g) but the network's "
+            "receptive field is %d pixels: objects larger than what the network sees are segmented from local "
+            "texture only; use a deeper network (model.depth) or downscale the images",
+            summary["median"], summary["p90"], rf,
+        )
+    return tags
+
+
+@rank_zero_only
+def log_scale_check(logger, task, data: BioflowDataModule) -> None:
+    for key, value in scale_check(task, data).items():
+        logger.experiment.set_tag(logger.run_id, key, value)
+
+
 def with_absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config with the project folder and the data source's path arguments made absolute."""
     from bioflow.arguments import absolute_path_arguments
@@ -83,6 +118,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
 
     logger = make_logger(config["logger"], store)
     log_run_start(logger, config, used_components(config), data.split, run_dir)
+    log_scale_check(logger, task, data)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best-{epoch:03d}", monitor=task.monitor,
         mode=task.monitor_mode, save_top_k=config["checkpoint"]["save_top_k"], save_last=True,

@@ -65,3 +65,86 @@ def test_folder_pairs_by_name_and_reports_missing_masks(tmp_path):
         tiff_folder(tmp_path / "images", tmp_path / "masks")
     with pytest.raises(DataError, match="images folder not found"):
         tiff_folder(tmp_path / "nothing", None)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize(
+    ("writer", "backend"),
+    [({}, "file"), ({"compression": "zlib", "tile": (32, 32)}, "zarr"), ({"compression": "zlib"}, "zarr")],
+)
+def test_reader_backends_read_the_same_data(tmp_path, dtype, writer, backend):
+    data = (np.random.default_rng(2).random((3, 70, 90)) * 200).astype(dtype)
+    tifffile.imwrite(tmp_path / "a.tif", data, photometric="minisblack", **writer)
+    image = read_tiff(tmp_path / "a.tif", "CYX", channels=True).array
+    assert image.backend == backend
+    assert image.shape == (3, 70, 90) and image.dtype == dtype
+    assert np.array_equal(image[:, 10:40, 5:77], data[:, 10:40, 5:77])
+    assert np.array_equal(image[1, ::3, 7], data[1, ::3, 7])
+    assert np.array_equal(np.asarray(image), data)
+
+
+def test_compressed_without_zarr_is_read_whole(tmp_path, monkeypatch):
+    import builtins
+
+    data = np.arange(40 * 30, dtype=np.uint16).reshape(40, 30)
+    tifffile.imwrite(tmp_path / "a.tif", data, compression="zlib")
+    real_import = builtins.__import__
+
+    def no_zarr(name, *args, **kwargs):
+        if name == "zarr":
+            raise ImportError("no zarr")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_zarr)
+    image = read_tiff(tmp_path / "a.tif", channels=True).array
+    assert image.backend == "memory" and np.array_equal(image[0], data)
+
+
+def test_big_endian_and_imagej_metadata(tmp_path):
+    data = np.arange(2 * 12 * 10, dtype=">u2").reshape(2, 12, 10)
+    tifffile.imwrite(tmp_path / "be.tif", data, byteorder=">", imagej=False, photometric="minisblack")
+    image = read_tiff(tmp_path / "be.tif", "ZYX", channels=True).array
+    assert np.array_equal(image[0], data.astype(np.uint16))
+    tifffile.imwrite(tmp_path / "ij.tif", data.astype(np.uint16), imagej=True, resolution=(4.0, 4.0),
+                     metadata={"axes": "ZYX", "spacing": 2.0, "unit": "micron"})
+    ij = read_tiff(tmp_path / "ij.tif", channels=True)
+    assert ij.array.shape == (1, 2, 12, 10) and ij.pixel_size == pytest.approx((2.0, 0.25, 0.25))
+
+
+def test_lazy_images_cross_process_boundaries(tmp_path):
+    import multiprocessing
+    import pickle
+
+    data = np.random.default_rng(3).integers(0, 999, (64, 64)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", data)
+    image = read_tiff(tmp_path / "a.tif", channels=True).array
+    _ = image[:, :4, :4]  # opened in this process
+    payload = pickle.dumps(image)
+    assert len(payload) < 2000  # the data does not travel, only the description
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        part = pool.apply(_read_corner, (payload,))
+    assert np.array_equal(part, data[:8, :8])
+
+
+def _read_corner(payload):
+    import pickle
+
+    return pickle.loads(payload)[0, :8, :8]
+
+
+def test_truncated_file(tmp_path):
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((64, 64), np.uint16))
+    raw = (tmp_path / "a.tif").read_bytes()
+    (tmp_path / "b.tif").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="truncated"):
+        read_tiff(tmp_path / "b.tif", channels=True)
+
+
+def test_metadata_axes_conflict_and_bad_letters(tmp_path):
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((2, 8, 8), np.uint16), imagej=True, metadata={"axes": "ZYX"})
+    with pytest.raises(DataError, match="metadata says axes 'ZYX'"):
+        read_tiff(tmp_path / "a.tif", "CYX", channels=True)
+    (tmp_path / "images").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "a.tif", np.zeros((8, 8), np.uint16))
+    with pytest.raises(DataError, match="not an axes string"):
+        tiff_folder(tmp_path / "images", None, axes="YXW")

@@ -6,12 +6,18 @@ import pytest
 import torch
 
 from bioflow.architectures.unet import UNet
-from bioflow.inference.tiling import TilePlan, minimum_overlap, pad_to_multiple, predict_tiled
+from torch.nn import functional as F
+
+from bioflow.inference.tiling import TilePlan, minimum_overlap, predict_tiled
 
 
 def whole(net, x):
-    padded, shape = pad_to_multiple(x, net.size_multiple, x.ndim - 1)
-    out = net(padded[None])[0]
+    """Whole-image prediction, the image padded at its far ends (reflection) to the size multiple."""
+    shape = x.shape[1:]
+    pads = []
+    for s in reversed(shape):
+        pads += [0, -s % net.size_multiple]
+    out = net(F.pad(x[None], pads, mode="reflect"))[0]
     return out[(slice(None),) + tuple(slice(0, s) for s in shape)]
 
 
@@ -65,3 +71,40 @@ def test_plan_covers_every_pixel_with_weight():
         assert all(s.start % 4 == 0 for s in box)
         cover[box] += torch.from_numpy(weight)
     assert cover.min().item() >= 0.49  # every pixel has a tile that sees its whole receptive field
+
+
+def test_tta_is_the_mean_over_the_eight_dihedral_transforms():
+    torch.manual_seed(1)
+    net = UNet(1, 2, depth=1, base_channels=4).eval()
+    x = torch.randn(1, 64, 64)
+    rf = net.receptive_field()
+    with torch.no_grad():
+        tta = predict_tiled(net, x, (64, 64), (minimum_overlap(rf),) * 2, rf, net.size_multiple, tta=True)
+        expected = torch.zeros(2, 64, 64)
+        for k in range(4):
+            for flip in (False, True):
+                v = torch.flip(x, (2,)) if flip else x
+                y = torch.rot90(whole(net, torch.rot90(v, k, (1, 2))), -k, (1, 2))
+                expected += torch.flip(y, (2,)) if flip else y
+        expected /= 8
+        plain = predict_tiled(net, x, (64, 64), (minimum_overlap(rf),) * 2, rf, net.size_multiple)
+    assert (tta - expected).abs().max().item() < 1e-5
+    assert (tta - plain).abs().max().item() > 1e-4  # a random network is not rotation invariant
+
+
+def test_blend_none_is_exact_too_with_enough_overlap():
+    torch.manual_seed(2)
+    net = UNet(1, 1, depth=2, base_channels=4).eval()
+    x = torch.randn(1, 150, 170)
+    rf = net.receptive_field()
+    with torch.no_grad():
+        cut = predict_tiled(net, x, (112, 112), (minimum_overlap(rf),) * 2, rf, net.size_multiple, blend="none")
+    assert (cut - whole(net, x)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("upsampling", ["transpose", "interpolate"])
+def test_gradient_probe_finds_the_analytic_receptive_field(upsampling):
+    from bioflow.inference.receptive_field import probe_receptive_field
+
+    net = UNet(1, 2, depth=2, base_channels=4, upsampling=upsampling)
+    assert probe_receptive_field(net, 1, 2, net.size_multiple) == net.receptive_field()

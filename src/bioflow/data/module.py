@@ -14,7 +14,7 @@ from bioflow.data.patches import PatchDataset, PatchIndex, WholeImageDataset
 from bioflow.data.records import ImageRecord, check_records
 from bioflow.data.split import apply_split_names, split_names, split_records
 from bioflow.config import component
-from bioflow.errors import ConfigError
+from bioflow.errors import ConfigError, DataError
 from bioflow.registry import registry
 from bioflow.samplers.base import SeededSampler
 
@@ -67,7 +67,11 @@ class BioflowDataModule(L.LightningDataModule):
             return
         name, kwargs = component(self.cfg["source"])
         records = registry.create("datasets", name, where="data.source", **kwargs)
-        check_records(records, needs_target=self.target_kind != "none")
+        check_records(
+            records, needs_target=self.target_kind != "none",
+            allow_empty_targets=bool(self.cfg.get("allow_empty_masks", False)),
+            mask_targets=self.target_kind == "mask",
+        )
         if self.recorded_split is not None:
             self.splits = apply_split_names(records, self.recorded_split)
         else:
@@ -122,6 +126,15 @@ class BioflowDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         records = self.splits["train"]
         index = PatchIndex(records, tuple(self.cfg["patch_size"]))
+        min_fg = float(self.cfg.get("min_foreground", 0.0))
+        if min_fg > 0:
+            fractions = index.foreground_fractions()
+            if not (fractions >= min_fg).any():
+                raise DataError(
+                    f"data.min_foreground: no training patch has {min_fg:.0%} foreground or more "
+                    f"(the best has {fractions.max():.1%}); lower it or enlarge data.patch_size"
+                )
+            index.keep(fractions >= min_fg)
         name, kwargs = component(self.sampler_cfg)
         sampler = registry.create(
             "samplers", name, where="sampler", index=index, num_samples=self.cfg["patches_per_epoch"],

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # Percentiles of very large images are estimated from a regular subsample of about this many pixels.
-_MAX_SAMPLE = 4_000_000
+_MAX_SAMPLE = 1_000_000
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,19 @@ class PatchIndex:
     def __len__(self) -> int:
         return len(self.record_ids)
 
+    def keep(self, selected: np.ndarray) -> None:
+        """Keep only the candidates where ``selected`` is true."""
+        self.record_ids = self.record_ids[selected]
+        self.starts = self.starts[selected]
+
+    def foreground_fractions(self) -> np.ndarray:
+        """Fraction of labelled (> 0) pixels under each candidate (reads every target once)."""
+        out = np.zeros(len(self))
+        for i in range(len(self)):
+            patch = self.target_patch(i)
+            out[i] = 0.0 if patch is None or patch.size == 0 else float((patch > 0).mean())
+        return out
+
     def target_patch(self, i: int) -> np.ndarray | None:
         """The target under candidate ``i`` without jitter (for samplers that weigh by content)."""
         rec = self.records[self.record_ids[i]]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from bioflow.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,8 +57,23 @@ class ImageRecord:
         return self.group if self.group is not None else self.name
 
 
-def check_records(records: Sequence[ImageRecord], needs_target: bool) -> None:
-    """Raise :class:`DataError` for problems that would make training meaningless or crash later."""
+def blocks(array, max_elements: int = 1 << 24):
+    """Read a (lazy) array in slabs along its first axis, each of at most about ``max_elements``."""
+    per_row = max(1, int(np.prod(array.shape[1:])))
+    step = max(1, max_elements // per_row)
+    for start in range(0, array.shape[0], step):
+        yield np.asarray(array[start:start + step])
+
+
+def check_records(
+    records: Sequence[ImageRecord], needs_target: bool, allow_empty_targets: bool = False, mask_targets: bool = True
+) -> None:
+    """Raise :class:`DataError` for problems that would make training meaningless or crash later.
+
+    Checks names, dimensionality, channel counts, image/target shapes, non-finite pixels in
+    floating-point images, and label masks without any object (an error unless
+    ``allow_empty_targets``, then a warning). Large images are scanned slab by slab.
+    """
     if not records:
         raise DataError("the data source returned no images")
     seen: dict[str, str] = {}
@@ -79,8 +97,22 @@ def check_records(records: Sequence[ImageRecord], needs_target: bool) -> None:
                 raise DataError(
                     f"{where}: image has spatial shape {r.spatial_shape} but its target has shape {tshape}"
                 )
+        check_finite(r.image, where)
+        if r.target is not None and not mask_targets:
+            check_finite(r.target, f"{where} (target)")
+        if r.target is not None and mask_targets and not any(b.any() for b in blocks(r.target)):
+            if not allow_empty_targets:
+                raise DataError(
+                    f"{where}: the mask is all zero (no objects); set data.allow_empty_masks=true if "
+                    "images without objects are intended"
+                )
+            log.warning("%s: the mask is all zero (no objects)", where)
 
 
-def as_channel_first(array: np.ndarray, spatial_dims: int) -> np.ndarray:
-    """Add a channel axis of length 1 to an array that has only spatial axes."""
-    return array[None] if array.ndim == spatial_dims else array
+def check_finite(array, where: str) -> None:
+    if not np.issubdtype(np.dtype(array.dtype), np.floating):
+        return
+    for block in blocks(array):
+        if not np.isfinite(block).all():
+            kind = "NaN" if np.isnan(block).any() else "infinite"
+            raise DataError(f"{where}: the image has {kind} pixel values; fix or mask them before training")

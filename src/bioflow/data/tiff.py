@@ -5,7 +5,8 @@ otherwise from the axes the user declares (``"YX"``, ``"ZYX"``, ``"CYX"``, ``"YX
 ...); a single 2D page needs no declaration. Whatever the order in the file, images come out as
 ``(C, Y, X)`` or ``(C, Z, Y, X)`` and masks as ``(Y, X)`` or ``(Z, Y, X)``.
 
-Uncompressed, contiguous files are memory-mapped, so a patch read touches only its own bytes.
+Nothing is loaded when a file is opened: images are :class:`~bioflow.data.lazy.LazyTiff` views
+that read only the slices asked for (memory map, or zarr chunks for compressed and tiled files).
 Pixel sizes (micrometres, in spatial-axis order) are read from OME ``PhysicalSize*`` attributes or
 from ImageJ's resolution and spacing.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from bioflow.data.lazy import LazyTiff
 from bioflow.errors import DataError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -66,54 +68,52 @@ def _pixel_size(tif, axes: str) -> tuple[float, ...] | None:
     return None
 
 
-def _open_array(path: Path, tif) -> Any:
-    """A memory map when the file allows it (uncompressed, contiguous), else the array in memory."""
-    import tifffile
+def layout_plan(axes: str, shape: tuple[int, ...], path: Path, want_channels: bool) -> tuple[list[int | None], bool]:
+    """Where each source axis goes in bioflow's layout, and whether a channel axis must be added.
 
-    series = tif.series[0]
-    try:
-        if series.dataoffset is not None:
-            return tifffile.memmap(str(path), series=0, mode="r")
-        return series.asarray()
-    except Exception as exc:  # corrupt or truncated data
-        raise DataError(f"{path}: cannot read the image data ({type(exc).__name__}: {exc})") from exc
-
-
-def to_layout(array: Any, axes: str, path: Path, want_channels: bool) -> Any:
-    """Reorder ``array`` with ``axes`` into (C, [Z], Y, X) (``want_channels``) or ([Z], Y, X)."""
+    The layout is (C, [Z], Y, X) for images (``want_channels``) and ([Z], Y, X) for masks. Source
+    axes other than C/S, Z, Y and X must have length 1 and are dropped.
+    """
     axes = axes.upper()
-    if len(axes) != array.ndim:
-        raise DataError(
-            f"{path}: axes '{axes}' do not fit the data of shape {tuple(array.shape)} ({array.ndim} axes)"
-        )
+    if len(axes) != len(shape):
+        raise DataError(f"{path}: axes '{axes}' do not fit the data of shape {tuple(shape)} ({len(shape)} axes)")
     if len(set(axes)) != len(axes):
         raise DataError(f"{path}: axes '{axes}' name an axis twice")
-    channel_axes = [i for i, a in enumerate(axes) if a in _CHANNEL]
-    if len(channel_axes) > 1:
+    if sum(a in _CHANNEL for a in axes) > 1:
         raise DataError(f"{path}: axes '{axes}' have both C and S (channels); bioflow expects one channel axis")
-    keep = [i for i, a in enumerate(axes) if a in _CHANNEL + _SPATIAL]
-    for i, a in enumerate(axes):
-        if i not in keep and array.shape[i] != 1:
-            raise DataError(
-                f"{path}: axis '{a}' has length {array.shape[i]}; bioflow reads one {a}-point per file "
-                "(split the file, or declare the axes if this is a channel or Z axis)"
-            )
-    squeeze = tuple(i for i in range(array.ndim) if i not in keep)
-    if squeeze:
-        array = array.reshape([s for i, s in enumerate(array.shape) if i not in squeeze])
-        axes = "".join(a for i, a in enumerate(axes) if i not in squeeze)
     if "Y" not in axes or "X" not in axes:
         raise DataError(f"{path}: axes '{axes}' lack Y or X")
-    spatial = [axes.index(a) for a in _SPATIAL if a in axes]
-    channel = [axes.index(a) for a in axes if a in _CHANNEL]
-    if want_channels:
-        return np.transpose(array, channel + spatial) if channel else np.transpose(array, spatial)[None]
-    if channel:
-        if array.shape[channel[0]] != 1:
-            raise DataError(f"{path}: a mask must have one channel, this one has {array.shape[channel[0]]}")
-        array = np.take(array, 0, axis=channel[0])
-        spatial = [i - (i > channel[0]) for i in spatial]
-    return np.transpose(array, spatial)
+    for a, n in zip(axes, shape):
+        if a not in _CHANNEL + _SPATIAL and n != 1:
+            raise DataError(
+                f"{path}: axis '{a}' has length {n}; bioflow reads one {a}-point per file "
+                "(split the file, or declare the axes if this is a channel or Z axis)"
+            )
+        if a in _CHANNEL and not want_channels and n != 1:
+            raise DataError(f"{path}: a mask must have one channel, this one has {n}")
+    spatial = [a for a in _SPATIAL if a in axes]
+    has_channel = any(a in _CHANNEL for a in axes)
+    offset = 1 if want_channels else 0
+    take: list[int | None] = []
+    for a in axes:
+        if a in _SPATIAL:
+            take.append(offset + spatial.index(a))
+        elif a in _CHANNEL and want_channels:
+            take.append(0)
+        else:
+            take.append(None)
+    return take, want_channels and not has_channel
+
+
+def _check_complete(path: Path, tif) -> None:
+    """Raise if the file is shorter than its image data says (a truncated copy or download)."""
+    size = path.stat().st_size
+    for page in tif.series[0].pages:
+        if page is None:
+            continue
+        ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+        if ends and max(ends) > size:
+            raise DataError(f"{path}: the file is truncated ({size} bytes, its image data needs {max(ends)})")
 
 
 def read_tiff(path: str | Path, axes: str | None = None, *, channels: bool) -> TiffData:
@@ -154,7 +154,8 @@ def read_tiff(path: str | Path, axes: str | None = None, *, channels: bool) -> T
                 )
         if found and axes and axes.upper() != found:
             raise DataError(f"{path}: the file's metadata says axes '{found}' but data.source.axes is '{axes}'")
-        data = _open_array(path, tif)
+        _check_complete(path, tif)
+        take, add_channel = layout_plan(file_axes, tuple(series.shape), path, want_channels=channels)
         pixel_size = _pixel_size(tif, file_axes)
-    array = to_layout(data, file_axes, path, want_channels=channels)
+        array = LazyTiff(path, tuple(series.shape), series.dtype, take, add_channel)
     return TiffData(array=array, file_axes=file_axes, pixel_size=pixel_size)

@@ -7,41 +7,32 @@ field, rounded up), then rises along a raised-cosine ramp to one; overlapping ti
 with these weights. With an overlap of at least :func:`minimum_overlap` (the receptive field,
 rounded up to even) every pixel has a tile that sees its whole receptive field, and the blend
 reproduces the whole-image prediction up to float rounding; with less overlap the ramp still hides
-seams but the result is approximate. Tile starts are multiples
-of the network's size multiple so that pooling windows line up with the whole image's.
+seams but the result is approximate. ``blend="none"`` replaces the ramp by a hard cut in the middle
+of each overlap (each pixel from one tile).
 
-The image is first padded (reflection) at its far ends to a multiple of the network's size
-multiple, exactly as a whole-image prediction would pad it.
+The image is treated as if padded (by reflection) at its far ends to a multiple of the network's
+size multiple, as a whole-image prediction would pad it, and tile starts are multiples of that
+number so that pooling windows line up with the whole image's.
+
+Memory depends on the tile, not on the image: tiles are read from the (possibly lazy) image one
+batch at a time, and the blended output is accumulated in a strip one tile high along the first
+spatial axis; each finished strip is handed to a ``sink`` (which may write it to a file) and
+dropped.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-# Weight given to pixels without full context, so that every pixel has a defined value.
+Blend = Literal["cosine", "none"]
+# Weight of pixels without full context: keeps every pixel defined when the overlap is too small,
+# and vanishes next to the weight of pixels with full context.
 _FLOOR = 1e-12
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int, spatial_dims: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Pad the trailing ``spatial_dims`` axes at their ends (reflection) to multiples of ``multiple``."""
-    shape = tuple(x.shape[-spatial_dims:])
-    target = tuple(int(math.ceil(s / multiple) * multiple) for s in shape)
-    if target == shape:
-        return x, shape
-    pad: list[int] = []
-    for s, t in zip(reversed(shape), reversed(target)):
-        pad += [0, t - s]
-    mode = "reflect" if all(t - s < s for s, t in zip(shape, target)) else "replicate"
-    squeeze = x.ndim == spatial_dims + 1
-    xb = x[None] if squeeze else x
-    out = F.pad(xb, pad, mode=mode)
-    return (out[0] if squeeze else out), shape
 
 
 def context_margin(receptive_field: int) -> int:
@@ -57,6 +48,17 @@ def context_margin(receptive_field: int) -> int:
 def minimum_overlap(receptive_field: int) -> int:
     """The overlap of neighbouring tiles that makes tiled prediction exact."""
     return 2 * context_margin(receptive_field)
+
+
+def padded_size(size: int, multiple: int) -> int:
+    return int(math.ceil(size / multiple) * multiple)
+
+
+def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
+    """Source indices of positions ``start..stop-1`` of an axis of ``size`` reflected past its end."""
+    idx = np.arange(start, stop)
+    idx = np.where(idx < size, idx, 2 * (size - 1) - idx)
+    return np.clip(idx, 0, size - 1)
 
 
 def _axis_starts(size: int, tile: int, overlap: int, multiple: int) -> list[int]:
@@ -87,18 +89,9 @@ def _profile(length: int, start: int, size: int, context: int, ramp: int) -> np.
 class TilePlan:
     """Where the tiles of one (padded) image lie and how each is weighted.
 
-    Parameters
-    ----------
-    shape
-        Spatial shape of the padded image (multiples of ``multiple``).
-    tile
-        Tile size per axis (clipped to the image).
-    overlap
-        Minimum overlap of neighbouring tiles per axis.
-    context
-        Pixels next to an inner tile edge that get (almost) no weight: half the receptive field.
-    multiple
-        Tile starts and sizes are multiples of this (the network's ``2**depth``).
+    Build it with :meth:`create`. ``shape`` is the padded spatial shape (multiples of
+    ``multiple``), ``tile`` the tile size per axis (clipped to the image), ``overlap`` the minimum
+    overlap of neighbours, ``context`` the margin next to inner edges that gets no weight.
     """
 
     shape: tuple[int, ...]
@@ -106,20 +99,26 @@ class TilePlan:
     overlap: tuple[int, ...]
     context: tuple[int, ...]
     multiple: int = 1
+    blend: Blend = "cosine"
 
     @classmethod
     def create(
         cls,
-        shape: Sequence[int],
+        image_shape: Sequence[int],
         tile: Sequence[int],
         overlap: Sequence[int],
         receptive_field: int,
         multiple: int = 1,
+        blend: Blend = "cosine",
     ) -> "TilePlan":
-        tile = tuple(min(int(math.ceil(t / multiple) * multiple), s) for t, s in zip(tile, shape))
+        shape = tuple(padded_size(int(s), multiple) for s in image_shape)
+        tile = tuple(min(padded_size(int(t), multiple), s) for t, s in zip(tile, shape))
         overlap = tuple(min(int(o), t // 2) for o, t in zip(overlap, tile))
-        context = tuple(min(context_margin(receptive_field), o // 2) for o in overlap)
-        return cls(tuple(int(s) for s in shape), tile, overlap, context, multiple)
+        if blend == "none":  # cut in the middle of each overlap
+            context = tuple(o // 2 for o in overlap)
+        else:
+            context = tuple(min(context_margin(receptive_field), o // 2) for o in overlap)
+        return cls(shape, tile, overlap, context, multiple, blend)
 
     def starts(self) -> list[list[int]]:
         return [_axis_starts(s, t, o, self.multiple) for s, t, o in zip(self.shape, self.tile, self.overlap)]
@@ -127,19 +126,174 @@ class TilePlan:
     def __len__(self) -> int:
         return int(np.prod([len(s) for s in self.starts()]))
 
+    def weight(self, corner: Sequence[int]) -> np.ndarray:
+        """The weight map of the tile whose first pixel is at ``corner``."""
+        profiles = []
+        for a, t, s, c, o in zip(corner, self.tile, self.shape, self.context, self.overlap):
+            ramp = 1 if self.blend == "none" else max(1, o - 2 * c)
+            profiles.append(_profile(t, int(a), s, c, ramp))
+        weight = profiles[0]
+        for p in profiles[1:]:
+            weight = np.multiply.outer(weight, p)
+        return weight.astype(np.float32)
+
+    def rows(self) -> Iterator[tuple[int, list[tuple[int, ...]]]]:
+        """Tiles grouped by their start along the first axis, in increasing order."""
+        starts = self.starts()
+        rest = np.stack(np.meshgrid(*starts[1:], indexing="ij"), -1).reshape(-1, len(starts) - 1) if len(starts) > 1 else np.zeros((1, 0), int)
+        for first in starts[0]:
+            yield first, [(first, *map(int, r)) for r in rest]
+
     def tiles(self) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
         """Each tile's box and its weight map (float32, the tile's shape)."""
-        axes = self.starts()
-        for corner in np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(axes)):
-            box = tuple(slice(int(a), int(a) + t) for a, t in zip(corner, self.tile))
-            profiles = [
-                _profile(t, int(a), s, c, max(1, o - 2 * c))
-                for a, t, s, c, o in zip(corner, self.tile, self.shape, self.context, self.overlap)
-            ]
-            weight = profiles[0]
-            for p in profiles[1:]:
-                weight = np.multiply.outer(weight, p)
-            yield box, weight.astype(np.float32)
+        for _, corners in self.rows():
+            for corner in corners:
+                box = tuple(slice(a, a + t) for a, t in zip(corner, self.tile))
+                yield box, self.weight(corner)
+
+
+# -- reading tiles --------------------------------------------------------------------------------
+Reader = Callable[[Sequence[int], Sequence[int]], torch.Tensor]
+
+
+def array_reader(
+    image: Any,
+    device: torch.device | str = "cpu",
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Reader:
+    """Read padded boxes of a channel-first image (numpy, memory map, lazy array or tensor).
+
+    ``transform`` is applied to each box read from a non-tensor image (e.g. normalisation) before it
+    becomes a tensor on ``device``.
+    """
+    spatial = tuple(int(s) for s in image.shape[1:])
+
+    def read(start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+        indices = [reflect_indices(a, a + n, s) for a, n, s in zip(start, size, spatial)]
+        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
+        local = np.ix_(*[i - i.min() for i in indices])
+        if isinstance(image, torch.Tensor):
+            part = image[(slice(None),) + box]
+            index = tuple(torch.as_tensor(ix, device=part.device) for ix in local)
+            return part[(slice(None),) + index].to(device=device, dtype=dtype)
+        part = np.asarray(image[(slice(None),) + box])
+        if transform is not None:
+            part = transform(part)
+        part = part[(slice(None),) + local]
+        return torch.from_numpy(np.ascontiguousarray(part)).to(device=device, dtype=dtype)
+
+    return read
+
+
+# -- test-time augmentation ---------------------------------------------------------------------
+def _dihedral(spatial_dims: int, tile: Sequence[int]) -> list[tuple[int, bool]]:
+    """(quarter turns in the last two axes, flip of the last axis) pairs to average over."""
+    turns = (0, 1, 2, 3) if tile[-1] == tile[-2] else (0, 2)
+    return [(k, flip) for k in turns for flip in (False, True)]
+
+
+ChannelMap = Callable[[torch.Tensor, int, bool], torch.Tensor]
+
+
+def _apply_tta(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, channel_map: ChannelMap | None) -> torch.Tensor:
+    """Average ``fn`` over flips and quarter turns of the last two axes, each undone on the output.
+
+    ``channel_map(output, k, flip)`` fixes outputs whose channels depend on orientation (e.g.
+    StarDist's ray distances); pixel-wise scalar outputs need none.
+    """
+    dims = (batch.ndim - 2, batch.ndim - 1)
+    total = None
+    transforms = _dihedral(batch.ndim - 2, batch.shape[2:])
+    for k, flip in transforms:
+        x = torch.flip(batch, (dims[1],)) if flip else batch
+        x = torch.rot90(x, k, dims)
+        y = torch.rot90(fn(x), -k, dims)
+        y = torch.flip(y, (dims[1],)) if flip else y
+        if channel_map is not None:
+            y = channel_map(y, k, flip)
+        total = y.float() if total is None else total + y.float()
+    return total / len(transforms)
+
+
+# -- the streaming predictor --------------------------------------------------------------------
+Sink = Callable[[int, torch.Tensor], None]
+
+
+def stream_predict(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    read: Reader,
+    image_shape: Sequence[int],
+    plan: TilePlan,
+    sink: Sink,
+    batch_size: int = 4,
+    tta: bool = False,
+    channel_map: ChannelMap | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> None:
+    """Predict an image tile by tile and hand the blended output to ``sink`` strip by strip.
+
+    ``sink(start, block)`` receives the final output for positions ``start .. start + len`` of the
+    first spatial axis, as a tensor ``(K, rows, *rest)`` cropped to ``image_shape``, in order.
+    """
+    image_shape = tuple(int(s) for s in image_shape)
+    tiles_total = len(plan)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tiles_total, unit="tile", desc="tiles", leave=False)
+    acc: torch.Tensor | None = None
+    norm = torch.zeros((plan.tile[0],) + plan.shape[1:], device=device)
+    strip_start = 0
+    weights: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def weight_of(corner: tuple[int, ...]) -> torch.Tensor:
+        key = tuple(int(a > 0) + 2 * int(a + t < s) for a, t, s in zip(corner, plan.tile, plan.shape))
+        if key not in weights:  # tiles with the same border situation share a weight map
+            weights[key] = torch.from_numpy(plan.weight(corner)).to(device)
+        return weights[key]
+
+    def emit(stop: int) -> None:
+        """Hand rows [strip_start, stop) to the sink and shift the strip, in place."""
+        nonlocal strip_start
+        n = stop - strip_start
+        keep = min(n, max(0, image_shape[0] - strip_start))
+        if keep > 0:
+            crop = (slice(None), slice(0, keep)) + tuple(slice(0, s) for s in image_shape[1:])
+            sink(strip_start, acc[crop] / norm[crop[1:]])
+        height = acc.shape[1]
+        for dst in range(0, height - n, n):  # forward block copies never overlap their source
+            size = min(n, height - n - dst)
+            acc[:, dst:dst + size] = acc[:, dst + n:dst + n + size]
+            norm[dst:dst + size] = norm[dst + n:dst + n + size]
+        acc[:, max(0, height - n):] = 0
+        norm[max(0, height - n):] = 0
+        strip_start = stop
+
+    row_starts = [first for first, _ in plan.rows()]
+    for row, (first, corners) in enumerate(plan.rows()):
+        for b in range(0, len(corners), batch_size):
+            chunk = corners[b:b + batch_size]
+            batch = torch.stack([read(corner, plan.tile) for corner in chunk])
+            with torch.no_grad():
+                pred = _apply_tta(fn, batch, channel_map) if tta else fn(batch)
+            if acc is None:
+                dtype = torch.promote_types(pred.dtype, torch.float32)
+                acc = torch.zeros((pred.shape[1], plan.tile[0]) + plan.shape[1:], device=device, dtype=dtype)
+                norm = norm.to(dtype)
+            for corner, p in zip(chunk, pred):
+                w = weight_of(corner).to(acc.dtype)
+                box = (slice(0, plan.tile[0]),) + tuple(slice(a, a + t) for a, t in zip(corner[1:], plan.tile[1:]))
+                acc[(slice(None),) + box] += p.to(acc.dtype) * w
+                norm[box] += w
+            if bar is not None:
+                bar.update(len(chunk))
+        stop = row_starts[row + 1] if row + 1 < len(row_starts) else first + plan.tile[0]
+        emit(stop)
+    if bar is not None:
+        bar.close()
 
 
 def predict_tiled(
@@ -150,52 +304,17 @@ def predict_tiled(
     receptive_field: int,
     multiple: int = 1,
     batch_size: int = 4,
+    tta: bool = False,
+    blend: Blend = "cosine",
+    channel_map: ChannelMap | None = None,
 ) -> torch.Tensor:
-    """Apply ``fn`` to an in-memory image tile by tile and blend the tiles.
-
-    Parameters
-    ----------
-    fn
-        Maps a batch ``(B, C, *tile)`` to ``(B, K, *tile)`` (same spatial size).
-    image
-        ``(C, *spatial)``; the result is ``(K, *spatial)`` on the same device.
-    tile, overlap
-        Tile size and minimum overlap per spatial axis.
-    receptive_field
-        The network's receptive field in pixels (sets the context margin).
-    multiple
-        The network's size multiple (``2**depth`` for a U-Net).
-    batch_size
-        Tiles per call of ``fn``.
-    """
-    spatial_dims = len(tile)
-    padded, original = pad_to_multiple(image, multiple, spatial_dims)
-    plan = TilePlan.create(padded.shape[1:], tile, overlap, receptive_field, multiple)
-    out: torch.Tensor | None = None
-    norm = torch.zeros(padded.shape[1:], device=image.device)
-    pending: list[tuple[tuple[slice, ...], np.ndarray]] = []
-
-    def flush() -> None:
-        nonlocal out, norm
-        batch = torch.stack([padded[(slice(None),) + box] for box, _ in pending])
-        pred = fn(batch)
-        if out is None:  # accumulate in at least float32 (mixed-precision outputs are float16)
-            dtype = torch.promote_types(pred.dtype, torch.float32)
-            out = torch.zeros((pred.shape[1],) + tuple(padded.shape[1:]), device=image.device, dtype=dtype)
-            norm = norm.to(dtype)
-        for (box, weight), p in zip(pending, pred):
-            w = torch.from_numpy(weight).to(device=image.device, dtype=out.dtype)
-            out[(slice(None),) + box] += p * w
-            norm[box] += w
-        pending.clear()
-
-    for item in plan.tiles():
-        pending.append(item)
-        if len(pending) == batch_size:
-            flush()
-    if pending:
-        flush()
-    assert out is not None
-    out = out / norm
-    crop = (slice(None),) + tuple(slice(0, s) for s in original)
-    return out[crop]
+    """Tiled prediction of an in-memory image ``(C, *spatial)``; returns ``(K, *spatial)`` on its device."""
+    shape = tuple(image.shape[1:])
+    plan = TilePlan.create(shape, tile, overlap, receptive_field, multiple, blend)
+    parts: list[torch.Tensor] = []
+    stream_predict(
+        fn, array_reader(image, image.device, dtype=image.dtype), shape, plan,
+        lambda start, block: parts.append(block), batch_size=batch_size, tta=tta, channel_map=channel_map,
+        device=image.device,
+    )
+    return torch.cat(parts, dim=1)

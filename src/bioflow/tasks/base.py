@@ -8,9 +8,10 @@ Subclasses say how targets are prepared, how outputs become predictions, and whi
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import lightning as L
 import numpy as np
@@ -20,9 +21,11 @@ from torchmetrics import MeanMetric
 from bioflow import __version__
 from bioflow.config import component
 from bioflow.errors import ConfigError
-from bioflow.inference.tiling import minimum_overlap, predict_tiled
+from bioflow.inference.tiling import TilePlan, array_reader, minimum_overlap, predict_tiled, stream_predict
 from bioflow.optim import configure_optimization
 from bioflow.registry import registry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,6 +70,9 @@ class BaseTask(L.LightningModule):
         self.task_settings = {**self.settings, **component(config["task"])[1]}
         self.net = self.build_network()
         self.loss_fn = self.build_loss()
+        self._receptive_field: int | None = None
+        self._auto_tile: list[int] | None = None
+        self._warned_overlap = False
         self.figure_samples: list[dict[str, np.ndarray]] = []
         self.n_figure_samples = int(config["logger"]["figures"]["n_samples"])
         self.mean_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
@@ -126,28 +132,97 @@ class BaseTask(L.LightningModule):
         return int(getattr(self.net, "size_multiple", 1))
 
     def receptive_field(self) -> int:
-        """The network's receptive field in pixels (from the architecture when it says)."""
-        if hasattr(self.net, "receptive_field"):
-            return int(self.net.receptive_field())
-        from bioflow.inference.receptive_field import probe_receptive_field
+        """The network's receptive field in pixels: from the architecture when it says, else probed."""
+        if self._receptive_field is None:
+            if hasattr(self.net, "receptive_field"):
+                self._receptive_field = int(self.net.receptive_field())
+            else:
+                from bioflow.inference.receptive_field import probe_receptive_field
 
-        return probe_receptive_field(self.net, self.data_info.in_channels, self.data_info.spatial_dims, self.size_multiple)
+                self._receptive_field = probe_receptive_field(
+                    self.net, self.data_info.in_channels, self.data_info.spatial_dims, self.size_multiple
+                )
+        return self._receptive_field
 
-    def tile_size(self) -> list[int]:
-        tile = self.config["predict"]["tile_size"]
+    def tiling(
+        self, tile_size: Sequence[int] | None = None, overlap: Sequence[int] | None = None, batch_size: int | None = None
+    ) -> tuple[list[int], list[int], int]:
+        """Tile size, overlap and tiles per batch: given values, else the config's, else automatic.
+
+        The automatic tile fits the free memory of the model's device; the automatic overlap is
+        the receptive field (rounded up to even), which makes tiled prediction exact. A smaller
+        overlap is allowed with a warning.
+        """
+        dims = self.data_info.spatial_dims
+        cfg = self.config["predict"]
+        batch = int(batch_size or cfg["batch_size"])
+        tile = tile_size or cfg["tile_size"]
         if tile is None:
-            tile = [2 * p for p in self.config["data"]["patch_size"]]
-        return [int(t) for t in tile]
+            if self._auto_tile is None:
+                from bioflow.predict import auto_tile_size
+
+                self._auto_tile = auto_tile_size(self, str(self.device), batch)
+            tile = self._auto_tile
+        tile = _per_axis(tile, dims, "tile size")
+        needed = minimum_overlap(self.receptive_field())
+        chosen = overlap or cfg["overlap"]
+        chosen = [needed] * dims if chosen is None else _per_axis(chosen, dims, "overlap")
+        if min(chosen) < needed and not self._warned_overlap:
+            self._warned_overlap = True
+            log.warning(
+                "tile overlap %s is below the network's receptive field (%d pixels, overlap %d needed): "
+                "tiled predictions will differ slightly from whole-image ones", chosen, self.receptive_field(), needed,
+            )
+        return tile, chosen, batch
 
     def predict_image(self, image: torch.Tensor) -> torch.Tensor:
-        """Raw network output for one channel-first image of any size (tiled, blended)."""
-        rf = self.receptive_field()
-        overlap = self.config["predict"]["overlap"]
-        overlap = [minimum_overlap(rf)] * self.data_info.spatial_dims if overlap is None else list(overlap)
-        return predict_tiled(
-            self, image, self.tile_size(), overlap, rf, self.size_multiple,
-            batch_size=int(self.config["predict"]["batch_size"]),
+        """Raw network output for one normalised channel-first image tensor (tiled, blended)."""
+        tile, overlap, batch = self.tiling()
+        return predict_tiled(self, image, tile, overlap, self.receptive_field(), self.size_multiple, batch_size=batch)
+
+    def predict_array(
+        self,
+        image: Any,
+        sink: Callable[[int, torch.Tensor], None],
+        tile_size: Sequence[int] | None = None,
+        overlap: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        tta: bool = False,
+        blend: str = "cosine",
+        progress: bool = False,
+    ) -> None:
+        """Predict a raw channel-first image of any size (numpy, memory map or lazy TIFF).
+
+        The image is normalised as in training (its own percentiles), read tile by tile, and the
+        raw output is handed to ``sink(start, block)`` strip by strip along the first spatial axis.
+        """
+        from bioflow.data.normalize import PercentileNorm
+
+        norm_cfg = self.config["data"]["normalize"]
+        norm = PercentileNorm.fit(image, norm_cfg["low"], norm_cfg["high"])
+        tile, overlap, batch = self.tiling(tile_size, overlap, batch_size)
+        shape = tuple(image.shape[1:])
+        plan = TilePlan.create(shape, tile, overlap, self.receptive_field(), self.size_multiple, blend)
+        stream_predict(
+            self, array_reader(image, self.device, transform=norm), shape, plan, sink, batch_size=batch,
+            tta=tta, channel_map=self.tta_channel_map(), device=self.device, progress=progress,
         )
+
+    def tta_channel_map(self):
+        """How output channels change under flips and quarter turns (None: they do not)."""
+        return None
+
+    def prediction_outputs(self) -> list:
+        """The images ``bioflow predict`` writes per input (the first is the main result)."""
+        raise NotImplementedError
+
+    def finalize_block(self, raw: torch.Tensor) -> dict[str, np.ndarray]:
+        """Turn a strip of raw output into the blocks of each prediction output."""
+        raise NotImplementedError
+
+    def prediction_caveats(self) -> list[str]:
+        """What users must know about this kind of model when they apply it."""
+        return []
 
     # -- steps ------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -225,6 +300,16 @@ class BaseTask(L.LightningModule):
             "components": used_components(self.config),
             "run_id": run_id,
         }
+
+
+def _per_axis(values: Sequence[int], dims: int, what: str) -> list[int]:
+    """One value per spatial axis from one value or ``dims`` values."""
+    values = [int(v) for v in values]
+    if len(values) == 1:
+        return values * dims
+    if len(values) != dims:
+        raise ConfigError(f"predict: {what} {values} needs 1 or {dims} values for {dims}D images")
+    return values
 
 
 def _parameters(factory) -> Sequence[str]:

@@ -69,6 +69,16 @@ class SegmentationTask(BaseTask):
     def postprocess(self, output: torch.Tensor) -> torch.Tensor:
         return output.argmax(dim=0)
 
+    def prediction_outputs(self) -> list:
+        from bioflow.predict import OutputSpec
+
+        classes = self.out_channels()
+        return [OutputSpec("labels", None, np.uint8 if classes <= 256 else np.uint16)]
+
+    def finalize_block(self, raw: torch.Tensor) -> dict[str, np.ndarray]:
+        dtype = self.prediction_outputs()[0].dtype
+        return {"labels": raw.argmax(dim=0).cpu().numpy().astype(dtype)}
+
     def update_metrics(self, stage: str, prediction: torch.Tensor, target: torch.Tensor) -> None:
         self.metrics[stage].update(prediction[None], target[None])
 

@@ -22,9 +22,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from bioflow import __version__
+from bioflow.checkpoint import BEST_CHECKPOINT_ARTIFACT, save_model_checkpoint
 from bioflow.tracking.store import Store
-
-BEST_CHECKPOINT_ARTIFACT = "checkpoints/best.ckpt"
 
 
 def make_logger(logger_cfg: Mapping[str, Any], store: Store, run_id: str | None = None) -> MLFlowLogger:
@@ -108,8 +107,6 @@ def log_checkpoint(logger: MLFlowLogger, path: str | os.PathLike) -> None:
     Only what prediction and evaluation need is kept (weights and bioflow's metadata, no
     optimizer state), which makes the artifact a fraction of the training checkpoint's size.
     """
-    from bioflow.checkpoint import save_model_checkpoint
-
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / Path(BEST_CHECKPOINT_ARTIFACT).name
         save_model_checkpoint(path, target)

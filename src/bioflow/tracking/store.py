@@ -52,6 +52,12 @@ class Store:
         """Create the project folder, or check that the tracking server answers."""
         if self.embedded:
             self.project_dir.mkdir(parents=True, exist_ok=True)
+            if not (self.project_dir / "mlflow.db").exists():
+                # Create the store with the project's artifact root, so that MLflow's "Default"
+                # experiment too keeps its artifacts in the project folder, not in the working directory.
+                from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+                SqlAlchemyStore(self.tracking_uri, self.artifact_location)
             return
         if self.server_uri.startswith(("http://", "https://")):
             check_server(self.server_uri)
