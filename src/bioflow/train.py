@@ -98,7 +98,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     validate(config)
     config = with_absolute_paths(config)
     store = Store.create(config["project_dir"], config["logger"]["tracking_uri"])
-    store.prepare()
+    store.check_reachable()
     L.seed_everything(config["seed"], workers=True, verbose=False)
 
     task_cls = get_task(config["task"]["name"])
@@ -116,6 +116,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     }
     task = task_cls(config, data_info)
 
+    store.prepare()  # only now: bad data must not leave an empty store behind
     logger = make_logger(config["logger"], store)
     log_run_start(logger, config, used_components(config), data.split, run_dir)
     log_scale_check(logger, task, data)

@@ -48,8 +48,13 @@ class Store:
         """Artifact root for new experiments (embedded store only; a server chooses its own)."""
         return (self.project_dir / "artifacts").as_uri() if self.embedded else None
 
+    def check_reachable(self) -> None:
+        """Fail now, with one line, if a configured tracking server does not answer."""
+        if self.server_uri is not None and self.server_uri.startswith(("http://", "https://")):
+            check_server(self.server_uri)
+
     def prepare(self) -> None:
-        """Create the project folder, or check that the tracking server answers."""
+        """Create the project folder and the embedded store (if used), or check the server."""
         if self.embedded:
             self.project_dir.mkdir(parents=True, exist_ok=True)
             if not (self.project_dir / "mlflow.db").exists():
@@ -59,8 +64,7 @@ class Store:
 
                 SqlAlchemyStore(self.tracking_uri, self.artifact_location)
             return
-        if self.server_uri.startswith(("http://", "https://")):
-            check_server(self.server_uri)
+        self.check_reachable()
 
     def dashboard_command(self) -> str:
         """The command that opens the MLflow dashboard on this store, runnable from any shell."""
