@@ -160,7 +160,7 @@ def test_memory_depends_on_the_tile_not_on_the_image(tmp_path):
     rng = np.random.default_rng(0)
     for name, size in (("small", 1024), ("large", 8192)):
         tifffile.imwrite(tmp_path / f"{name}.tif", rng.integers(0, 4000, (size, size), dtype=np.uint16))
-    common = ["--tile-size", "512", "--batch-size", "4", "--no-progress", "--device", "cpu"]
+    common = ["--tile-size", "256", "--batch-size", "4", "--no-progress", "--device", "cpu"]
     small = peak_rss_mib([BIOFLOW, "predict", str(model), str(tmp_path / "small.tif"), "--out", str(tmp_path / "o1"), *common])
     large = peak_rss_mib([BIOFLOW, "predict", str(model), str(tmp_path / "large.tif"), "--out", str(tmp_path / "o2"), *common])
     whole_float = 8192 * 8192 * 4 / 2**20  # 256 MiB: one float32 copy of the large image
