@@ -167,3 +167,21 @@ def test_memory_depends_on_the_tile_not_on_the_image(tmp_path):
     print(f"peak RSS: 1024^2 {small:.0f} MiB, 8192^2 {large:.0f} MiB")
     assert large - small < 0.5 * whole_float
     assert tifffile.imread(tmp_path / "o2" / "large.tif").shape == (8192, 8192)
+
+
+def test_postprocessor_writes_instances_next_to_the_class_map(tmp_path):
+    model = make_checkpoint(tmp_path / "m.ckpt", "model.depth=1", "model.base_channels=2",
+                            "postprocessor=connected_components", "postprocessor.min_size=0")
+    tifffile.imwrite(tmp_path / "a.tif", image((50, 40)))
+    result = run_cli("predict", str(model), str(tmp_path / "a.tif"), "--out", str(tmp_path / "o"), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    labels = tifffile.imread(tmp_path / "o" / "a.tif")
+    instances = tifffile.imread(tmp_path / "o" / "a_instances.tif")
+    assert instances.dtype == np.int32 and instances.shape == labels.shape
+    # instances are the connected components of the predicted foreground (argmax = threshold 0.5 for 2 classes)
+    from scipy import ndimage
+
+    expected, n = ndimage.label(labels > 0)
+    assert instances.max() == n
+    assert np.array_equal(instances > 0, labels > 0)
+    assert not list((tmp_path / "o").glob(".bioflow-*"))  # the spooled probabilities are gone

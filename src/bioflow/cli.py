@@ -262,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except BioflowError as exc:
         return fail(exc.one_line(), exc.exit_code)
+    except BrokenPipeError:  # output piped into a command that stopped reading (e.g. `| head`)
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

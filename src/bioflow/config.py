@@ -98,6 +98,7 @@ class TrainConfig:
     logger: Logger
     predict: Predict
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    postprocessor: Optional[Component] = None
 
 
 #: Trainer arguments bioflow sets itself.
@@ -130,6 +131,11 @@ def _check(value: Any, annotation: Any, path: str) -> None:
                 continue
             _check(value[name], hints[name], sub)
         return
+    if typing.get_origin(annotation) is typing.Union and value is not None:
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(inner) == 1 and (inner[0] is Component or dataclasses.is_dataclass(inner[0])):
+            _check(value, inner[0], path)
+            return
     if annotation is Component:
         if not isinstance(value, Mapping) or not isinstance(value.get("name"), str):
             raise ConfigError(f"{path}: expected a component (a mapping with a 'name' key), got {value!r}")
@@ -169,6 +175,8 @@ def validate_components(config: Mapping[str, Any]) -> None:
         "loss": ("losses", frozenset()),
         "sampler": ("samplers", frozenset({"index", "num_samples", "seed"})),
     }
+    if config.get("postprocessor") is not None:
+        provided["postprocessor"] = ("postprocessors", frozenset())
     for path, (kind, given) in provided.items():
         name, kwargs = component(config[path])
         factory = registry.load(kind, name)

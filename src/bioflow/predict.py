@@ -16,26 +16,17 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from bioflow.errors import BioflowError, DataError
+from bioflow.inference.outputs import OutputSpec
 
 log = logging.getLogger(__name__)
 
 _PIXEL_SIZE_TOLERANCE = 0.05
-
-
-@dataclass
-class OutputSpec:
-    """One output image of a task: its name suffix, channel count (None: no channel axis), dtype."""
-
-    name: str
-    channels: int | None
-    dtype: Any
 
 
 def collect_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -188,33 +179,45 @@ def predict(
         print(f"bioflow: note: {line}", file=sys.stderr)
     device = choose_device(device)
     task.to(device)
-    specs = task.prediction_outputs()
     out_dir = Path(out)
-    plan = output_paths(files, out_dir, specs, overwrite)
+    plan = output_paths(files, out_dir, task.prediction_outputs(), overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
+    options = dict(tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta, blend=blend, progress=progress)
     results = []
     for f, targets in zip(files, plan):
         image = read_tiff(f, axes, channels=True)
         _check_compatible(task, image, f)
         factor = _resolution_factor(task, image.pixel_size, f, rescale)
+        shape = tuple(image.array.shape[1:])
+        session = task.prediction_session(shape, out_dir)
         writers: dict[str, TiffWriter] = {}
+
+        def writer(spec: OutputSpec) -> TiffWriter:
+            writers[spec.name] = TiffWriter(targets[spec.name], shape, spec, image.file_axes, image.pixel_size)
+            return writers[spec.name]
+
         try:
+            for spec in session.outputs:
+                if spec.streamed:
+                    writer(spec)
+            sink = _session_sink(session, writers)
             with torch.no_grad():
                 if factor is None:
-                    shape = image.array.shape[1:]
-                    writers = {s.name: TiffWriter(targets[s.name], shape, s, image.file_axes, image.pixel_size) for s in specs}
-                    task.predict_array(
-                        image.array, sink=_writer_sink(task, writers), tile_size=tile_size, overlap=overlap,
-                        batch_size=batch_size, tta=tta, blend=blend, progress=progress,
-                    )
+                    task.predict_array(image.array, sink=sink, **options)
                 else:
-                    _predict_rescaled(task, image, factor, specs, targets, writers, tile_size, overlap, batch_size, tta, blend, progress)
+                    _predict_rescaled(task, image, factor, sink, options)
+            finished = session.finish()
+            for spec in session.outputs:
+                if not spec.streamed:
+                    writer(spec).write(0, finished[spec.name])
             for w in writers.values():
                 w.close()
         except BaseException:
             for w in writers.values():
                 w.abort()
             raise
+        finally:
+            session.close()
         results.append(targets)
         print(f"bioflow: {f} -> {', '.join(str(t) for t in targets.values())}", flush=True)
     return results
@@ -224,12 +227,12 @@ def predict(
 _FINALIZE_PIXELS = 1 << 21
 
 
-def _writer_sink(task, writers: dict[str, TiffWriter]):
+def _session_sink(session, writers: dict[str, TiffWriter]):
     def sink(start: int, raw) -> None:
         row_pixels = max(1, int(np.prod(raw.shape[2:])))
         step = max(1, _FINALIZE_PIXELS // row_pixels)
         for offset in range(0, raw.shape[1], step):
-            for name, block in task.finalize_block(raw[:, offset:offset + step]).items():
+            for name, block in session.block(start + offset, raw[:, offset:offset + step]).items():
                 writers[name].write(start + offset, block)
 
     return sink
@@ -271,16 +274,15 @@ def _resolution_factor(task, pixel_size, path: Path, rescale: bool) -> list[floa
     return ratio
 
 
-def _predict_rescaled(task, image, factor, specs, targets, writers, tile_size, overlap, batch_size, tta, blend, progress) -> None:
-    """Resample to the training pixel size, predict in memory, resample the raw output back."""
+def _predict_rescaled(task, image, factor, sink, options) -> None:
+    """Resample to the training pixel size, predict, resample the raw output back, then ``sink`` it."""
     import torch
     from scipy import ndimage
 
     data = np.asarray(image.array, dtype=np.float32)
     zoomed = np.stack([ndimage.zoom(c, factor, order=1) for c in data])
     parts: list[torch.Tensor] = []
-    task.predict_array(zoomed, sink=lambda start, raw: parts.append(raw.cpu()), tile_size=tile_size, overlap=overlap,
-                       batch_size=batch_size, tta=tta, blend=blend, progress=progress)
+    task.predict_array(zoomed, sink=lambda start, raw: parts.append(raw.cpu()), **options)
     raw = torch.cat(parts, dim=1).numpy()
     shape = data.shape[1:]
     back = [s / z for s, z in zip(shape, raw.shape[1:])]
@@ -289,9 +291,7 @@ def _predict_rescaled(task, image, factor, specs, targets, writers, tile_size, o
     if restored.shape[1:] != shape:  # zoom rounding: pad the last row/column by repetition
         pad = [(0, 0)] + [(0, s - r) for s, r in zip(shape, restored.shape[1:])]
         restored = np.pad(restored, pad, mode="edge")
-    for s in specs:
-        writers[s.name] = TiffWriter(targets[s.name], shape, s, image.file_axes, image.pixel_size)
-    _writer_sink(task, writers)(0, torch.from_numpy(restored))
+    sink(0, torch.from_numpy(np.ascontiguousarray(restored)))
 
 
 def auto_tile_size(task, device: str, batch_size: int, fraction: float = 0.25) -> list[int]:

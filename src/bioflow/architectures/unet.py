@@ -26,8 +26,7 @@ class Maxout(nn.Module):
         self.pieces = pieces
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[:2]
-        return x.view(n, c // self.pieces, self.pieces, *x.shape[2:]).amax(dim=2)
+        return x.unflatten(1, [x.shape[1] // self.pieces, self.pieces]).amax(dim=2)
 
 
 def _conv(spatial_dims: int) -> type[nn.Module]:
@@ -93,7 +92,7 @@ class Up(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "transpose":
             return self.proj(x)
-        x = F.interpolate(x, scale_factor=2, mode=self.interp, align_corners=False)
+        x = F.interpolate(x, scale_factor=2.0, mode=self.interp, align_corners=False)
         return self.proj(x)
 
 
@@ -124,6 +123,9 @@ class UNet(nn.Module):
         Add the input to the output (the network learns a correction); needs
         ``in_channels == out_channels``. Used for restoration.
     """
+
+    bioflow_spatial_dims = (2, 3)
+    bioflow_exports = ("torchscript", "onnx")
 
     def __init__(
         self,
@@ -172,7 +174,7 @@ class UNet(nn.Module):
     @property
     def size_multiple(self) -> int:
         """Spatial sizes must be multiples of this number."""
-        return 2**self.depth
+        return 1 << self.depth
 
     def receptive_field(self) -> int:
         """Receptive field (pixels along each axis) of one output pixel, from the layer geometry.

@@ -31,11 +31,12 @@ def probe_receptive_field(
     probe = copy.deepcopy(net).double().eval()
     limit = max_size or (1024 if spatial_dims == 2 else 128)
     size = max(32, multiple * 4)
-    while True:
-        extent, touches = _measure(probe, in_channels, spatial_dims, size, multiple, trials)
-        if not touches or size >= limit:
-            return min(extent, limit)
-        size = min(size * 2, limit)
+    with torch.enable_grad():  # prediction runs under no_grad; the probe needs gradients
+        while True:
+            extent, touches = _measure(probe, in_channels, spatial_dims, size, multiple, trials)
+            if not touches or size >= limit:
+                return min(extent, limit)
+            size = min(size * 2, limit)
 
 
 def _measure(net, in_channels: int, spatial_dims: int, size: int, multiple: int, trials: int) -> tuple[int, bool]:

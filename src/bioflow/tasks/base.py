@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from bioflow import __version__
 from bioflow.config import component
 from bioflow.errors import ConfigError
+from bioflow.inference.outputs import OutputSpec, PredictionSession
 from bioflow.inference.tiling import TilePlan, array_reader, minimum_overlap, predict_tiled, stream_predict
 from bioflow.optim import configure_optimization
 from bioflow.registry import registry
@@ -104,6 +105,14 @@ class BaseTask(L.LightningModule):
         if "spatial_dims" not in accepted:
             kwargs.pop("spatial_dims")  # a 2D-only plugin need not take the argument
         return registry.create("architectures", name, where="model", **kwargs)
+
+    def build_postprocessor(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The configured post-processor, or None."""
+        node = section(self.config, "postprocessor")
+        if node is None:
+            return None
+        name, kwargs = component(node)
+        return registry.create("postprocessors", name, where="postprocessor", **kwargs)
 
     def build_loss(self) -> torch.nn.Module:
         name, kwargs = component(self.config["loss"])
@@ -212,12 +221,12 @@ class BaseTask(L.LightningModule):
         """How output channels change under flips and quarter turns (None: they do not)."""
         return None
 
-    def prediction_outputs(self) -> list:
+    def prediction_outputs(self) -> list[OutputSpec]:
         """The images ``bioflow predict`` writes per input (the first is the main result)."""
         raise NotImplementedError
 
-    def finalize_block(self, raw: torch.Tensor) -> dict[str, np.ndarray]:
-        """Turn a strip of raw output into the blocks of each prediction output."""
+    def prediction_session(self, shape: Sequence[int], workdir: Any = None) -> PredictionSession:
+        """What turns strips of raw output of one image of ``shape`` into the outputs."""
         raise NotImplementedError
 
     def prediction_caveats(self) -> list[str]:
@@ -327,13 +336,15 @@ COMPONENT_SECTIONS: dict[str, str] = {
     "loss": "losses",
     "sampler": "samplers",
     "data.source": "datasets",
+    "postprocessor": "postprocessors",
 }
 
 
 def section(config: Mapping[str, Any], path: str) -> Mapping[str, Any] | None:
+    """The config section at a dotted ``path``, or None if it is absent or null."""
     node: Any = config
     for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
+        if not isinstance(node, Mapping) or node.get(part) is None:
             return None
         node = node[part]
     return node

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from bioflow.errors import ConfigError
+from bioflow.inference.outputs import OutputSpec, PredictionSession, SpooledArray
 from bioflow.losses.segmentation import IGNORE_INDEX
 from bioflow.metrics.segmentation import SegmentationScores
 from bioflow.tasks.base import BaseTask
@@ -55,6 +56,7 @@ class SegmentationTask(BaseTask):
         if settings["target"] == "binary" and settings["num_classes"] != 2:
             raise ConfigError("task.num_classes: binary targets have exactly 2 classes")
         names = settings["class_names"]
+        self.postprocessor = self.build_postprocessor()
         self.metrics = torch.nn.ModuleDict(
             {stage: SegmentationScores(settings["num_classes"], names) for stage in ("val", "test")}
         )
@@ -69,15 +71,15 @@ class SegmentationTask(BaseTask):
     def postprocess(self, output: torch.Tensor) -> torch.Tensor:
         return output.argmax(dim=0)
 
-    def prediction_outputs(self) -> list:
-        from bioflow.predict import OutputSpec
-
+    def prediction_outputs(self) -> list[OutputSpec]:
         classes = self.out_channels()
-        return [OutputSpec("labels", None, np.uint8 if classes <= 256 else np.uint16)]
+        outputs = [OutputSpec("labels", None, np.uint8 if classes <= 256 else np.uint16)]
+        if self.postprocessor is not None:
+            outputs.append(OutputSpec("instances", None, np.int32, streamed=False))
+        return outputs
 
-    def finalize_block(self, raw: torch.Tensor) -> dict[str, np.ndarray]:
-        dtype = self.prediction_outputs()[0].dtype
-        return {"labels": raw.argmax(dim=0).cpu().numpy().astype(dtype)}
+    def prediction_session(self, shape, workdir=None) -> PredictionSession:
+        return _SegmentationSession(self, shape, workdir)
 
     def update_metrics(self, stage: str, prediction: torch.Tensor, target: torch.Tensor) -> None:
         self.metrics[stage].update(prediction[None], target[None])
@@ -85,3 +87,30 @@ class SegmentationTask(BaseTask):
     def log_metrics(self, stage: str) -> None:
         self.log_scores(stage, self.metrics[stage].compute())
         self.metrics[stage].reset()
+
+
+class _SegmentationSession(PredictionSession):
+    """Class maps strip by strip; with a post-processor, class probabilities are kept on disk for it."""
+
+    def __init__(self, task: SegmentationTask, shape, workdir) -> None:
+        super().__init__(task.prediction_outputs(), self._labels)
+        self.task = task
+        self.dtype = self.outputs[0].dtype
+        self.spool = SpooledArray((task.out_channels(), *shape), workdir) if task.postprocessor is not None else None
+
+    def _labels(self, raw: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"labels": raw.argmax(dim=0).cpu().numpy().astype(self.dtype)}
+
+    def block(self, start: int, raw: torch.Tensor) -> dict[str, np.ndarray]:
+        if self.spool is not None:
+            self.spool.write([0, start] + [0] * (raw.ndim - 2), raw.softmax(dim=0).cpu().numpy())
+        return self._labels(raw)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        if self.spool is None:
+            return {}
+        return {"instances": np.asarray(self.task.postprocessor(self.spool.array()), dtype=np.int32)}
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.remove()

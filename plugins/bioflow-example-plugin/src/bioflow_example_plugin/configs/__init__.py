@@ -1,0 +1,1 @@
+"""Hydra config files of the example plugin (found by bioflow through its entry point)."""

@@ -1,0 +1,1 @@
+"""Post-processors (registry kind ``postprocessors``): network output to final results (e.g. instances)."""
