@@ -47,12 +47,12 @@ def evaluate(
     metrics = {prefix + k.split("/", 1)[1]: float(v) for k, v in (results[0] if results else {}).items()}
     logged = False
     if log_to_run and run_id is not None:
-        logged = _log_to_run(store, run_id, metrics, split)
+        logged = _log_to_run(store, run_id, metrics, split, task)
     return {"model": model, "split": split, "n_images": len(data.splits[split]), "metrics": metrics,
             "run_id": run_id, "logged": logged, "tracking_uri": store.tracking_uri}
 
 
-def _log_to_run(store: Store, run_id: str, metrics: Mapping[str, float], split: str) -> bool:
+def _log_to_run(store: Store, run_id: str, metrics: Mapping[str, float], split: str, task) -> bool:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -68,6 +68,8 @@ def _log_to_run(store: Store, run_id: str, metrics: Mapping[str, float], split: 
         target = Path(tmp) / f"{split}_metrics.json"
         target.write_text(json.dumps(metrics, indent=1, sort_keys=True))
         client.log_artifact(run_id, str(target), "evaluation")
+        for figure in task.report_figures(metrics, tmp):
+            client.log_artifact(run_id, str(figure), "evaluation")
     return True
 
 

@@ -28,9 +28,7 @@ class EpochReport(Callback):
         self.monitor = monitor
 
     @rank_zero_only
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
         metrics = trainer.callback_metrics
         shown = [k for k in ("train/loss", "val/loss", self.monitor) if k in metrics]
         values = ", ".join(f"{k}={float(metrics[k]):.4f}" for k in shown)
@@ -144,20 +142,67 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         "is_global_zero": trainer.is_global_zero,
         "test": {},
     }
-    if trainer.is_global_zero and checkpoint.best_model_path:
-        log_checkpoint(logger, checkpoint.best_model_path)
+    if checkpoint.best_model_path:
+        summary["after_fit"] = finish_best_checkpoint(task, data, trainer, logger, checkpoint.best_model_path)
     if config["test_after_training"] and checkpoint.best_model_path:
         results = trainer.test(task, datamodule=data, ckpt_path=checkpoint.best_model_path, verbose=False)
         summary["test"] = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        log_figures(logger, task.report_figures, summary["test"])
     return summary
+
+
+def finish_best_checkpoint(task, data, trainer, logger, path: str) -> dict[str, float]:
+    """Run the task's after-training step on the best weights, store its result in the checkpoint, log it.
+
+    Every rank runs the (deterministic) step on all validation images; rank 0 rewrites the file.
+    """
+    import torch
+
+    task.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    extras = task.after_fit(data)
+    if trainer.is_global_zero:
+        if extras:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint["state_dict"] = {k: v.detach().cpu() for k, v in task.state_dict().items()}
+            torch.save(checkpoint, path)
+            log_values(logger, extras)
+        log_checkpoint(logger, path)
+    trainer.strategy.barrier()
+    return extras
+
+
+@rank_zero_only
+def log_values(logger, values: Mapping[str, float]) -> None:
+    """Numbers from after training: thresholds as params, scores as metrics."""
+    for key, value in values.items():
+        if "/" in key:
+            logger.experiment.log_metric(logger.run_id, key, float(value))
+        else:
+            logger.experiment.log_param(logger.run_id, key, value)
+
+
+@rank_zero_only
+def log_figures(logger, make_figures, metrics: Mapping[str, float]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in make_figures(metrics, tmp):
+            logger.experiment.log_artifact(logger.run_id, str(path), "evaluation")
 
 
 def print_summary(summary: Mapping[str, Any], out=sys.stdout) -> None:
     """The lines a user reads at the end of a training job."""
     lines = ["", "bioflow: training finished"]
+    if summary.get("after_fit"):
+        lines.append("  chosen on the validation split: " + ", ".join(f"{k} = {v:.4g}" for k, v in summary["after_fit"].items()))
     if summary["test"]:
-        lines.append("  test split:")
-        lines += [f"    {k} = {v:.4f}" for k, v in sorted(summary["test"].items())]
+        shown = sorted(summary["test"])
+        if len(shown) > 12:  # many thresholds: the headline ones here, all of them in the run
+            shown = [k for k in shown if k.endswith(("_0.5", "mean_accuracy", "/loss"))]
+            lines.append(f"  test split ({len(shown)} of {len(summary['test'])} metrics; all are in the run):")
+        else:
+            lines.append("  test split:")
+        lines += [f"    {k} = {summary['test'][k]:.4f}" for k in shown]
     if summary["best_score"] is not None:
         lines.append(f"  best validation score: {summary['best_score']:.4f}")
     lines += [

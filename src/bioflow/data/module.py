@@ -154,6 +154,12 @@ class BioflowDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._whole("val")
 
+    def val_dataloader_all(self) -> DataLoader:
+        """Every validation image in this process, whatever the rank (for work done on each rank)."""
+        records = self.splits["val"]
+        dataset = WholeImageDataset(records, self._norms(records), self.target_fn, self._target_norms(records))
+        return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
+
     def test_dataloader(self) -> DataLoader:
         return self._whole(self.evaluation_split)
 

@@ -120,6 +120,21 @@ class TilePlan:
             context = tuple(min(context_margin(receptive_field), o // 2) for o in overlap)
         return cls(shape, tile, overlap, context, multiple, blend)
 
+    def scaled(self, stride: Sequence[int]) -> "TilePlan":
+        """The same tiling in the coordinates of an output subsampled by ``stride`` along each axis.
+
+        Sizes and starts are multiples of the size multiple, which networks with a strided output
+        make a multiple of their stride, so the division is exact.
+        """
+        if all(int(g) == 1 for g in stride):
+            return self
+        div = [int(g) for g in stride]
+        return TilePlan(
+            tuple(s // g for s, g in zip(self.shape, div)), tuple(t // g for t, g in zip(self.tile, div)),
+            tuple(o // g for o, g in zip(self.overlap, div)), tuple(-(-c // g) for c, g in zip(self.context, div)),
+            max(1, self.multiple // max(div)), self.blend,
+        )
+
     def starts(self) -> list[list[int]]:
         return [_axis_starts(s, t, o, self.multiple) for s, t, o in zip(self.shape, self.tile, self.overlap)]
 
@@ -231,28 +246,33 @@ def stream_predict(
     channel_map: ChannelMap | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    stride: Sequence[int] | None = None,
 ) -> None:
     """Predict an image tile by tile and hand the blended output to ``sink`` strip by strip.
 
     ``sink(start, block)`` receives the final output for positions ``start .. start + len`` of the
-    first spatial axis, as a tensor ``(K, rows, *rest)`` cropped to ``image_shape``, in order.
+    first spatial axis, as a tensor ``(K, rows, *rest)`` cropped to the image, in order. A network
+    whose output is subsampled by ``stride`` (e.g. StarDist on a grid) gets its blocks in output
+    coordinates, cropped to ``ceil(image_shape / stride)``.
     """
-    image_shape = tuple(int(s) for s in image_shape)
+    stride = tuple(int(g) for g in (stride or (1,) * len(image_shape)))
+    image_shape = tuple(-(-int(s) // g) for s, g in zip(image_shape, stride))
     tiles_total = len(plan)
+    out_plan = plan.scaled(stride)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tiles_total, unit="tile", desc="tiles", leave=False)
     acc: torch.Tensor | None = None
-    norm = torch.zeros((plan.tile[0],) + plan.shape[1:], device=device)
+    norm = torch.zeros((out_plan.tile[0],) + out_plan.shape[1:], device=device)
     strip_start = 0
     weights: dict[tuple[int, ...], torch.Tensor] = {}
 
     def weight_of(corner: tuple[int, ...]) -> torch.Tensor:
-        key = tuple(int(a > 0) + 2 * int(a + t < s) for a, t, s in zip(corner, plan.tile, plan.shape))
+        key = tuple(int(a > 0) + 2 * int(a + t < s) for a, t, s in zip(corner, out_plan.tile, out_plan.shape))
         if key not in weights:  # tiles with the same border situation share a weight map
-            weights[key] = torch.from_numpy(plan.weight(corner)).to(device)
+            weights[key] = torch.from_numpy(out_plan.weight(corner)).to(device)
         return weights[key]
 
     def emit(stop: int) -> None:
@@ -272,7 +292,7 @@ def stream_predict(
         norm[max(0, height - n):] = 0
         strip_start = stop
 
-    row_starts = [first for first, _ in plan.rows()]
+    row_starts = [first // stride[0] for first, _ in plan.rows()]
     for row, (first, corners) in enumerate(plan.rows()):
         for b in range(0, len(corners), batch_size):
             chunk = corners[b:b + batch_size]
@@ -281,16 +301,19 @@ def stream_predict(
                 pred = _apply_tta(fn, batch, channel_map) if tta else fn(batch)
             if acc is None:
                 dtype = torch.promote_types(pred.dtype, torch.float32)
-                acc = torch.zeros((pred.shape[1], plan.tile[0]) + plan.shape[1:], device=device, dtype=dtype)
+                acc = torch.zeros((pred.shape[1], out_plan.tile[0]) + out_plan.shape[1:], device=device, dtype=dtype)
                 norm = norm.to(dtype)
             for corner, p in zip(chunk, pred):
+                corner = tuple(a // g for a, g in zip(corner, stride))
                 w = weight_of(corner).to(acc.dtype)
-                box = (slice(0, plan.tile[0]),) + tuple(slice(a, a + t) for a, t in zip(corner[1:], plan.tile[1:]))
+                box = (slice(0, out_plan.tile[0]),) + tuple(
+                    slice(a, a + t) for a, t in zip(corner[1:], out_plan.tile[1:])
+                )
                 acc[(slice(None),) + box] += p.to(acc.dtype) * w
                 norm[box] += w
             if bar is not None:
                 bar.update(len(chunk))
-        stop = row_starts[row + 1] if row + 1 < len(row_starts) else first + plan.tile[0]
+        stop = row_starts[row + 1] if row + 1 < len(row_starts) else row_starts[row] + out_plan.tile[0]
         emit(stop)
     if bar is not None:
         bar.close()
@@ -307,14 +330,15 @@ def predict_tiled(
     tta: bool = False,
     blend: Blend = "cosine",
     channel_map: ChannelMap | None = None,
+    stride: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Tiled prediction of an in-memory image ``(C, *spatial)``; returns ``(K, *spatial)`` on its device."""
+    """Tiled prediction of an in-memory image ``(C, *spatial)``; returns ``(K, *spatial / stride)`` on its device."""
     shape = tuple(image.shape[1:])
     plan = TilePlan.create(shape, tile, overlap, receptive_field, multiple, blend)
     parts: list[torch.Tensor] = []
     stream_predict(
         fn, array_reader(image, image.device, dtype=image.dtype), shape, plan,
         lambda start, block: parts.append(block), batch_size=batch_size, tta=tta, channel_map=channel_map,
-        device=image.device,
+        device=image.device, stride=stride,
     )
     return torch.cat(parts, dim=1)

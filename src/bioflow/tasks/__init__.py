@@ -10,6 +10,7 @@ from bioflow.errors import ConfigError
 #: Task name -> "module:class"; imported on first use.
 TASKS: dict[str, str] = {
     "segmentation": "bioflow.tasks.segmentation:SegmentationTask",
+    "stardist": "bioflow.tasks.stardist:StarDistTask",
 }
 
 

@@ -184,10 +184,15 @@ class BaseTask(L.LightningModule):
             )
         return tile, chosen, batch
 
+    def output_stride(self) -> tuple[int, ...] | None:
+        """How much coarser than the input the network's output grid is (None: the same)."""
+        return None
+
     def predict_image(self, image: torch.Tensor) -> torch.Tensor:
         """Raw network output for one normalised channel-first image tensor (tiled, blended)."""
         tile, overlap, batch = self.tiling()
-        return predict_tiled(self, image, tile, overlap, self.receptive_field(), self.size_multiple, batch_size=batch)
+        return predict_tiled(self, image, tile, overlap, self.receptive_field(), self.size_multiple,
+                             batch_size=batch, stride=self.output_stride())
 
     def predict_array(
         self,
@@ -215,6 +220,7 @@ class BaseTask(L.LightningModule):
         stream_predict(
             self, array_reader(image, self.device, transform=norm), shape, plan, sink, batch_size=batch,
             tta=tta, channel_map=self.tta_channel_map(), device=self.device, progress=progress,
+            stride=self.output_stride(),
         )
 
     def tta_channel_map(self):
@@ -233,10 +239,24 @@ class BaseTask(L.LightningModule):
         """What users must know about this kind of model when they apply it."""
         return []
 
+    # -- after training ---------------------------------------------------------------------------
+    def after_fit(self, data) -> dict[str, float]:
+        """Work on the best weights once training is over (e.g. choosing thresholds on the
+        validation split); returns values to record in the run. The weights' buffers may change."""
+        return {}
+
+    def report_figures(self, metrics: Mapping[str, float], folder) -> list:
+        """Figures of evaluation results written into ``folder`` (paths), logged with the run."""
+        return []
+
     # -- steps ------------------------------------------------------------------------------------
+    def loss_target(self, target: torch.Tensor) -> torch.Tensor:
+        """What the loss compares the output with, made from a batch of targets (default: as is)."""
+        return target
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         output = self(batch["image"])
-        loss = self.loss_fn(output, batch["target"])
+        loss = self.loss_fn(output, self.loss_target(batch["target"]))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
@@ -249,9 +269,13 @@ class BaseTask(L.LightningModule):
     def _evaluate_step(self, batch: dict[str, Any], stage: str) -> None:
         image, target = batch["image"][0], batch["target"][0]
         output = self.predict_image(image)
-        self.mean_loss[stage].update(self.loss_fn(output[None], target[None]))
+        self.mean_loss[stage].update(self.loss_fn(output[None], self.loss_target(target[None])))
         prediction = self.postprocess(output)
         self.update_metrics(stage, prediction, target)
+        self.collect_figure_sample(stage, batch, image, target, prediction)
+
+    def collect_figure_sample(self, stage: str, batch, image, target, prediction) -> None:
+        """Keep the first few validation images for the epoch's figure."""
         if stage == "val" and len(self.figure_samples) < self.n_figure_samples:
             self.figure_samples.append(
                 {

@@ -1,0 +1,1 @@
+"""StarDist 2D: star-convex polygon targets, polygon geometry and non-maximum suppression."""

@@ -1,0 +1,291 @@
+"""StarDist: nucleus instance segmentation with star-convex polygons (Schmidt et al., 2018).
+
+For every pixel (on a grid, optionally subsampled) the network predicts the probability that it
+lies inside an object, scaled by its distance to the object's boundary, and the distances to that
+boundary along ``n_rays`` directions. Each pixel above a probability threshold proposes a polygon;
+non-maximum suppression keeps the best non-overlapping ones. Touching and overlapping nuclei stay
+apart, which dense semantic segmentation cannot do.
+
+Targets are computed from the augmented instance labels of each batch on the training device
+(ray distances with torch; the normalised distance transform with SciPy on the CPU). After
+training, the probability and overlap thresholds are optimised on the validation split and stored
+in the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from bioflow.errors import ConfigError
+from bioflow.inference.outputs import OutputSpec, PredictionSession
+from bioflow.metrics.instance import InstanceMatchingMetric
+from bioflow.metrics.matching import DEFAULT_THRESHOLDS, match_dataset
+from bioflow.registry import registry
+from bioflow.stardist.model import StarDistNet
+from bioflow.stardist.nms import non_maximum_suppression
+from bioflow.stardist.polygons import polygons_to_labels
+from bioflow.stardist.targets import object_probabilities, star_distances
+from bioflow.tasks.base import BaseTask
+
+log = logging.getLogger(__name__)
+
+#: IoU thresholds whose mean accuracy selects the thresholds and the best checkpoint.
+SELECTION_TAUS = (0.3, 0.5, 0.7)
+PROB_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+NMS_GRID = (0.3, 0.4, 0.5)
+
+
+def metric_key(key: str) -> str:
+    """``accuracy@0.5`` -> ``accuracy_0.5`` (MLflow metric names cannot hold ``@``)."""
+    return key.replace("@", "_")
+
+
+class StarDistTask(BaseTask):
+    """StarDist 2D on top of any registered backbone (U-Net by default).
+
+    Settings (``task`` section): ``n_rays``, ``grid`` (output subsampling), ``features`` (channels
+    the backbone hands to the StarDist head), ``prob_thresh``, ``nms_thresh``, ``criterion``
+    (``min_area`` or ``iou``), ``optimize_thresholds``, ``monitor``, ``monitor_mode``.
+    """
+
+    target_kind: ClassVar[str] = "mask"
+    settings: ClassVar[dict[str, Any]] = {
+        "n_rays": 32,
+        "grid": [1, 1],
+        "features": 32,
+        "prob_thresh": 0.5,
+        "nms_thresh": 0.4,
+        "criterion": "min_area",
+        "optimize_thresholds": True,
+        "monitor": "val/mean_accuracy",
+        "monitor_mode": "max",
+    }
+
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any]) -> None:
+        if data_info["spatial_dims"] != 2:
+            raise ConfigError("task: StarDist in bioflow is 2D; the data are 3D (use the segmentation task)")
+        super().__init__(config, data_info)
+        s = self.task_settings
+        if s["criterion"] not in ("min_area", "iou"):
+            raise ConfigError(f"task.criterion: 'min_area' or 'iou', got {s['criterion']!r}")
+        # Thresholds live in the state dict, so the optimised values travel with the checkpoint.
+        self.register_buffer("thresholds", torch.tensor([float(s["prob_thresh"]), float(s["nms_thresh"])]))
+        self.metrics = torch.nn.ModuleDict({
+            "val": InstanceMatchingMetric(SELECTION_TAUS),
+            "test": InstanceMatchingMetric(DEFAULT_THRESHOLDS),
+        })
+
+    # -- network ------------------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        grid = tuple(int(g) for g in self.task_settings["grid"])
+        if len(grid) != 2 or min(grid) < 1:
+            raise ConfigError(f"task.grid: two positive integers, got {self.task_settings['grid']}")
+        return grid  # type: ignore[return-value]
+
+    @property
+    def n_rays(self) -> int:
+        return int(self.task_settings["n_rays"])
+
+    def out_channels(self) -> int:
+        return int(self.task_settings["features"])
+
+    def build_network(self) -> torch.nn.Module:
+        return StarDistNet(super().build_network(), self.out_channels(), self.n_rays, self.grid)
+
+    def output_stride(self) -> tuple[int, ...]:
+        return self.grid
+
+    # -- targets -------------------------------------------------------------------------------
+    def loss_target(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(N, 2 + R, H', W')``: object probability, ray distances and validity, on the labels' device."""
+        gy, gx = self.grid
+        out = []
+        for lab in labels:
+            valid = (lab != -1)[::gy, ::gx]
+            lab = torch.where(lab == -1, torch.zeros_like(lab), lab)
+            dists = star_distances(lab, self.n_rays, self.grid).permute(2, 0, 1)
+            prob = object_probabilities(lab, self.grid)
+            out.append(torch.cat([prob[None], dists, valid[None].to(dists.dtype)]))
+        return torch.stack(out)
+
+    # -- predictions -------------------------------------------------------------------------------
+    def nms(self, shape: Sequence[int] | None = None, prob_thresh: float | None = None, nms_thresh: float | None = None):
+        """The registered ``stardist_nms`` post-processor with this model's thresholds."""
+        return registry.create(
+            "postprocessors", "stardist_nms", where="task",
+            prob_thresh=float(self.thresholds[0]) if prob_thresh is None else prob_thresh,
+            nms_thresh=float(self.thresholds[1]) if nms_thresh is None else nms_thresh,
+            criterion=self.task_settings["criterion"], grid=list(self.grid),
+            shape=None if shape is None else list(shape),
+        )
+
+    @staticmethod
+    def activate(output: torch.Tensor) -> torch.Tensor:
+        """Raw output -> (probability, non-negative distances)."""
+        return torch.cat([torch.sigmoid(output[:1]), output[1:].clamp(min=0)])
+
+    def postprocess(self, output: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+        labels = self.nms(shape)(self.activate(output).detach().cpu())
+        return torch.from_numpy(labels)
+
+    def _evaluate_step(self, batch: dict[str, Any], stage: str) -> None:
+        image, labels = batch["image"][0], batch["target"][0]
+        output = self.predict_image(image)
+        self.mean_loss[stage].update(self.loss_fn(output[None], self.loss_target(labels[None])))
+        prediction = self.postprocess(output, labels.shape)
+        self.metrics[stage].update(labels.cpu().numpy(), prediction.numpy())
+        self.collect_figure_sample(stage, batch, image, labels, prediction)
+
+    def log_metrics(self, stage: str) -> None:
+        scores = {metric_key(k): v for k, v in self.metrics[stage].compute().items()}
+        self.log_scores(stage, scores)
+        self.metrics[stage].reset()
+
+    def tta_channel_map(self):
+        return _ray_permutation_map(self.n_rays)
+
+    def prediction_outputs(self) -> list[OutputSpec]:
+        return [OutputSpec("labels", None, np.int32, streamed=False)]
+
+    def prediction_session(self, shape, workdir=None) -> PredictionSession:
+        return _StarDistSession(self, tuple(shape))
+
+    # -- after training ------------------------------------------------------------------------------
+    def after_fit(self, data) -> dict[str, float]:
+        """Choose ``prob_thresh`` and ``nms_thresh`` on the validation split (mean accuracy at IoU 0.3/0.5/0.7)."""
+        if not self.task_settings["optimize_thresholds"] or not data.splits["val"]:
+            return {}
+        self.eval()
+        loader = data.val_dataloader_all()
+        outputs, truths = [], []
+        with torch.no_grad():
+            for batch in loader:
+                image = batch["image"][0].to(self.device)
+                outputs.append(self.activate(self.predict_image(image)).cpu())
+                truths.append(batch["target"][0].numpy())
+
+        def score(prob_thresh: float, nms_thresh: float) -> float:
+            preds = [self.nms(t.shape, prob_thresh, nms_thresh)(o) for o, t in zip(outputs, truths)]
+            pooled = match_dataset(list(zip(truths, preds)), SELECTION_TAUS)
+            return float(np.mean([pooled[tau].accuracy for tau in SELECTION_TAUS]))
+
+        results = {(p, n): score(p, n) for p in PROB_GRID for n in NMS_GRID}
+        best_p, best_n = max(results, key=lambda k: (results[k], -abs(k[0] - 0.5), -abs(k[1] - 0.4)))
+        for p in (best_p - 0.05, best_p + 0.05):  # refine the probability threshold once
+            if 0.0 < p < 1.0:
+                results[(round(p, 3), best_n)] = score(p, best_n)
+        best_p, best_n = max(results, key=lambda k: (results[k], -abs(k[0] - 0.5), -abs(k[1] - 0.4)))
+        self.thresholds.copy_(torch.tensor([best_p, best_n]))
+        log.info("StarDist thresholds from the validation split: prob_thresh=%.3f nms_thresh=%.2f "
+                 "(mean accuracy %.4f)", best_p, best_n, results[(best_p, best_n)])
+        return {"stardist.prob_thresh": best_p, "stardist.nms_thresh": best_n,
+                "val/optimized_mean_accuracy": results[(best_p, best_n)]}
+
+    def report_figures(self, metrics: Mapping[str, float], folder) -> list:
+        """A plot of the test matching scores over the IoU threshold."""
+        from pathlib import Path
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        prefix = next((k.split("/")[0] for k in metrics if "accuracy_" in k), None)
+        if prefix is None:
+            return []
+        taus = sorted({float(k.rsplit("_", 1)[1]) for k in metrics if k.startswith(f"{prefix}/accuracy_")})
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for score in ("precision", "recall", "accuracy", "f1", "mean_matched_score", "panoptic_quality"):
+            values = [metrics.get(f"{prefix}/{score}_{tau:g}") for tau in taus]
+            if all(v is not None for v in values):
+                ax.plot(taus, values, marker="o", label=score)
+        ax.set_xlabel("IoU threshold τ")
+        ax.set_ylabel("score")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"StarDist matching scores ({prefix} split)")
+        fig.tight_layout()
+        path = Path(folder) / f"{prefix}_matching_over_iou.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return [path]
+
+
+class _StarDistSession(PredictionSession):
+    """Collects candidates from every strip; one global NMS over all of them at the end.
+
+    Memory grows with the number of candidates above ``prob_thresh`` (4 × (3 + R) bytes each), not
+    with the image; the label image is rendered at the end.
+    """
+
+    def __init__(self, task: StarDistTask, shape: tuple[int, ...]) -> None:
+        super().__init__(task.prediction_outputs(), lambda raw: {})
+        self.task = task
+        self.shape = shape
+        self.points: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+        self.dists: list[torch.Tensor] = []
+
+    def block(self, start: int, raw: torch.Tensor) -> dict[str, np.ndarray]:
+        gy, gx = self.task.grid
+        act = self.task.activate(raw)
+        rows, cols = torch.nonzero(act[0] > float(self.task.thresholds[0]), as_tuple=True)
+        self.points.append(torch.stack([(rows + start) * gy, cols * gx], dim=1).cpu())
+        self.probs.append(act[0, rows, cols].cpu())
+        self.dists.append(act[1:, rows, cols].T.cpu())
+        return {}
+
+    def finish(self) -> dict[str, np.ndarray]:
+        points, probs, dists = torch.cat(self.points), torch.cat(self.probs), torch.cat(self.dists)
+        prob_thresh, nms_thresh = (float(t) for t in self.task.thresholds)
+        kept = non_maximum_suppression(points, dists, probs, prob_thresh, nms_thresh, self.task.task_settings["criterion"])
+        labels = polygons_to_labels(points[kept], dists[kept], probs[kept], self.shape)
+        return {"labels": labels.numpy()}
+
+
+def _ray_permutation_map(n_rays: int):
+    """Test-time augmentation for ray distances: the channel permutation each flip/turn implies.
+
+    A network applied to a flipped or turned image predicts distances along the turned rays; once
+    the output is turned back, channel ``j`` holds the distance along the original-frame direction
+    ``L^-1 u_j``, which is ray ``m`` of the original frame. The linear map ``L`` is measured by
+    transforming a one-pixel probe exactly as the image is transformed.
+    """
+    angles = 2 * np.pi * np.arange(n_rays) / n_rays
+    rays = np.stack([np.sin(angles), np.cos(angles)], axis=1)  # (y, x)
+    cache: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def linear_map(k: int, flip: bool) -> np.ndarray:
+        columns = []
+        for e in ((1, 0), (0, 1)):
+            probe = torch.zeros(1, 1, 3, 3)
+            probe[0, 0, 1 + e[0], 1 + e[1]] = 1
+            x = torch.flip(probe, (3,)) if flip else probe
+            x = torch.rot90(x, k, (2, 3))
+            y, xx = (int(v) for v in torch.nonzero(x[0, 0])[0])
+            columns.append((y - 1, xx - 1))
+        return np.array(columns, dtype=float).T  # L such that L @ e = transformed e
+
+    def permutation(k: int, flip: bool) -> torch.Tensor:
+        if (k, flip) not in cache:
+            inverse = np.linalg.inv(linear_map(k, flip))
+            mapped = rays @ inverse.T  # L^-1 u_j for every j
+            source = np.argmax(mapped @ rays.T, axis=0)  # for original ray m: the j with L^-1 u_j == u_m
+            if not np.allclose(mapped[source], rays, atol=1e-6):
+                raise ConfigError(f"test-time augmentation needs n_rays divisible by 4, got {n_rays}")
+            cache[(k, flip)] = torch.as_tensor(source)
+        return cache[(k, flip)]
+
+    def channel_map(output: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+        if k == 0 and not flip:
+            return output
+        order = permutation(k, flip).to(output.device)
+        return torch.cat([output[:, :1], output[:, 1:].index_select(1, order)], dim=1)
+
+    return channel_map
