@@ -245,10 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_warnings_to_stderr() -> None:
+    """bioflow's warnings as one line each on stderr (`bioflow train` uses Hydra's logging instead)."""
+    import logging
+
+    logger = logging.getLogger("bioflow")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("bioflow: warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         return train_command(argv[1:])
+    _log_warnings_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {

@@ -268,8 +268,6 @@ def _resolution_factor(task, pixel_size, path: Path, rescale: bool) -> list[floa
             "%s: pixel size %s differs from the training pixel size %s; objects appear at another scale than "
             "the model learnt (pass --rescale to resample the image to the training pixel size)", path, sizes, trained_sizes,
         )
-        print(f"bioflow: warning: {path}: pixel size {sizes} differs from the training pixel size {trained_sizes}; "
-              "use --rescale to resample", file=sys.stderr)
         return None
     return ratio
 
