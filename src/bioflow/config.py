@@ -99,6 +99,7 @@ class TrainConfig:
     predict: Predict
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     postprocessor: Optional[Component] = None
+    batch_transform: Optional[Component] = None
 
 
 #: Trainer arguments bioflow sets itself.
@@ -177,6 +178,8 @@ def validate_components(config: Mapping[str, Any]) -> None:
     }
     if config.get("postprocessor") is not None:
         provided["postprocessor"] = ("postprocessors", frozenset())
+    if config.get("batch_transform") is not None:
+        provided["batch_transform"] = ("batch_transforms", frozenset())
     for path, (kind, given) in provided.items():
         name, kwargs = component(config[path])
         factory = registry.load(kind, name)

@@ -22,11 +22,16 @@ def _schedulers() -> dict[str, Any]:
         "none": None,
         "cosine": torch.optim.lr_scheduler.CosineAnnealingLR,
         "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau,
+        "onecycle": torch.optim.lr_scheduler.OneCycleLR,
     }
 
 
 # Arguments bioflow fills in for each scheduler.
-_SCHEDULER_PROVIDED = {"cosine": {"optimizer", "T_max"}, "plateau": {"optimizer", "mode"}}
+_SCHEDULER_PROVIDED = {
+    "cosine": {"optimizer", "T_max"},
+    "plateau": {"optimizer", "mode"},
+    "onecycle": {"optimizer", "max_lr", "total_steps", "epochs", "steps_per_epoch"},
+}
 
 
 def check_optimization(config: Mapping[str, Any]) -> None:
@@ -52,14 +57,22 @@ def check_optimization(config: Mapping[str, Any]) -> None:
     check_arguments(schedulers[name], kwargs, where="scheduler", label=f"scheduler '{name}'", provided=frozenset(given))
 
 
-def configure_optimization(parameters, config: Mapping[str, Any], max_epochs: int | None, monitor: str, mode: str):
-    """What ``LightningModule.configure_optimizers`` returns for this config."""
+def configure_optimization(parameters, config: Mapping[str, Any], max_epochs: int | None, monitor: str, mode: str,
+                           total_steps: int | None = None):
+    """What ``LightningModule.configure_optimizers`` returns for this config.
+
+    ``total_steps`` (optimizer steps of the whole run) is needed by the per-step ``onecycle`` schedule.
+    """
     check_optimization(config)
     name, kwargs = component(config["optimizer"])
     optimizer = _optimizers()[name.lower()](parameters, **kwargs)
     sched_name, sched_kwargs = component(config["scheduler"])
     if sched_name == "none":
         return optimizer
+    if sched_name == "onecycle":  # warm up to optimizer.lr, then anneal, step by step
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler = _schedulers()["onecycle"](optimizer, max_lr=lr, total_steps=max(1, int(total_steps or 1)), **sched_kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
     if sched_name == "cosine":
         epochs = max_epochs if max_epochs and max_epochs > 0 else 100
         scheduler = _schedulers()["cosine"](optimizer, T_max=epochs, **sched_kwargs)

@@ -30,7 +30,7 @@ class EpochReport(Callback):
     @rank_zero_only
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         metrics = trainer.callback_metrics
-        shown = [k for k in ("train/loss", "val/loss", self.monitor) if k in metrics]
+        shown = [k for k in dict.fromkeys(("train/loss", "val/loss", self.monitor)) if k in metrics]
         values = ", ".join(f"{k}={float(metrics[k]):.4f}" for k in shown)
         log.info("epoch %d/%s: %s", trainer.current_epoch + 1, trainer.max_epochs, values)
 

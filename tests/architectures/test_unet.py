@@ -10,7 +10,7 @@ import torch
 from bioflow.architectures.unet import UNet
 
 OPTIONS = list(
-    itertools.product(["batch", "instance", "none"], ["relu", "leaky_relu", "sigmoid", "maxout"], ["max", "avg"], ["transpose", "interpolate"])
+    itertools.product(["batch", "instance", "none"], ["relu", "leaky_relu", "sigmoid", "maxout"], ["max", "avg", "blur"], ["transpose", "interpolate"])
 )
 
 
@@ -42,6 +42,23 @@ def test_residual_adds_the_input():
         UNet(1, 2, residual=True)
 
 
+def test_without_the_top_skip_the_output_does_not_see_full_resolution_input_directly():
+    net = UNet(1, 1, depth=1, base_channels=2, skip_top=False)
+    assert net.decoders[-1][0].in_channels == 2  # no concatenated skip at level 0
+    assert UNet(1, 1, depth=1, base_channels=2).decoders[-1][0].in_channels == 4
+
+
+def test_max_blur_pool_blurs_before_subsampling():
+    from bioflow.architectures.unet import MaxBlurPool
+
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 3, 3] = 1.0
+    out = MaxBlurPool(1, 2)(x)
+    assert out.shape == (1, 1, 4, 4)
+    assert out.sum().item() == pytest.approx(1.0)  # the 2x2 max spreads one pixel over 4, the blur keeps the mass/4
+    assert (out > 0).sum() > 1  # anti-aliased: no single-pixel response
+
+
 def test_maxout_takes_the_maximum_over_pieces():
     from bioflow.architectures.unet import Maxout
 
@@ -68,8 +85,10 @@ def probe(net: UNet, size: int) -> list[int]:
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
 @pytest.mark.parametrize("upsampling", ["transpose", "interpolate"])
-def test_receptive_field_matches_a_gradient_probe(depth, upsampling):
-    net = UNet(1, 1, depth=depth, base_channels=2, norm="none", activation="leaky_relu", upsampling=upsampling)
+@pytest.mark.parametrize(("pooling", "skip_top"), [("max", True), ("blur", False)])
+def test_receptive_field_matches_a_gradient_probe(depth, upsampling, pooling, skip_top):
+    net = UNet(1, 1, depth=depth, base_channels=2, norm="none", activation="leaky_relu", upsampling=upsampling,
+               pooling=pooling, skip_top=skip_top)
     rf = net.receptive_field()
     measured = probe(net, 4 * rf)
     assert max(measured) == rf

@@ -148,3 +148,20 @@ def test_metadata_axes_conflict_and_bad_letters(tmp_path):
     tifffile.imwrite(tmp_path / "images" / "a.tif", np.zeros((8, 8), np.uint16))
     with pytest.raises(DataError, match="not an axes string"):
         tiff_folder(tmp_path / "images", None, axes="YXW")
+
+
+def test_tiff_pairs_reads_targets_as_images(tmp_path):
+    from bioflow.data.sources import tiff_pairs
+
+    (tmp_path / "low").mkdir()
+    (tmp_path / "high").mkdir()
+    rng = np.random.default_rng(5)
+    high = rng.random((2, 20, 24)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "low" / "a.tif", (high * 0.1).astype(np.float32), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "high" / "a.tif", high, photometric="minisblack")
+    records = tiff_pairs(tmp_path / "low", tmp_path / "high", axes="CYX")
+    assert records[0].target.shape == (2, 20, 24)
+    assert np.allclose(np.asarray(records[0].target), high)
+    (tmp_path / "low" / "b.tif").write_bytes((tmp_path / "low" / "a.tif").read_bytes())
+    with pytest.raises(DataError, match=r"no target for 1 image\(s\): b.tif"):
+        tiff_pairs(tmp_path / "low", tmp_path / "high", axes="CYX")

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 Norm = Literal["batch", "instance", "none"]
 Activation = Literal["relu", "leaky_relu", "sigmoid", "maxout"]
-Pooling = Literal["max", "avg"]
+Pooling = Literal["max", "avg", "blur"]
 Upsampling = Literal["transpose", "interpolate"]
 
 
@@ -76,6 +76,32 @@ def _activation(name: Activation, maxout_pieces: int) -> nn.Module:
     return Maxout(maxout_pieces)
 
 
+class MaxBlurPool(nn.Module):
+    """Max-blur-pool (Zhang, 2019; N2V2): 2×2 max with stride 1, then a binomial blur with stride 2.
+
+    Anti-aliased down-sampling: plain strided max-pooling aliases, which shows as checkerboard
+    artefacts in Noise2Void outputs.
+    """
+
+    def __init__(self, channels: int, spatial_dims: int) -> None:
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.channels = channels
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        kernel = taps
+        for _ in range(spatial_dims - 1):
+            kernel = kernel[..., None] * taps
+        kernel = kernel / kernel.sum()
+        self.register_buffer("kernel", kernel.expand(channels, 1, *kernel.shape).contiguous(), persistent=False)
+        self.max = {2: nn.MaxPool2d, 3: nn.MaxPool3d}[spatial_dims](kernel_size=2, stride=1)
+        self.pad = [0, 1] * spatial_dims  # keep the size even after the stride-1 max
+        self.conv = F.conv2d if spatial_dims == 2 else F.conv3d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.max(F.pad(x, self.pad, mode="replicate"))
+        return self.conv(x, self.kernel, stride=2, padding=1, groups=self.channels)
+
+
 class Up(nn.Module):
     """Doubles the spatial size and halves the channels."""
 
@@ -115,13 +141,16 @@ class UNet(nn.Module):
     activation
         ``relu``, ``leaky_relu``, ``sigmoid`` or ``maxout`` (max over ``maxout_pieces`` feature maps).
     pooling
-        ``max`` or ``avg`` down-sampling.
+        ``max``, ``avg``, or ``blur`` (anti-aliased max-blur-pool, as in N2V2) down-sampling.
     upsampling
         ``transpose`` (learned 2×2 transposed convolution) or ``interpolate`` (bilinear/trilinear
         interpolation followed by a 1×1 convolution).
     residual
         Add the input to the output (the network learns a correction); needs
         ``in_channels == out_channels``. Used for restoration.
+    skip_top
+        Keep the skip connection of the first (full-resolution) level. N2V2 drops it, so that the
+        output cannot copy high-frequency input patterns.
     """
 
     bioflow_spatial_dims = (2, 3)
@@ -140,6 +169,7 @@ class UNet(nn.Module):
         pooling: Pooling = "max",
         upsampling: Upsampling = "transpose",
         residual: bool = False,
+        skip_top: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -154,20 +184,31 @@ class UNet(nn.Module):
         self.depth = depth
         self.residual = residual
         self.upsampling = upsampling
+        self.pooling = pooling
+        self.skip_top = skip_top
         block = dict(spatial_dims=spatial_dims, norm=norm, activation=activation, maxout_pieces=maxout_pieces)
         widths = [base_channels * 2**level for level in range(depth + 1)]
-        self.encoders = nn.ModuleList()
+        self.encoders = nn.ModuleList()  # levels 0 .. depth-1, each followed by a pooling
         channels = in_channels
-        for width in widths:
+        for width in widths[:-1]:
             self.encoders.append(ConvBlock(channels, width, **block))
             channels = width
-        pool = {("max", 2): nn.MaxPool2d, ("max", 3): nn.MaxPool3d, ("avg", 2): nn.AvgPool2d, ("avg", 3): nn.AvgPool3d}
-        self.pool = pool[(pooling, spatial_dims)](kernel_size=2)
+        self.bottom = ConvBlock(channels, widths[-1], **block)
+        channels = widths[-1]
+        self.pools = nn.ModuleList()
+        for width in widths[:-1]:
+            if pooling == "blur":
+                self.pools.append(MaxBlurPool(width, spatial_dims))
+            else:
+                pool = {"max": (nn.MaxPool2d, nn.MaxPool3d), "avg": (nn.AvgPool2d, nn.AvgPool3d)}[pooling][spatial_dims - 2]
+                self.pools.append(pool(kernel_size=2))
         self.ups = nn.ModuleList()
         self.decoders = nn.ModuleList()
-        for width in reversed(widths[:-1]):
+        for level in reversed(range(depth)):
+            width = widths[level]
             self.ups.append(Up(channels, width, spatial_dims, upsampling))
-            self.decoders.append(ConvBlock(2 * width, width, **block))
+            skip = level > 0 or skip_top
+            self.decoders.append(ConvBlock(2 * width if skip else width, width, **block))
             channels = width
         self.head = _conv(spatial_dims)(channels, out_channels, kernel_size=1)
 
@@ -189,27 +230,35 @@ class UNet(nn.Module):
 
         def from_encoder(level: int, r: int) -> int:
             r += 4
-            return r if level == 0 else from_encoder(level - 1, 2 * r)
+            if level == 0:
+                return r
+            # 2x2 pooling doubles a window; max-blur-pool (2x2 max, stride-2 3x3 blur) adds 2 more
+            return from_encoder(level - 1, 2 * r + (2 if self.pooling == "blur" else 0))
 
         def from_decoder(level: int, r: int) -> int:
             if level == self.depth:
                 return from_encoder(level, r)
             r += 4
             coarse = r // 2 + (1 if self.upsampling == "transpose" else 2)
-            return max(from_encoder(level, r), from_decoder(level + 1, coarse))
+            through_bottom = from_decoder(level + 1, coarse)
+            has_skip = level > 0 or self.skip_top
+            return max(from_encoder(level, r), through_bottom) if has_skip else through_bottom
 
         return from_decoder(0, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+        skips: list[torch.Tensor] = []
         h = x
-        for level, encoder in enumerate(self.encoders):
+        for encoder, pool in zip(self.encoders, self.pools):
             h = encoder(h)
-            if level < self.depth:
-                skips.append(h)
-                h = self.pool(h)
+            skips.append(h)
+            h = pool(h)
+        h = self.bottom(h)
+        level = self.depth - 1
         for up, decoder in zip(self.ups, self.decoders):
             h = up(h)
-            h = decoder(torch.cat([skips.pop(), h], dim=1))
+            skip = skips.pop()
+            h = decoder(torch.cat([skip, h], dim=1) if level > 0 or self.skip_top else h)
+            level -= 1
         out = self.head(h)
         return out + x if self.residual else out

@@ -24,7 +24,9 @@ from bioflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TargetKind = Literal["mask", "image", "none"]
+#: How a task uses targets: label masks, restoration images, none at all, or images used only to
+#: evaluate (self-supervised training, e.g. Noise2Void with clean images for validation).
+TargetKind = Literal["mask", "image", "none", "optional_image"]
 
 
 def build_pipeline(spec: Mapping[str, Mapping[str, Any] | None], where: str = "data.augment"):

@@ -68,7 +68,7 @@ class BioflowDataModule(L.LightningDataModule):
         name, kwargs = component(self.cfg["source"])
         records = registry.create("datasets", name, where="data.source", **kwargs)
         check_records(
-            records, needs_target=self.target_kind != "none",
+            records, needs_target=self.target_kind in ("mask", "image"),
             allow_empty_targets=bool(self.cfg.get("allow_empty_masks", False)),
             mask_targets=self.target_kind == "mask",
         )
@@ -87,6 +87,11 @@ class BioflowDataModule(L.LightningDataModule):
             "data: %d train, %d val, %d test images",
             *(len(self.splits[s]) for s in ("train", "val", "test")),
         )
+
+    @property
+    def train_target_kind(self) -> TargetKind:
+        """Targets used for training: optional (evaluation-only) targets are not."""
+        return "none" if self.target_kind == "optional_image" else self.target_kind
 
     @property
     def split(self) -> dict[str, list[str]]:
@@ -113,12 +118,6 @@ class BioflowDataModule(L.LightningDataModule):
         low, high = self.cfg["normalize"]["low"], self.cfg["normalize"]["high"]
         return [PercentileNorm.fit(r.image, low, high) for r in records]
 
-    def _target_norms(self, records: list[ImageRecord]) -> list[PercentileNorm] | None:
-        if self.target_kind != "image":
-            return None
-        low, high = self.cfg["normalize"]["low"], self.cfg["normalize"]["high"]
-        return [PercentileNorm.fit(r.target, low, high) for r in records]
-
     # -- Lightning hooks --------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
@@ -141,14 +140,14 @@ class BioflowDataModule(L.LightningDataModule):
             seed=self.seed, **kwargs,
         )
         dataset = PatchDataset(
-            index, self._norms(records), Augmenter(self.cfg.get("augment"), self.spatial_dims, self.target_kind),
-            self.target_fn, self._target_norms(records),
+            index, self._norms(records), Augmenter(self.cfg.get("augment"), self.spatial_dims, self.train_target_kind),
+            self.target_fn, use_targets=self.train_target_kind != "none",
         )
         return self._loader(dataset, self.cfg["batch_size"], SeededSampler(sampler, self.seed))
 
     def _whole(self, split: str) -> DataLoader:
         records = self.splits[split]
-        dataset = WholeImageDataset(records, self._norms(records), self.target_fn, self._target_norms(records))
+        dataset = WholeImageDataset(records, self._norms(records), self.target_fn)
         return self._loader(dataset, 1, _RankShard(len(dataset)))
 
     def val_dataloader(self) -> DataLoader:
@@ -157,7 +156,7 @@ class BioflowDataModule(L.LightningDataModule):
     def val_dataloader_all(self) -> DataLoader:
         """Every validation image in this process, whatever the rank (for work done on each rank)."""
         records = self.splits["val"]
-        dataset = WholeImageDataset(records, self._norms(records), self.target_fn, self._target_norms(records))
+        dataset = WholeImageDataset(records, self._norms(records), self.target_fn)
         return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
 
     def test_dataloader(self) -> DataLoader:

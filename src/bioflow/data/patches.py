@@ -110,13 +110,13 @@ class PatchDataset(Dataset):
         norms: Sequence[PercentileNorm],
         augmenter: Augmenter,
         target_fn: TargetFn | None,
-        target_norms: Sequence[PercentileNorm] | None = None,
+        use_targets: bool = True,
     ) -> None:
         self.index = index
         self.norms = norms
         self.augmenter = augmenter
         self.target_fn = target_fn
-        self.target_norms = target_norms
+        self.use_targets = use_targets
 
     def __len__(self) -> int:
         return len(self.index)
@@ -136,21 +136,26 @@ class PatchDataset(Dataset):
         image = self.norms[rec_id](image)
         image = np.pad(image, [(0, 0)] + pad, mode="symmetric")
         target = None
-        if rec.target is not None:
+        if rec.target is not None and self.use_targets:
             channel_first = rec.target.ndim == len(size) + 1
             target, _ = _read_box(rec.target, start, size, channel_first=channel_first)
-            if channel_first:  # an image target (restoration)
-                if self.target_norms is not None:
-                    target = self.target_norms[rec_id](target)
-                target = np.pad(target, [(0, 0)] + pad, mode="symmetric")
+            if channel_first:  # an image target (restoration): same affine normalisation as its input
+                target = np.pad(self.norms[rec_id](target), [(0, 0)] + pad, mode="symmetric")
             else:
                 target = np.pad(target.astype(np.int64), pad, mode="constant", constant_values=IGNORE_INDEX)
         image, target = self.augmenter(image, target, seed=int(rng.integers(2**31)))
-        return _as_sample(image, target, self.target_fn, rec.name)
+        return _as_sample(image, target, self.target_fn, rec.name, self.norms[rec_id])
 
 
-def _as_sample(image: np.ndarray, target: np.ndarray | None, target_fn: TargetFn | None, name: str) -> dict:
-    sample = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), "name": name}
+def _as_sample(image: np.ndarray, target: np.ndarray | None, target_fn: TargetFn | None, name: str,
+               norm: PercentileNorm) -> dict:
+    """A sample: the normalised image, the target, the name, and ``norm`` ((2, C): the intensities
+    that map to 0 and 1) so that outputs can be brought back to the image's units."""
+    sample = {
+        "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+        "name": name,
+        "norm": torch.from_numpy(np.stack([norm.low, norm.high]).astype(np.float32)),
+    }
     if target is not None:
         if target_fn is not None:
             target = target_fn(target)
@@ -166,12 +171,10 @@ class WholeImageDataset(Dataset):
         records: Sequence[ImageRecord],
         norms: Sequence[PercentileNorm],
         target_fn: TargetFn | None,
-        target_norms: Sequence[PercentileNorm] | None = None,
     ) -> None:
         self.records = records
         self.norms = norms
         self.target_fn = target_fn
-        self.target_norms = target_norms
 
     def __len__(self) -> int:
         return len(self.records)
@@ -182,8 +185,6 @@ class WholeImageDataset(Dataset):
         target = None
         if rec.target is not None:
             target = np.asarray(rec.target)
-            if target.ndim == image.ndim:
-                target = self.target_norms[i](target) if self.target_norms is not None else target.astype(np.float32)
-            else:
-                target = target.astype(np.int64)
-        return _as_sample(image, target, self.target_fn, rec.name)
+            # image targets are normalised like their input; label images stay integers
+            target = self.norms[i](target) if target.ndim == image.ndim else target.astype(np.int64)
+        return _as_sample(image, target, self.target_fn, rec.name, self.norms[i])

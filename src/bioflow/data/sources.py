@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 
@@ -69,6 +69,26 @@ def _tiff_files(folder: Path, what: str) -> dict[str, Path]:
 _AXIS_LETTERS = set("TCZYXS")
 
 
+def _check_axes(**declared: Optional[str]) -> None:
+    for key, value in declared.items():
+        if value is not None and (not value or set(value.upper()) - _AXIS_LETTERS):
+            raise DataError(f"data.source.{key}: '{value}' is not an axes string (letters from T, C, Z, Y, X, S)")
+
+
+def _paired_files(first: Path, second: Optional[Path], what: str, one: str) -> tuple[dict[str, Path], dict[str, Path]]:
+    """TIFF files of ``first`` and their partners of the same name in ``second`` (all must have one)."""
+    first_files = _tiff_files(Path(first), "images")
+    if second is None:
+        return first_files, {}
+    second_files = _tiff_files(Path(second), what)
+    missing = [first_files[s].name for s in first_files if s not in second_files]
+    if missing:
+        raise DataError(
+            f"{second}: no {one} for {len(missing)} image(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
+    return first_files, second_files
+
+
 def tiff_folder(
     images: Path,
     masks: Optional[Path] = None,
@@ -92,17 +112,8 @@ def tiff_folder(
     pixel_size
         Pixel size per spatial axis when the files do not record it.
     """
-    for key, value in (("axes", axes), ("mask_axes", mask_axes)):
-        if value is not None and (not value or set(value.upper()) - _AXIS_LETTERS):
-            raise DataError(f"data.source.{key}: '{value}' is not an axes string (letters from T, C, Z, Y, X, S)")
-    image_files = _tiff_files(Path(images), "images")
-    mask_files = _tiff_files(Path(masks), "masks") if masks is not None else {}
-    if masks is not None:
-        missing = [image_files[s].name for s in image_files if s not in mask_files]
-        if missing:
-            raise DataError(
-                f"{masks}: no mask for {len(missing)} image(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
-            )
+    _check_axes(axes=axes, mask_axes=mask_axes)
+    image_files, mask_files = _paired_files(images, masks, "masks", "mask")
     records = []
     for stem, path in image_files.items():
         image = read_tiff(path, axes, channels=True)
@@ -116,4 +127,57 @@ def tiff_folder(
                 target = target.astype(np.int32)
         size = tuple(pixel_size) if pixel_size is not None else image.pixel_size
         records.append(ImageRecord(name=stem, image=image.array, target=target, pixel_size=size, source=str(path)))
+    return records
+
+
+def synthetic_restoration(
+    n_images: int = 8,
+    shape: Sequence[int] = (256, 256),
+    seed: int = 0,
+    noise: str = "gaussian",
+    sigma: float = 25.0,
+    photons: float = 30.0,
+    blur: float = 0.0,
+    peak: float = 255.0,
+    structures: Literal["mixed", "blobs", "filaments"] = "mixed",
+    with_targets: bool = True,
+) -> list[ImageRecord]:
+    """Generated degraded images with their clean versions as targets (see
+    :mod:`bioflow.data.synthetic_restoration`). ``with_targets=False`` leaves the targets out, as
+    for real Noise2Void data that has no clean version."""
+    from bioflow.data.synthetic_restoration import synthetic_restoration_pair
+
+    records = []
+    for i in range(n_images):
+        degraded, clean = synthetic_restoration_pair(
+            tuple(shape), seed=seed, index=i, noise=noise, sigma=sigma, photons=photons, blur=blur, peak=peak,
+            structures=structures,
+        )
+        records.append(ImageRecord(
+            name=f"restoration_{i:04d}", image=degraded[None], target=clean[None] if with_targets else None,
+            source=f"synthetic_restoration(seed={seed}, index={i}, noise={noise})",
+        ))
+    return records
+
+
+def tiff_pairs(
+    images: Path,
+    targets: Path,
+    axes: Optional[str] = None,
+    target_axes: Optional[str] = None,
+    pixel_size: Optional[list[float]] = None,
+) -> list[ImageRecord]:
+    """Pairs of TIFF images for restoration: degraded ``images`` and good ``targets`` of the same name.
+
+    Targets are images (any number type, channels like the inputs), not labels. For Noise2Void the
+    targets are clean versions used for evaluation only.
+    """
+    _check_axes(axes=axes, target_axes=target_axes)
+    image_files, target_files = _paired_files(images, targets, "targets", "target")
+    records = []
+    for stem, path in image_files.items():
+        image = read_tiff(path, axes, channels=True)
+        target = read_tiff(target_files[stem], target_axes or image.file_axes, channels=True)
+        size = tuple(pixel_size) if pixel_size is not None else image.pixel_size
+        records.append(ImageRecord(name=stem, image=image.array, target=target.array, pixel_size=size, source=str(path)))
     return records

@@ -11,6 +11,8 @@ from bioflow.errors import ConfigError
 TASKS: dict[str, str] = {
     "segmentation": "bioflow.tasks.segmentation:SegmentationTask",
     "stardist": "bioflow.tasks.stardist:StarDistTask",
+    "care": "bioflow.tasks.restoration:CARETask",
+    "n2v": "bioflow.tasks.restoration:N2VTask",
 }
 
 

@@ -120,7 +120,8 @@ class BaseTask(L.LightningModule):
 
     def configure_optimizers(self):
         return configure_optimization(
-            self.parameters(), self.config, self.trainer.max_epochs, self.monitor, self.monitor_mode
+            self.parameters(), self.config, self.trainer.max_epochs, self.monitor, self.monitor_mode,
+            total_steps=self.trainer.estimated_stepping_batches,
         )
 
     # -- monitoring ---------------------------------------------------------------------------
@@ -204,16 +205,19 @@ class BaseTask(L.LightningModule):
         tta: bool = False,
         blend: str = "cosine",
         progress: bool = False,
+        norm: Any = None,
     ) -> None:
         """Predict a raw channel-first image of any size (numpy, memory map or lazy TIFF).
 
-        The image is normalised as in training (its own percentiles), read tile by tile, and the
-        raw output is handed to ``sink(start, block)`` strip by strip along the first spatial axis.
+        The image is normalised as in training (its own percentiles, unless ``norm`` is given),
+        read tile by tile, and the raw output is handed to ``sink(start, block)`` strip by strip
+        along the first spatial axis.
         """
         from bioflow.data.normalize import PercentileNorm
 
-        norm_cfg = self.config["data"]["normalize"]
-        norm = PercentileNorm.fit(image, norm_cfg["low"], norm_cfg["high"])
+        if norm is None:
+            norm_cfg = self.config["data"]["normalize"]
+            norm = PercentileNorm.fit(image, norm_cfg["low"], norm_cfg["high"])
         tile, overlap, batch = self.tiling(tile_size, overlap, batch_size)
         shape = tuple(image.shape[1:])
         plan = TilePlan.create(shape, tile, overlap, self.receptive_field(), self.size_multiple, blend)
@@ -361,6 +365,7 @@ COMPONENT_SECTIONS: dict[str, str] = {
     "sampler": "samplers",
     "data.source": "datasets",
     "postprocessor": "postprocessors",
+    "batch_transform": "batch_transforms",
 }
 
 

@@ -1,0 +1,48 @@
+"""Losses for image restoration: MAE and MSE against a target image, and Noise2Void's masked MSE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MAELoss(nn.Module):
+    """Mean absolute error between prediction and target (CARE's usual loss)."""
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (prediction - target).abs().mean()
+
+    @staticmethod
+    def example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        shape = (2, 1) + (12,) * spatial_dims
+        return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+class MSELoss(MAELoss):
+    """Mean squared error between prediction and target."""
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (prediction - target).square().mean()
+
+
+class MaskedMSELoss(nn.Module):
+    """Mean squared error over masked pixels only (Noise2Void).
+
+    The target stacks the original values and the mask along the channel axis: ``(N, 2C, ...)``,
+    channels ``:C`` the values the network must predict, ``C:`` 1 where the loss counts. An empty
+    mask gives 0 (with a graph).
+    """
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        from bioflow.transforms.n2v import masked_mse
+
+        channels = prediction.shape[1]
+        return masked_mse(prediction, target[:, :channels], target[:, channels:] > 0.5)
+
+    @staticmethod
+    def example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        shape = (2, 1) + (16,) * spatial_dims
+        mask = (torch.rand(shape, generator=g) < 0.1).float()
+        return torch.randn(shape, generator=g), torch.cat([torch.randn(shape, generator=g), mask], dim=1)

@@ -1,0 +1,39 @@
+"""CARE and Noise2Void through the CLI: train, quality metrics in the run, restored images, caveats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import run_cli
+
+TINY = ["data.source.n_images=5", "data.source.shape=[64,64]", "data.patch_size=[32,32]", "data.patches_per_epoch=8",
+        "data.batch_size=4", "model.depth=1", "model.base_channels=4", "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize(("experiment", "caveat"), [("demo_care", "CARE reproduces"), ("demo_n2v", "independent from pixel")])
+def test_train_then_predict_a_restored_image(experiment, caveat, project_dir: Path, tmp_path):
+    name = f"e2e_{experiment}"
+    result = run_cli("train", f"experiment={experiment}", *TINY, f"logger.experiment_name={name}",
+                     f"project_dir={project_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{project_dir / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name(name).experiment_id])[0]
+    for key in ("train/loss", "val/loss", "val/psnr", "val/ssim", "test/psnr"):
+        assert key in run.data.metrics, key
+    noisy = (np.random.default_rng(0).random((48, 40)) * 255).astype(np.float32)
+    tifffile.imwrite(tmp_path / "noisy.tif", noisy, ome=True, metadata={"axes": "YX", "PhysicalSizeX": 0.1, "PhysicalSizeY": 0.1})
+    predicted = run_cli("predict", run.info.run_id, str(tmp_path / "noisy.tif"), "--out", str(tmp_path / "out"),
+                        "--project-dir", str(project_dir), "--no-progress")
+    assert predicted.returncode == 0, predicted.stderr
+    assert f"bioflow: note: {caveat}".split(":")[0] in predicted.stderr and caveat in predicted.stderr
+    with tifffile.TiffFile(tmp_path / "out" / "noisy.tif") as tif:
+        restored = tif.asarray()
+        assert tif.series[0].axes == "YX" and 'PhysicalSizeX="0.1"' in tif.ome_metadata
+    assert restored.shape == noisy.shape and restored.dtype == np.float32
+    assert 0.1 * noisy.mean() < restored.mean() < 10 * noisy.mean()  # back in the image's intensity units
