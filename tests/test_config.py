@@ -77,7 +77,7 @@ def test_structure_errors_name_the_key_path(mutate, message):
         (lambda c: c["model"].update(dept=2), r"model\.dept: architecture 'unet' has no argument 'dept'; did you mean 'depth'"),
         (lambda c: c["model"].update(norm="group"), r"model\.norm: expected one of 'batch', 'instance', 'none', got 'group'"),
         (lambda c: c["model"].update(name="unett"), r"unknown architecture 'unett'; did you mean 'unet'"),
-        (lambda c: c["loss"].update(name="focal"), r"unknown loss 'focal'"),
+        (lambda c: c["loss"].update(name="focall"), r"unknown loss 'focall'; did you mean 'focal'"),
         (lambda c: c["task"].update(num_clases=3), r"task\.num_clases: .*did you mean 'num_classes'"),
         (lambda c: c["trainer"].update(max_epoch=3), r"trainer\.max_epoch: .*did you mean 'max_epochs'"),
         (lambda c: c["optimizer"].update(lr="fast"), r"optimizer\.lr: expected"),

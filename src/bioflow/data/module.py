@@ -124,7 +124,7 @@ class BioflowDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         records = self.splits["train"]
-        index = PatchIndex(records, tuple(self.cfg["patch_size"]))
+        index = PatchIndex(records, tuple(self.cfg["patch_size"]), to_classes=self.target_fn if self.target_kind == "mask" else None)
         min_fg = float(self.cfg.get("min_foreground", 0.0))
         if min_fg > 0:
             fractions = index.foreground_fractions()

@@ -50,8 +50,11 @@ class PatchIndex:
 
     records: Sequence[ImageRecord]
     patch_size: tuple[int, ...]
+    #: Maps a target patch to class indices (the task's target transform); default: labelled = 1.
+    to_classes: Callable[[np.ndarray], np.ndarray] | None = None
     record_ids: np.ndarray = field(init=False)
     starts: np.ndarray = field(init=False)
+    _class_counts: np.ndarray | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         ids, starts = [], []
@@ -70,14 +73,33 @@ class PatchIndex:
         """Keep only the candidates where ``selected`` is true."""
         self.record_ids = self.record_ids[selected]
         self.starts = self.starts[selected]
+        if self._class_counts is not None:
+            self._class_counts = self._class_counts[selected]
+
+    def class_counts(self) -> np.ndarray:
+        """Pixels of each class under each candidate, ``(candidates, classes)`` (read once, cached).
+
+        Classes come from ``to_classes`` (the task's view of its targets), or labelled (> 0) versus
+        not. Candidates of images without targets count as all background.
+        """
+        if self._class_counts is None:
+            rows = []
+            for i in range(len(self)):
+                patch = self.target_patch(i)
+                if patch is None:
+                    rows.append(np.array([int(np.prod(self.patch_size))]))
+                    continue
+                classes = self.to_classes(patch) if self.to_classes is not None else (patch > 0)
+                classes = np.asarray(classes).astype(np.int64).ravel()
+                rows.append(np.bincount(classes[classes >= 0]))
+            width = max(len(r) for r in rows)
+            self._class_counts = np.stack([np.pad(r, (0, width - len(r))) for r in rows])
+        return self._class_counts
 
     def foreground_fractions(self) -> np.ndarray:
-        """Fraction of labelled (> 0) pixels under each candidate (reads every target once)."""
-        out = np.zeros(len(self))
-        for i in range(len(self)):
-            patch = self.target_patch(i)
-            out[i] = 0.0 if patch is None or patch.size == 0 else float((patch > 0).mean())
-        return out
+        """Fraction of pixels of a non-background class under each candidate."""
+        counts = self.class_counts()
+        return counts[:, 1:].sum(axis=1) / np.maximum(counts.sum(axis=1), 1)
 
     def target_patch(self, i: int) -> np.ndarray | None:
         """The target under candidate ``i`` without jitter (for samplers that weigh by content)."""

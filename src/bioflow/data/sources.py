@@ -20,20 +20,27 @@ def synthetic_nuclei(
     overlap: float = 0.25,
     clustering: float = 0.5,
     anisotropy: float = 1.0,
+    rare_fraction: float = 0.0,
 ) -> list[ImageRecord]:
     """Generated fluorescence images of nuclei with instance labels (2D or 3D by ``shape``).
 
     The demo data of bioflow: deterministic from ``seed``, nothing is downloaded. See
     :func:`bioflow.data.synthetic_nuclei.synthetic_nuclei_image` for what the images contain.
+    With ``rare_fraction`` > 0 some nuclei are of a rare, distinct kind and the targets are class
+    masks instead: 0 background, 1 nucleus, 2 rare nucleus (use ``task.target=classes
+    task.num_classes=3``) — data for studying class imbalance.
     """
     from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
 
     records = []
     for i in range(n_images):
-        image, labels = synthetic_nuclei_image(
+        generated = synthetic_nuclei_image(
             tuple(shape), seed=seed, index=i, radius=tuple(radius), overlap=overlap,
-            clustering=clustering, anisotropy=anisotropy,
+            clustering=clustering, anisotropy=anisotropy, rare_fraction=rare_fraction,
         )
+        image, labels = generated[0], generated[1]
+        if rare_fraction > 0:
+            labels = np.where(np.isin(labels, generated[2]), 2, (labels > 0).astype(np.int32)).astype(np.int32)
         pixel_size = (anisotropy, 1.0, 1.0) if len(shape) == 3 else (1.0, 1.0)
         records.append(
             ImageRecord(

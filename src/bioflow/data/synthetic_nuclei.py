@@ -48,7 +48,8 @@ def synthetic_nuclei_image(
     overlap: float = 0.25,
     clustering: float = 0.5,
     anisotropy: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray]:
+    rare_fraction: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic image and its instance labels.
 
     Parameters
@@ -68,6 +69,11 @@ def synthetic_nuclei_image(
         instead of uniformly at random.
     anisotropy
         For 3D: ratio of the z step to the xy pixel size (>1 flattens nuclei along z).
+    rare_fraction
+        Probability that a nucleus is of a rare, distinct kind: half the radius, bright and without
+        texture (like condensed, mitotic nuclei). With a non-zero value a third array is returned:
+        the labels of the rare nuclei. Rare kinds are drawn from a separate random stream, so the
+        other nuclei stay as they are for the same ``seed`` and ``index``.
 
     Returns
     -------
@@ -79,6 +85,7 @@ def synthetic_nuclei_image(
     if ndim not in (2, 3):
         raise ValueError(f"shape must have 2 or 3 axes, got {shape}")
     rng = np.random.default_rng([seed, index])
+    rare_rng = np.random.default_rng([seed, index, 99])
     scale = np.array([anisotropy] + [1.0] * (ndim - 1)) if ndim == 3 else np.ones(2)
     mean_r = float(np.mean(radius))
     unit_volume = np.pi * mean_r**2 if ndim == 2 else 4 / 3 * np.pi * mean_r**3 / anisotropy
@@ -87,10 +94,13 @@ def synthetic_nuclei_image(
 
     centres: list[np.ndarray] = []
     sizes: list[float] = []
+    rare: list[bool] = []
     attempts = 0
     while len(centres) < n_nuclei and attempts < 50 * n_nuclei:
         attempts += 1
         r = rng.uniform(*radius)
+        is_rare = rare_fraction > 0 and rare_rng.uniform() < rare_fraction
+        r = 0.5 * r if is_rare else r
         if centres and rng.uniform() < clustering:
             j = rng.integers(len(centres))
             direction = rng.normal(size=ndim)
@@ -108,10 +118,12 @@ def synthetic_nuclei_image(
         if ok:
             centres.append(c)
             sizes.append(r)
+            rare.append(is_rare)
 
     best = np.full(shape, np.inf, dtype=np.float32)
     labels = np.zeros(shape, dtype=np.int32)
     brightness = np.zeros(shape, dtype=np.float32)
+    smooth = np.zeros(shape, dtype=bool)  # rare nuclei carry no texture
     for i, (c, r) in enumerate(zip(centres, sizes), start=1):
         elong = rng.uniform(0.75, 1.0, size=ndim)
         radii = r * elong / elong.mean()
@@ -133,21 +145,27 @@ def synthetic_nuclei_image(
         best[box][claim] = dist[claim]
         labels[box][claim] = i
         level = rng.uniform(0.35, 1.0)
+        if rare[i - 1]:
+            level = 1.6
+            smooth[box][claim] = True
         brightness[box][claim] = level * (1.0 - 0.3 * dist[claim] ** 2)
 
     # Relabel 1..n in case a blob lost all its pixels to its neighbours.
     present = np.unique(labels[labels > 0])
     lut = np.zeros(labels.max() + 1, dtype=np.int32)
     lut[present] = np.arange(1, len(present) + 1, dtype=np.int32)
+    rare_labels = lut[[i for i in present if rare[i - 1]]]
     labels = lut[labels]
 
     texture = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), 2.0)
     texture /= texture.std() + 1e-6
-    signal = brightness * (1.0 + 0.15 * texture) * (labels > 0)
+    signal = brightness * np.where(smooth, 1.0, 1.0 + 0.15 * texture) * (labels > 0)
     grid = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
     direction = rng.normal(size=ndim)
     illumination = 1.0 + 0.3 * sum(d * g for d, g in zip(direction / np.linalg.norm(direction), grid))
     photons = 800.0 * ndimage.gaussian_filter(signal * illumination, 1.0) + 60.0
     noisy = rng.poisson(np.clip(photons, 0, None)).astype(np.float32) + rng.normal(0, 8.0, size=shape)
     image = np.clip(noisy + 100.0, 0, 65535).astype(np.uint16)
+    if rare_fraction > 0:
+        return image, labels, np.asarray(rare_labels, dtype=np.int32)
     return image, labels

@@ -42,6 +42,41 @@ class CrossEntropyLoss(nn.Module):
         return F.cross_entropy(prediction, target.long(), weight=weight, ignore_index=IGNORE_INDEX)
 
 
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al., 2017): cross-entropy down-weighted where the network is already sure.
+
+    ``mean_i w[y_i] (1 - p_i)^gamma (-log p_i)`` over counted pixels, normalised by the summed class
+    weights; ``p_i`` is the predicted probability of the true class. ``gamma = 0`` gives the
+    (class-weighted) cross-entropy. Easy, plentiful pixels (usually background) contribute little,
+    which helps rare classes without changing what the network sees.
+
+    Parameters
+    ----------
+    gamma
+        Focusing exponent.
+    class_weights
+        Optional weight per class (background first).
+    """
+
+    def __init__(self, gamma: float = 2.0, class_weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.gamma = gamma
+        weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        valid = target != IGNORE_INDEX
+        if not valid.any():
+            return prediction.sum() * 0.0
+        log_p = F.log_softmax(prediction, dim=1)
+        t = target.long().clamp(min=0)
+        log_pt = log_p.gather(1, t.unsqueeze(1)).squeeze(1)
+        weight = torch.ones_like(log_pt) if self.class_weights is None else self.class_weights[t]
+        weight = weight * valid
+        focal = (1 - log_pt.exp()).pow(self.gamma) * (-log_pt)
+        return (weight * focal).sum() / weight.sum().clamp(min=1e-12)
+
+
 class DiceLoss(nn.Module):
     """Soft Dice loss: ``1 - mean_k (2 sum p_k g_k + s) / (sum p_k + sum g_k + s)``.
 
