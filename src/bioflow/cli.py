@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from typing import Sequence
 
@@ -38,6 +39,14 @@ def config_searchpath_override(overrides: Sequence[str]) -> list[str]:
     if not packages:
         return []
     return ["hydra.searchpath=[" + ",".join(f"pkg://{p}" for p in packages) + "]"]
+
+
+def _multi_process(trainer_cfg) -> bool:
+    """Whether a trainer config starts several processes (DDP on several devices or nodes)."""
+    devices = trainer_cfg.get("devices", 1)
+    several = devices in (-1, "auto") or (isinstance(devices, (list, tuple)) and len(devices) > 1)
+    several = several or (isinstance(devices, int) and devices > 1) or int(trainer_cfg.get("num_nodes", 1) or 1) > 1
+    return several and "ddp" in str(trainer_cfg.get("strategy", ""))
 
 
 _HYDRA_FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
@@ -76,8 +85,6 @@ def train_command(overrides: list[str]) -> int:
     from bioflow.config import PRIMARY_CONFIG
 
     original_argv = list(sys.argv)
-    # Lightning's DDP launcher starts the other ranks with this command line.
-    launch_argv = [original_argv[0], "train", *overrides]
     overrides = list(overrides) + config_searchpath_override(overrides)
     is_info = any(o in _HYDRA_FLAGS_WITHOUT_RUN for o in overrides)
     multirun = any(o in ("-m", "--multirun") for o in overrides)
@@ -97,10 +104,22 @@ def train_command(overrides: list[str]) -> int:
 
         from bioflow.train import print_summary, run_training
 
-        sys.argv = launch_argv
+        hydra_cfg = HydraConfig.get()
+        # Lightning's DDP launcher starts the other ranks with sys.argv (plus this job's output folder):
+        # give it this job's own overrides, never a sweep, so each rank runs exactly this job.
+        job_argv = [original_argv[0], "train", *hydra_cfg.overrides.task]
+        sys.argv = job_argv
+        if str(hydra_cfg.mode) == "RunMode.MULTIRUN" and _multi_process(cfg.trainer):
+            # A sweep job with several ranks runs in a fresh process of its own: ranks and process
+            # groups of one job never meet those of the next.
+            run_dir = f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"'
+            command = [sys.executable, *job_argv, run_dir, "hydra.output_subdir=null"]
+            code = subprocess.call(command)
+            outcome["code"] = outcome["code"] or code
+            return None
         try:
             container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-            summary = run_training(container, Path(HydraConfig.get().runtime.output_dir))
+            summary = run_training(container, Path(hydra_cfg.runtime.output_dir))
         except BioflowError as exc:
             outcome["code"] = fail(exc.one_line())
             return None

@@ -86,7 +86,7 @@ class TrainConfig:
     seed: int
     project_dir: str
     test_after_training: bool
-    resume: Optional[str]
+    resume: Any
     task: Component
     data: Data
     model: Component

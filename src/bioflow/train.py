@@ -13,9 +13,10 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from bioflow.config import component, validate
 from bioflow.data.module import BioflowDataModule
+from bioflow.resume import find_resume_point, requested_resume
 from bioflow.tasks import get_task
 from bioflow.tasks.base import used_components
-from bioflow.tracking.run import ValidationFigures, log_checkpoint, log_run_start, make_logger
+from bioflow.tracking.run import ValidationFigures, log_checkpoint, log_run_start, make_logger, mark_resumed
 from bioflow.tracking.store import Store
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,14 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     config = with_absolute_paths(config)
     store = Store.create(config["project_dir"], config["logger"]["tracking_uri"])
     store.check_reachable()
+    request = requested_resume(config)
+    resume = None
+    if request is not None:
+        resume = find_resume_point(request, store, config["logger"]["experiment_name"])
+        # the run's own config, so the resumed job ends where the uninterrupted one would
+        config = {**resume.config, "resume": resume.run_id}
+        run_dir = resume.output_dir
+        log.info("resuming run %s from %s", resume.run_id, resume.checkpoint)
     L.seed_everything(config["seed"], workers=True, verbose=False)
 
     task_cls = get_task(config["task"]["name"])
@@ -115,9 +124,13 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     task = task_cls(config, data_info)
 
     store.prepare()  # only now: bad data must not leave an empty store behind
-    logger = make_logger(config["logger"], store)
-    log_run_start(logger, config, used_components(config), data.split, run_dir)
-    log_scale_check(logger, task, data)
+    if resume is None:
+        logger = make_logger(config["logger"], store)
+        log_run_start(logger, config, used_components(config), data.split, run_dir)
+        log_scale_check(logger, task, data)
+    else:
+        logger = make_logger(config["logger"], store, run_id=resume.run_id, resuming=True)
+        mark_resumed(logger)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best-{epoch:03d}", monitor=task.monitor,
         mode=task.monitor_mode, save_top_k=config["checkpoint"]["save_top_k"], save_last=True,
@@ -130,7 +143,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         **config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=run_dir,
         use_distributed_sampler=False,
     )
-    trainer.fit(task, datamodule=data)
+    trainer.fit(task, datamodule=data, ckpt_path=None if resume is None else str(resume.checkpoint))
     summary: dict[str, Any] = {
         "run_id": logger.run_id,
         "experiment": config["logger"]["experiment_name"],
@@ -148,7 +161,16 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         results = trainer.test(task, datamodule=data, ckpt_path=checkpoint.best_model_path, verbose=False)
         summary["test"] = {k: float(v) for k, v in (results[0] if results else {}).items()}
         log_figures(logger, task.report_figures, summary["test"])
+    end_distributed()
     return summary
+
+
+def end_distributed() -> None:
+    """Close this job's process group, so that the next job of a sweep starts its own ranks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def finish_best_checkpoint(task, data, trainer, logger, path: str) -> dict[str, float]:

@@ -26,10 +26,17 @@ from bioflow.checkpoint import BEST_CHECKPOINT_ARTIFACT, save_model_checkpoint
 from bioflow.tracking.store import Store
 
 
-def make_logger(logger_cfg: Mapping[str, Any], store: Store, run_id: str | None = None) -> MLFlowLogger:
-    """Lightning's MLflow logger pointed at ``store`` (a new run, or ``run_id`` to continue one)."""
+def make_logger(logger_cfg: Mapping[str, Any], store: Store, run_id: str | None = None,
+                resuming: bool = False) -> MLFlowLogger:
+    """Lightning's MLflow logger pointed at ``store`` (a new run, or ``run_id`` to continue one).
+
+    No (metric, step) point is logged twice; a resuming logger also skips the points the run
+    already holds.
+    """
+    from bioflow.resume import OncePerStepMLFlowLogger
+
     tags = {str(k): str(v) for k, v in (logger_cfg.get("tags") or {}).items()}
-    return MLFlowLogger(
+    return OncePerStepMLFlowLogger(
         experiment_name=logger_cfg["experiment_name"],
         run_name=logger_cfg.get("run_name"),
         tracking_uri=store.tracking_uri,
@@ -37,6 +44,7 @@ def make_logger(logger_cfg: Mapping[str, Any], store: Store, run_id: str | None 
         tags=tags,
         run_id=run_id,
         log_model=False,
+        resumed=resuming,
     )
 
 
@@ -91,6 +99,8 @@ def log_run_start(
     commit = git_commit(os.getcwd())
     if commit:
         tags["mlflow.source.git.commit"] = commit
+    if os.environ.get("SLURM_JOB_ID"):
+        tags["bioflow.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,6 +108,15 @@ def log_run_start(
         (Path(tmp) / "split.json").write_text(json.dumps(split, indent=1))
         client.log_artifact(run_id, str(Path(tmp) / "config.yaml"))
         client.log_artifact(run_id, str(Path(tmp) / "split.json"))
+
+
+@rank_zero_only
+def mark_resumed(logger: MLFlowLogger) -> None:
+    """Count the resumptions of a run in a tag and mark it running again."""
+    client, run_id = logger.experiment, logger.run_id
+    count = int(client.get_run(run_id).data.tags.get("bioflow.resumed", "0")) + 1
+    client.set_tag(run_id, "bioflow.resumed", str(count))
+    client.update_run(run_id, status="RUNNING")
 
 
 @rank_zero_only
