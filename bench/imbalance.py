@@ -23,10 +23,17 @@ from pathlib import Path
 import numpy as np
 
 
-def rare_pixel_share(n_images: int = 24) -> float:
+def rare_pixel_share() -> float:
+    """Share of rare-class pixels in the experiment's data (generated as the experiment does)."""
+    from omegaconf import OmegaConf
+
     from bioflow.data.sources import synthetic_nuclei
 
-    records = synthetic_nuclei(n_images=n_images, rare_fraction=0.15)
+    root = Path(__file__).resolve().parents[1] / "configs"
+    source = OmegaConf.merge(OmegaConf.load(root / "data" / "synthetic_nuclei.yaml").source,
+                             OmegaConf.load(root / "experiment" / "imbalance.yaml").data.source)
+    kwargs = {k: v for k, v in OmegaConf.to_container(source).items() if k != "name"}
+    records = synthetic_nuclei(**kwargs)
     return float(np.mean([(r.target == 2).mean() for r in records]))
 
 
@@ -41,6 +48,7 @@ def main() -> None:
     project = Path(args.project_dir or tempfile.mkdtemp(prefix="bioflow-imbalance-"))
     bioflow = str(Path(sys.executable).with_name("bioflow"))
     results: dict[str, dict[str, list[float]]] = {}
+    budget = None
     for sampler in args.samplers:
         scores: dict[str, list[float]] = {"iou_rare": [], "dice_rare": [], "iou_nucleus": []}
         for seed in args.seeds:
@@ -52,6 +60,9 @@ def main() -> None:
             )
             client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
             run = client.search_runs([client.get_experiment_by_name(name).experiment_id])[0]
+            params = run.data.params
+            budget = (f"{params.get('trainer.max_epochs')} epochs x {params.get('data.patches_per_epoch')} patches "
+                      f"(batch {params.get('data.batch_size')})")
             for key in scores:
                 scores[key].append(round(run.data.metrics.get(f"test/{key}", 0.0), 4))
             print(json.dumps({"sampler": sampler, "seed": seed, **{k: v[-1] for k, v in scores.items()}}),
@@ -64,7 +75,7 @@ def main() -> None:
     if args.project_dir is None:
         shutil.rmtree(project, ignore_errors=True)
     print(json.dumps({"benchmark": "imbalance", "rare_pixel_share": round(rare_pixel_share(), 4),
-                      "seeds": args.seeds, "budget": "4 epochs x 256 patches (batch 8)", "results": results}, indent=1))
+                      "seeds": args.seeds, "budget": budget, "results": results}, indent=1))
 
 
 if __name__ == "__main__":
