@@ -95,8 +95,10 @@ def test_component_errors_name_the_key_path(mutate, message):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("model.dept=2", "model.dept"),
-        ("model=unett", "model/unett"),
+        ("model.dept=2", "model.dept: no such config key; did you mean 'model.depth'?"),
+        ("data.sourc.n_images=3", "did you mean 'data.source'?"),
+        ("model=unett", "model=unett: no such option in config group 'model'; did you mean 'unet'?"),
+        ("loss=focall", "did you mean 'focal'?"),
         ("trainer.max_epochs=abc", "trainer.max_epochs"),
         ("model.depth=two", "model.depth"),
         ("data.source.name=nuclei", "unknown dataset 'nuclei'"),

@@ -66,8 +66,49 @@ def _prevalidate(overrides: list[str]) -> None:
             cfg = compose(config_name=PRIMARY_CONFIG, overrides=overrides)
             container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise BioflowError(f"config: {_first_lines(str(exc))}") from exc
+        raise BioflowError(f"config: {_explain(str(exc), overrides)}") from exc
     validate(container)
+
+
+def _explain(message: str, overrides: list[str]) -> str:
+    """Hydra's composition errors in one line, with the closest existing key or option."""
+    import difflib
+    import re
+
+    missing_option = re.search(r"Could not find '([^']+)/([^']+)'", message)
+    options = re.search(r"Available options in '[^']+':\s*(.*?)\s*Config search path", message, re.S)
+    if missing_option and options:
+        group, option = missing_option.groups()
+        known = options.group(1).split()
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{group}={option}: no such option in config group '{group}'{hint} (options: {', '.join(known)})"
+    bad_key = re.search(r"Could not override '([^']+)'", message)
+    if bad_key:
+        key = bad_key.group(1)
+        parent, _, leaf = key.rpartition(".")
+        hint = ""
+        try:
+            from hydra import compose, initialize_config_module
+            from omegaconf import DictConfig, OmegaConf
+
+            from bioflow.config import CONFIG_PACKAGE, PRIMARY_CONFIG
+
+            rest = [o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")]
+            with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+                cfg = compose(config_name=PRIMARY_CONFIG, overrides=rest)
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            while node is None and parent:  # a typo higher up: suggest for the first unknown level
+                parent, _, leaf = parent.rpartition(".")
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+            if isinstance(node, DictConfig):
+                close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1, cutoff=0.6)
+                if close:
+                    hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?"
+        except Exception:  # the hint is a courtesy; the error stands without it
+            pass
+        return f"{key}: no such config key{hint} (to add a new key on purpose: +{key}=...)"
+    return _first_lines(message)
 
 
 def _first_lines(text: str) -> str:
