@@ -7,7 +7,8 @@ own recorded config is used (the new command line only chooses the run), so the 
 where an uninterrupted one would. A SLURM job that was requeued (``SLURM_RESTART_COUNT`` > 0)
 resumes the run of its ``SLURM_JOB_ID`` without being asked.
 
-Metric points that the interrupted job already logged for a step are not logged again.
+Metric points that the interrupted job already logged for a step are not logged again (see
+``bioflow.tracking.run.OncePerStepMLFlowLogger``).
 """
 
 from __future__ import annotations
@@ -18,15 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
-
 from bioflow.errors import BioflowError
+from bioflow.tracking.run import OUTPUT_TAG, SLURM_TAG
 from bioflow.tracking.store import Store
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-SLURM_TAG = "bioflow.slurm_job_id"
-OUTPUT_TAG = "bioflow.output_dir"
 
 
 @dataclass
@@ -66,12 +63,12 @@ def find_resume_point(request: str, store: Store, experiment_name: str) -> Resum
         if _RUN_ID.match(request):
             run = client.get_run(request)
         else:
+            if request != "last" and not request.startswith("slurm:"):
+                raise BioflowError(f"resume={request}: give a run id, or 'last' for the newest run of the experiment")
             experiment = client.get_experiment_by_name(experiment_name)
             if experiment is None:
                 raise BioflowError(f"resume={request}: no experiment '{experiment_name}' in {store.tracking_uri}")
             query = f"tags.`{SLURM_TAG}` = '{request.split(':', 1)[1]}'" if request.startswith("slurm:") else ""
-            if request not in ("last",) and not request.startswith("slurm:"):
-                raise BioflowError(f"resume={request}: give a run id, or 'last' for the newest run of the experiment")
             runs = client.search_runs([experiment.experiment_id], filter_string=query,
                                       order_by=["attributes.start_time DESC"], max_results=1)
             if not runs:
@@ -90,37 +87,3 @@ def find_resume_point(request: str, store: Store, experiment_name: str) -> Resum
         )
     config = load_checkpoint(checkpoint)["hyper_parameters"]["config"]
     return ResumePoint(run.info.run_id, checkpoint, Path(output), dict(config))
-
-
-class OncePerStepMLFlowLogger(MLFlowLogger):
-    """An MLflow logger that never logs a (metric, step) point twice.
-
-    Lightning adds ``epoch`` to every batch of metrics it logs, so without this the same epoch
-    value would be stored several times per step; and a resumed run (``resumed=True``) would log
-    again the points its interrupted job had already logged.
-    """
-
-    def __init__(self, *args: Any, resumed: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._resumed = resumed
-        self._logged: dict[str, set[int]] | None = None
-
-    def _already_logged(self) -> dict[str, set[int]]:
-        if self._logged is None:
-            self._logged = {}
-            if self._resumed:
-                client, run_id = self.experiment, self.run_id
-                for key in client.get_run(run_id).data.metrics:
-                    self._logged[key] = {m.step for m in client.get_metric_history(run_id, key)}
-        return self._logged
-
-    @rank_zero_only
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if step is not None:
-            logged = self._already_logged()
-            metrics = {k: v for k, v in metrics.items() if step not in logged.get(k, ())}
-            for key in metrics:
-                logged.setdefault(key, set()).add(step)
-            if not metrics:
-                return
-        super().log_metrics(metrics, step)

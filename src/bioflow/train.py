@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -180,13 +181,15 @@ def finish_best_checkpoint(task, data, trainer, logger, path: str) -> dict[str, 
     """
     import torch
 
-    task.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    task.load_state_dict(checkpoint["state_dict"])
     extras = task.after_fit(data)
     if trainer.is_global_zero:
         if extras:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             checkpoint["state_dict"] = {k: v.detach().cpu() for k, v in task.state_dict().items()}
-            torch.save(checkpoint, path)
+            partial = f"{path}.partial"  # a kill mid-write must not ruin the best checkpoint
+            torch.save(checkpoint, partial)
+            os.replace(partial, path)
             log_values(logger, extras)
         log_checkpoint(logger, path)
     trainer.strategy.barrier()

@@ -25,6 +25,45 @@ from bioflow import __version__
 from bioflow.checkpoint import BEST_CHECKPOINT_ARTIFACT, save_model_checkpoint
 from bioflow.tracking.store import Store
 
+#: Tags a run carries for resuming: its job folder, its SLURM job, how often it was resumed.
+OUTPUT_TAG = "bioflow.output_dir"
+SLURM_TAG = "bioflow.slurm_job_id"
+RESUMED_TAG = "bioflow.resumed"
+
+
+class OncePerStepMLFlowLogger(MLFlowLogger):
+    """An MLflow logger that never logs a (metric, step) point twice.
+
+    Lightning adds ``epoch`` to every batch of metrics it logs, so without this the same epoch
+    value would be stored several times per step; and a resumed run (``resumed=True``) would log
+    again the points its interrupted job had already logged.
+    """
+
+    def __init__(self, *args: Any, resumed: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._resumed = resumed
+        self._logged: dict[str, set[int]] | None = None
+
+    def _already_logged(self) -> dict[str, set[int]]:
+        if self._logged is None:
+            self._logged = {}
+            if self._resumed:
+                client, run_id = self.experiment, self.run_id
+                for key in client.get_run(run_id).data.metrics:
+                    self._logged[key] = {m.step for m in client.get_metric_history(run_id, key)}
+        return self._logged
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if step is not None:
+            logged = self._already_logged()
+            metrics = {k: v for k, v in metrics.items() if step not in logged.get(k, ())}
+            for key in metrics:
+                logged.setdefault(key, set()).add(step)
+            if not metrics:
+                return
+        super().log_metrics(metrics, step)
+
 
 def make_logger(logger_cfg: Mapping[str, Any], store: Store, run_id: str | None = None,
                 resuming: bool = False) -> MLFlowLogger:
@@ -33,8 +72,6 @@ def make_logger(logger_cfg: Mapping[str, Any], store: Store, run_id: str | None 
     No (metric, step) point is logged twice; a resuming logger also skips the points the run
     already holds.
     """
-    from bioflow.resume import OncePerStepMLFlowLogger
-
     tags = {str(k): str(v) for k, v in (logger_cfg.get("tags") or {}).items()}
     return OncePerStepMLFlowLogger(
         experiment_name=logger_cfg["experiment_name"],
@@ -91,7 +128,7 @@ def log_run_start(
     tags = {
         "bioflow.version": __version__,
         "bioflow.task": config["task"]["name"],
-        "bioflow.output_dir": str(run_dir),
+        OUTPUT_TAG: str(run_dir),
     }
     for path, comp in components.items():
         tags[f"bioflow.component.{path}"] = comp["qualified_name"]
@@ -100,7 +137,7 @@ def log_run_start(
     if commit:
         tags["mlflow.source.git.commit"] = commit
     if os.environ.get("SLURM_JOB_ID"):
-        tags["bioflow.slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        tags[SLURM_TAG] = os.environ["SLURM_JOB_ID"]
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,8 +151,8 @@ def log_run_start(
 def mark_resumed(logger: MLFlowLogger) -> None:
     """Count the resumptions of a run in a tag and mark it running again."""
     client, run_id = logger.experiment, logger.run_id
-    count = int(client.get_run(run_id).data.tags.get("bioflow.resumed", "0")) + 1
-    client.set_tag(run_id, "bioflow.resumed", str(count))
+    count = int(client.get_run(run_id).data.tags.get(RESUMED_TAG, "0")) + 1
+    client.set_tag(run_id, RESUMED_TAG, str(count))
     client.update_run(run_id, status="RUNNING")
 
 
