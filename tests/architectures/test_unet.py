@@ -10,7 +10,7 @@ import torch
 from bioflow.architectures.unet import UNet
 
 OPTIONS = list(
-    itertools.product(["batch", "instance", "none"], ["relu", "leaky_relu", "sigmoid", "maxout"], ["max", "avg", "blur"], ["transpose", "interpolate"])
+    itertools.product(["batch", "instance", "none"], ["relu", "leaky_relu", "sigmoid", "maxout"], ["max", "avg", "blur"], ["transpose", "interpolate", "nearest"])
 )
 
 
@@ -25,11 +25,33 @@ def test_2d_shapes_for_every_option(norm, activation, pooling, upsampling):
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
-@pytest.mark.parametrize("upsampling", ["transpose", "interpolate"])
+@pytest.mark.parametrize("upsampling", ["transpose", "interpolate", "nearest"])
 def test_3d_shapes(depth, upsampling):
     net = UNet(2, 3, spatial_dims=3, depth=depth, base_channels=2, upsampling=upsampling, norm="instance")
     size = 2**depth * 2
     assert net(torch.randn(1, 2, size, size + 2**depth, size)).shape == (1, 3, size, size + 2**depth, size)
+
+
+def test_nearest_upsampling_has_the_csbdeep_layout():
+    """Weight-free up-sampling: each block's last convolution halves the channels (CSBDeep's U-Net).
+
+    Hand count for depth 3, 32 base channels, 32 channels in and out: encoder 32-32-32, 32-64-64,
+    64-128-128; bottom 128-256-128; decoder (concatenated input) 256-128-64, 128-64-32, 64-32-32;
+    head 1x1 32-32.
+    """
+
+    def conv(cin, cout, k=3):
+        return k * k * cin * cout + cout
+
+    expected = (
+        conv(32, 32) + conv(32, 32) + conv(32, 64) + conv(64, 64) + conv(64, 128) + conv(128, 128)
+        + conv(128, 256) + conv(256, 128)
+        + conv(256, 128) + conv(128, 64) + conv(128, 64) + conv(64, 32) + conv(64, 32) + conv(32, 32)
+        + conv(32, 32, k=1)
+    )
+    net = UNet(32, 32, depth=3, base_channels=32, norm="none", upsampling="nearest")
+    assert sum(p.numel() for p in net.parameters()) == expected
+    assert net(torch.randn(1, 32, 16, 24)).shape == (1, 32, 16, 24)
 
 
 def test_residual_adds_the_input():
@@ -84,7 +106,7 @@ def probe(net: UNet, size: int) -> list[int]:
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
-@pytest.mark.parametrize("upsampling", ["transpose", "interpolate"])
+@pytest.mark.parametrize("upsampling", ["transpose", "interpolate", "nearest"])
 @pytest.mark.parametrize(("pooling", "skip_top"), [("max", True), ("blur", False)])
 def test_receptive_field_matches_a_gradient_probe(depth, upsampling, pooling, skip_top):
     net = UNet(1, 1, depth=depth, base_channels=2, norm="none", activation="leaky_relu", upsampling=upsampling,

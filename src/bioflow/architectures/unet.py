@@ -15,7 +15,7 @@ from torch.nn import functional as F
 Norm = Literal["batch", "instance", "none"]
 Activation = Literal["relu", "leaky_relu", "sigmoid", "maxout"]
 Pooling = Literal["max", "avg", "blur"]
-Upsampling = Literal["transpose", "interpolate"]
+Upsampling = Literal["transpose", "interpolate", "nearest"]
 
 
 class Maxout(nn.Module):
@@ -34,7 +34,10 @@ def _conv(spatial_dims: int) -> type[nn.Module]:
 
 
 class ConvBlock(nn.Sequential):
-    """Two 3×3(×3) convolutions, each followed by normalisation and the activation."""
+    """Two 3×3(×3) convolutions, each followed by normalisation and the activation.
+
+    The first convolution gives ``out_channels``, the second ``last_channels`` (default: the same).
+    """
 
     def __init__(
         self,
@@ -44,25 +47,20 @@ class ConvBlock(nn.Sequential):
         norm: Norm,
         activation: Activation,
         maxout_pieces: int,
+        last_channels: int | None = None,
     ) -> None:
         conv = _conv(spatial_dims)
         widen = maxout_pieces if activation == "maxout" else 1
         layers: list[nn.Module] = []
         channels = in_channels
-        for _ in range(2):
-            layers.append(
-                conv(channels, out_channels * widen, kernel_size=3, padding=1, bias=norm == "none")
-            )
+        for width in (out_channels, out_channels if last_channels is None else last_channels):
+            layers.append(conv(channels, width * widen, kernel_size=3, padding=1, bias=norm == "none"))
             if norm == "batch":
-                layers.append({2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims](out_channels * widen))
+                layers.append({2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims](width * widen))
             elif norm == "instance":
-                layers.append(
-                    {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial_dims](
-                        out_channels * widen, affine=True
-                    )
-                )
+                layers.append({2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial_dims](width * widen, affine=True))
             layers.append(_activation(activation, maxout_pieces))
-            channels = out_channels
+            channels = width
         super().__init__(*layers)
 
 
@@ -143,8 +141,10 @@ class UNet(nn.Module):
     pooling
         ``max``, ``avg``, or ``blur`` (anti-aliased max-blur-pool, as in N2V2) down-sampling.
     upsampling
-        ``transpose`` (learned 2×2 transposed convolution) or ``interpolate`` (bilinear/trilinear
-        interpolation followed by a 1×1 convolution).
+        ``transpose`` (learned 2×2 transposed convolution), ``interpolate`` (bilinear/trilinear
+        interpolation followed by a 1×1 convolution) or ``nearest`` (nearest-neighbour copies, no
+        weights; the last convolution of each block below then halves the channels instead, the
+        layout of CSBDeep's U-Net used by CARE and StarDist, with about a quarter fewer weights).
     residual
         Add the input to the output (the network learns a correction); needs
         ``in_channels == out_channels``. Used for restoration.
@@ -193,8 +193,10 @@ class UNet(nn.Module):
         for width in widths[:-1]:
             self.encoders.append(ConvBlock(channels, width, **block))
             channels = width
-        self.bottom = ConvBlock(channels, widths[-1], **block)
-        channels = widths[-1]
+        nearest = upsampling == "nearest"
+        # With weight-free up-sampling, the block below hands up half its width (CSBDeep's layout).
+        self.bottom = ConvBlock(channels, widths[-1], **block, last_channels=widths[-2] if nearest and depth else None)
+        channels = widths[-2] if nearest and depth else widths[-1]
         self.pools = nn.ModuleList()
         for width in widths[:-1]:
             if pooling == "blur":
@@ -206,10 +208,11 @@ class UNet(nn.Module):
         self.decoders = nn.ModuleList()
         for level in reversed(range(depth)):
             width = widths[level]
-            self.ups.append(Up(channels, width, spatial_dims, upsampling))
+            self.ups.append(nn.Upsample(scale_factor=2.0, mode="nearest") if nearest else Up(channels, width, spatial_dims, upsampling))
             skip = level > 0 or skip_top
-            self.decoders.append(ConvBlock(2 * width if skip else width, width, **block))
-            channels = width
+            last = widths[max(level - 1, 0)] if nearest else width
+            self.decoders.append(ConvBlock(2 * width if skip else width, width, **block, last_channels=last))
+            channels = last
         self.head = _conv(spatial_dims)(channels, out_channels, kernel_size=1)
 
     @property
@@ -223,8 +226,8 @@ class UNet(nn.Module):
         Follows every path from an output pixel back to the input (skip connections and the path
         through the bottleneck) and takes the widest. Per step back: two 3×3 convolutions widen a
         window by 4; a 2×2 pooling doubles it; an up-sampling maps ``r`` fine pixels onto at most
-        ``r // 2 + 1`` coarse pixels (transposed 2×2 convolution) or ``r // 2 + 2`` (linear
-        interpolation reads two neighbours). The alignment of each window is taken at its worst,
+        ``r // 2 + 1`` coarse pixels (transposed 2×2 convolution, nearest copies) or ``r // 2 + 2``
+        (linear interpolation reads two neighbours). The alignment of each window is taken at its worst,
         so this is an upper bound; it is exact for the configurations in the tests.
         """
 
@@ -239,7 +242,7 @@ class UNet(nn.Module):
             if level == self.depth:
                 return from_encoder(level, r)
             r += 4
-            coarse = r // 2 + (1 if self.upsampling == "transpose" else 2)
+            coarse = r // 2 + (2 if self.upsampling == "interpolate" else 1)
             through_bottom = from_decoder(level + 1, coarse)
             has_skip = level > 0 or self.skip_top
             return max(from_encoder(level, r), through_bottom) if has_skip else through_bottom
