@@ -33,6 +33,7 @@ def evaluate(
     data = BioflowDataModule(
         config["data"], config["sampler"], seed=config["seed"], target_kind=task_cls.target_kind,
         target_fn=task_cls.target_transform(task.task_settings), split=task.data_info.split,
+        normalization=task.data_info.normalization,
     )
     data.prepare()
     if not data.splits[split]:

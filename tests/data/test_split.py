@@ -55,3 +55,36 @@ def test_recorded_split_is_reapplied():
 def test_impossible_splits(n, val, test, message):
     with pytest.raises(ConfigError, match=message):
         split_records(records(n), val, test, 0)
+
+
+def test_listed_splits_by_name_pattern_file_and_folder(tmp_path):
+    folder = tmp_path / "fixed_test"
+    folder.mkdir()
+    recs = records(8)
+    recs[6].source = str(folder / "img06.tif")
+    recs[7].source = str(tmp_path / "img07.tif")
+    splits = split_records(recs, val=["img0[01]"], test=[str(folder), str(tmp_path / "img07.tif")], seed=0)
+    names = split_names(splits)
+    assert names == {"val": ["img00", "img01"], "test": ["img06", "img07"], "train": ["img02", "img03", "img04", "img05"]}
+
+
+def test_a_fraction_is_drawn_from_the_images_not_listed():
+    recs = records(10)
+    splits = split_names(split_records(recs, val=0.25, test=["img09"], seed=1, train=[f"img0{i}" for i in range(9)]))
+    assert splits["test"] == ["img09"] and len(splits["val"]) == 2 and len(splits["train"]) == 7
+    assert set(splits["val"]) | set(splits["train"]) == {f"img0{i}" for i in range(9)}
+
+
+@pytest.mark.parametrize(
+    ("lists", "message"),
+    [
+        ({"val": ["nope"], "test": 0.0}, "data.split.val: 'nope' names no image"),
+        ({"val": ["img01"], "test": ["img01"]}, "also listed"),
+        ({"val": ["img01"], "test": ["img02"], "train": ["img00"]}, "in no split"),
+        ({"val": ["img0*"], "test": 0.0}, "no images are left for training"),
+    ],
+)
+def test_bad_split_lists_are_config_errors(lists, message):
+    lists = {"test": 0.0, **lists}
+    with pytest.raises(ConfigError, match=message):
+        split_records(records(4), lists["val"], lists["test"], seed=0, train=lists.get("train"))

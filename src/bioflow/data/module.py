@@ -9,7 +9,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from bioflow.data.augment import Augmenter, TargetKind
-from bioflow.data.normalize import PercentileNorm
+from bioflow.data.normalize import Normalizer, PercentileNorm
 from bioflow.data.patches import PatchDataset, PatchIndex, WholeImageDataset
 from bioflow.data.records import ImageRecord, check_records
 from bioflow.data.split import apply_split_names, split_names, split_records
@@ -38,6 +38,8 @@ class BioflowDataModule(L.LightningDataModule):
         Converts a target patch into what the task trains on (e.g. instance labels to classes).
     split
         A recorded split (names per split) to reuse instead of drawing one, e.g. at evaluation.
+    normalization
+        A model's stored normalisation (:meth:`Normalizer.as_dict`) to apply instead of fitting one.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class BioflowDataModule(L.LightningDataModule):
         target_kind: TargetKind = "mask",
         target_fn: Callable | None = None,
         split: Mapping[str, list[str]] | None = None,
+        normalization: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = dict(data)
@@ -59,6 +62,8 @@ class BioflowDataModule(L.LightningDataModule):
         #: The split that ``test_dataloader`` serves (``bioflow evaluate --split`` changes it).
         self.evaluation_split = "test"
         self.splits: dict[str, list[ImageRecord]] | None = None
+        self.stored_normalization = normalization
+        self.normalizer: Normalizer | None = None
 
     # -- preparation, done once, before the model is built ---------------------------------
     def prepare(self) -> None:
@@ -76,7 +81,11 @@ class BioflowDataModule(L.LightningDataModule):
             self.splits = apply_split_names(records, self.recorded_split)
         else:
             s = self.cfg["split"]
-            self.splits = split_records(records, s["val"], s["test"], s["seed"])
+            self.splits = split_records(records, s["val"], s["test"], s["seed"], train=s.get("train"))
+        if self.stored_normalization is not None:
+            self.normalizer = Normalizer.from_dict(self.stored_normalization, self.cfg["normalize"])
+        else:
+            self.normalizer = Normalizer.from_config(self.cfg["normalize"]).fitted([r.image for r in self.splits["train"]])
         dims = len(records[0].spatial_shape)
         patch = tuple(self.cfg["patch_size"])
         if len(patch) != dims:
@@ -115,8 +124,7 @@ class BioflowDataModule(L.LightningDataModule):
         return None if size is None else [float(s) for s in size]
 
     def _norms(self, records: list[ImageRecord]) -> list[PercentileNorm]:
-        low, high = self.cfg["normalize"]["low"], self.cfg["normalize"]["high"]
-        return [PercentileNorm.fit(r.image, low, high) for r in records]
+        return [self.normalizer.norm_for(r.image) for r in records]
 
     # -- Lightning hooks --------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

@@ -1,8 +1,17 @@
-"""Train / validation / test split by image (never by patch), reproducible from a seed."""
+"""Train / validation / test split by image (never by patch), reproducible from a seed.
+
+A split is either drawn (fractions of the image groups for validation and test, shuffled with a
+seed) or given: ``data.split.val``, ``data.split.test`` and ``data.split.train`` may each be a
+list of image names, file paths or folders instead of a fraction (a fixed test set is common).
+Given and drawn parts combine: with ``test: [plate3]`` and ``val: 0.2`` the validation images are
+drawn from the images not in the test list.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import fnmatch
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -12,15 +21,69 @@ from bioflow.errors import ConfigError
 SPLITS = ("train", "val", "test")
 
 
+def _matches(record: ImageRecord, entry: str) -> bool:
+    """Whether a split entry (a name, a glob pattern over names, a file or a folder) names ``record``."""
+    if entry == record.name or fnmatch.fnmatchcase(record.name, entry):
+        return True
+    if not record.source:
+        return False
+    source, target = Path(record.source), Path(entry).expanduser()
+    try:
+        source, target = source.resolve(), target.resolve()
+    except OSError:
+        return False
+    return source == target or target in source.parents
+
+
+def assign_listed(records: Sequence[ImageRecord], lists: dict[str, Sequence[str]]) -> dict[str, str]:
+    """Record name -> split for the records named by the given lists; every entry must name one."""
+    assigned: dict[str, str] = {}
+    for split, entries in lists.items():
+        for entry in entries:
+            hits = [r for r in records if _matches(r, str(entry))]
+            if not hits:
+                names = ", ".join(r.name for r in records[:5]) + (" ..." if len(records) > 5 else "")
+                raise ConfigError(f"data.split.{split}: '{entry}' names no image of the data (images: {names})")
+            for r in hits:
+                if assigned.get(r.name, split) != split:
+                    raise ConfigError(f"data.split.{split}: '{r.name}' is also listed in data.split.{assigned[r.name]}")
+                assigned[r.name] = split
+    return assigned
+
+
 def split_records(
-    records: Sequence[ImageRecord], val: float, test: float, seed: int
+    records: Sequence[ImageRecord], val: float | Sequence[str], test: float | Sequence[str], seed: int,
+    train: Sequence[str] | None = None,
 ) -> dict[str, list[ImageRecord]]:
     """Assign whole images (whole groups) to train, val and test.
 
-    Groups are sorted by name and shuffled with ``seed``, so the split depends only on the names,
-    the fractions and the seed, not on the order in which files were listed. Each split with a
-    non-zero fraction gets at least one group; train keeps at least one.
+    ``val`` and ``test`` are fractions of the image groups, or lists of images (see the module
+    docstring); ``train`` optionally lists the training images (then every image must be listed
+    somewhere or drawn by a fraction). Drawn groups are sorted by name and shuffled with ``seed``,
+    so the split depends only on the names, the fractions and the seed, not on the order in which
+    files were listed. Each split with a non-zero fraction gets at least one group; train keeps at
+    least one.
     """
+    lists = {k: list(v) for k, v in (("train", train), ("val", val), ("test", test)) if isinstance(v, (list, tuple))}
+    if lists:
+        assigned = assign_listed(records, lists)
+        # Fractions are drawn from the pool: the train list if given, else every unlisted image.
+        if "train" in lists:
+            stray = [r.name for r in records if r.name not in assigned]
+            if stray:
+                raise ConfigError(
+                    f"data.split.train: {len(stray)} image(s) are in no split ({', '.join(stray[:5])}"
+                    f"{' ...' if len(stray) > 5 else ''}); list them or leave data.split.train unset"
+                )
+            pool = [r for r in records if assigned[r.name] == "train"]
+        else:
+            pool = [r for r in records if r.name not in assigned]
+        fraction = {k: 0.0 if k in lists else float(v) for k, v in (("val", val), ("test", test))}
+        drawn = split_records(pool, fraction["val"], fraction["test"], seed) if pool else {s: [] for s in SPLITS}
+        out = {s: [r for r in records if assigned.get(r.name) == s and s != "train"] + drawn[s] for s in SPLITS}
+        if not out["train"]:
+            raise ConfigError("data.split: no images are left for training")
+        return out
     for key, frac in (("val", val), ("test", test)):
         if not 0.0 <= frac < 1.0:
             raise ConfigError(f"data.split.{key}: must be in [0, 1), got {frac}")
