@@ -82,7 +82,13 @@ def task_from_checkpoint(checkpoint: dict[str, Any], origin: str):
 
     check_plugins_available(checkpoint, origin)
     hparams = checkpoint["hyper_parameters"]
-    task = get_task(hparams["config"]["task"]["name"])(hparams["config"], hparams["data_info"])
+    config = hparams["config"]
+    task_cls = get_task(config["task"]["name"])
+    # Settings a task gained after the model was saved take the values the model was built with.
+    missing = {k: v for k, v in task_cls.legacy_settings.items() if k not in config["task"]}
+    if missing:
+        config = {**config, "task": {**config["task"], **missing}}
+    task = task_cls(config, hparams["data_info"])
     task.load_state_dict(checkpoint["state_dict"])
     task.eval()
     return task

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from bioflow.stardist.targets import object_probabilities, star_distances
+from bioflow.stardist.targets import object_probabilities, star_distances, star_distances_batch
 
 
 def loop_star_distances(labels: np.ndarray, n_rays: int, grid: tuple[int, int] = (1, 1)) -> np.ndarray:
@@ -139,3 +139,16 @@ def test_object_probabilities_single_object_image() -> None:
     np.testing.assert_allclose(object_probabilities(full), expected / expected.max(), rtol=1e-6)
     result = object_probabilities(torch.from_numpy(full))
     assert isinstance(result, torch.Tensor) and result.dtype == torch.float32
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (1, 3)])
+@pytest.mark.parametrize("width", [40, 37])
+def test_batched_star_distances_equal_per_image_loops(ellipse_labels, grid, width) -> None:
+    """Objects touching the image border on every side: a batched walk must stop there too."""
+    scene = ellipse_labels((90, 80), 30, (4, 14), seed=5)
+    images = [scene[r:r + 36, c:c + width] for r, c in ((0, 0), (20, 31), (50, 7))]
+    images[1] = np.where(images[1] > 0, images[1] + 70_000, 0)  # large ids stay apart
+    batch = star_distances_batch(torch.from_numpy(np.stack(images).astype(np.int64)), 12, grid)
+    assert batch.shape == (3, -(-36 // grid[0]), -(-width // grid[1]), 12)
+    for image, result in zip(images, batch):
+        np.testing.assert_array_equal(result.numpy(), loop_star_distances(image, 12, grid))

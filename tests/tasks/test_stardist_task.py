@@ -38,19 +38,22 @@ def test_loss_target_is_prob_dists_and_validity_on_the_grid():
     assert target[0, -1].all() and not target[1, -1, :, 40:].any() and target[1, -1, :, :40].all()
 
 
-def test_network_output_is_on_the_grid_and_tiling_with_a_stride_matches_whole_image():
+@pytest.mark.parametrize(("pool_first", "multiple"), [(True, 8), (False, 4)])
+def test_network_output_is_on_the_grid_and_tiling_with_a_stride_matches_whole_image(pool_first, multiple):
+    """Pooled first, the backbone (depth 2) runs at half resolution: sizes must divide by 2 * 4."""
     torch.manual_seed(0)
-    task = make_task(grid="[2,2]").eval()
-    assert task.size_multiple == 4
+    task = make_task(grid="[2,2]", pool_first=pool_first, stem_channels=4, head_features=8).eval()
+    assert task.size_multiple == multiple
+    assert (task.net.stem is not None) == pool_first
     x = torch.randn(1, 100, 84)
     with torch.no_grad():
-        padded = torch.nn.functional.pad(x[None], (0, -84 % 4, 0, -100 % 4), mode="reflect")
+        padded = torch.nn.functional.pad(x[None], (0, -84 % multiple, 0, -100 % multiple), mode="reflect")
         whole = task(padded)[0][:, :50, :42]
         tiled = task.predict_image(x)
         from bioflow.inference.tiling import minimum_overlap, predict_tiled
 
         rf = task.receptive_field()
-        small_tiles = predict_tiled(task, x, (64, 64), (minimum_overlap(rf),) * 2, rf, 4, stride=(2, 2))
+        small_tiles = predict_tiled(task, x, (64, 64), (minimum_overlap(rf),) * 2, rf, multiple, stride=(2, 2))
     assert whole.shape == tiled.shape == (1 + 32, 50, 42)
     assert (tiled - whole).abs().max() < 1e-4
     assert (small_tiles - whole).abs().max() < 1e-4
@@ -113,11 +116,19 @@ def test_loss_by_hand():
     prediction = torch.zeros(1, 3, 1, 2)  # logit 0 -> p = 0.5; distances 0
     target = torch.tensor([[[[1.0, 0.0]], [[2.0, 0.0]], [[4.0, 0.0]], [[1.0, 1.0]]]])  # prob, 2 rays, valid
     bce = -np.log(0.5)
-    mae = (1.0 * (2 + 4) + 0.0) / (2 * 2)  # weighted by target prob, over valid pixels and rays
-    loss = StarDistLoss(prob_weight=1.0, dist_weight=0.2)(prediction, target)
-    assert loss.item() == pytest.approx(bce + 0.2 * mae)
-    target[..., 1] = 0  # second pixel padded: no longer counts
-    assert StarDistLoss()(prediction, target).item() == pytest.approx(bce + 0.2 * (1.0 * 6) / 2)
+    # weighted by the target prob: error 1.0 * (2 + 4) over 2 rays, per valid pixel (2) or per unit of prob (1)
+    by_pixels = StarDistLoss(prob_weight=1.0, dist_weight=0.2, dist_norm="pixels", background_reg=0)
+    assert by_pixels(prediction, target).item() == pytest.approx(bce + 0.2 * 6 / (2 * 2))
+    by_prob = StarDistLoss(dist_norm="prob", background_reg=0)
+    assert by_prob(prediction, target).item() == pytest.approx(bce + 0.2 * 6 / (2 * 1))
+    # distances predicted on the background pixel cost only through the background term
+    prediction[0, 1:, 0, 1] = torch.tensor([1.0, -3.0])
+    assert by_prob(prediction, target).item() == pytest.approx(bce + 0.2 * 6 / 2)
+    regularised = StarDistLoss(dist_norm="prob", background_reg=0.01)
+    assert regularised(prediction, target).item() == pytest.approx(bce + 0.2 * 6 / 2 + 0.01 * (1 + 3) / (2 * 2))
+    target[..., 1] = 0  # second pixel padded: counts nowhere
+    assert regularised(prediction, target).item() == pytest.approx(bce + 0.2 * 6 / 2)
+    assert by_pixels(prediction, target).item() == pytest.approx(bce + 0.2 * 6 / 2)
 
 
 def test_stardist_refuses_3d_data():

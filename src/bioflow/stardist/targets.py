@@ -31,6 +31,7 @@ every start pixel of every object in the batch.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence, TypeVar
@@ -43,7 +44,7 @@ ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 
 # Crop sides are rounded up to this ladder so that objects of similar size share one batched
 # walk: fewer rungs mean fewer (per-step, overhead-bound) walks but more padded area per walk.
-_SIZE_LADDER = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+_SIZE_LADDER = (16, 32, 64, 128, 256, 512, 1024)
 # Upper bound on the elements of one batch of crops, to bound memory for huge objects.
 _MAX_BATCH_ELEMENTS = 1 << 24
 
@@ -208,6 +209,15 @@ def _ray_groups(offsets: np.ndarray, allow_swap: bool) -> list[tuple[int, list[t
     return groups
 
 
+@functools.lru_cache(maxsize=64)
+def _walk_plan(n_rays: int, n_steps: int, allow_swap: bool):
+    """Step tables and ray groups for a walk (cached: every training batch needs the same ones)."""
+    offsets, exit_dists = _ray_walk_tables(n_rays, n_steps)
+    groups = _ray_groups(offsets, allow_swap)
+    offsets.setflags(write=False)
+    return offsets, torch.from_numpy(exit_dists), groups
+
+
 def _walk(
     masks: torch.Tensor, sizes: list[int], n_sym: int, step: tuple[int, int], offsets: np.ndarray
 ) -> torch.Tensor:
@@ -304,9 +314,8 @@ def star_distances(
         lattice = math.lcm(gy, gx)
         side = torch.tensor([_crop_size(int(e), lattice) for e in extent.tolist()])
         n_steps = int(math.ceil(int(side.max()) / math.cos(math.pi / 4))) + 2
-        offsets, exit_dists = _ray_walk_tables(n_rays, n_steps)
-        groups = _ray_groups(offsets, allow_swap=gy == gx)
-        exit_table = torch.from_numpy(exit_dists).to(tensor.device)
+        offsets, exit_table, groups = _walk_plan(n_rays, n_steps, gy == gx)
+        exit_table = exit_table.to(tensor.device)
         # Objects that leave their box are dropped from the batch, so sort by decreasing size.
         size = torch.maximum(boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]) + 1
         for crop_side in torch.unique(side).tolist():
@@ -321,6 +330,35 @@ def star_distances(
 
     result = out.reshape(out_h, out_w, n_rays)
     return result if isinstance(labels, torch.Tensor) else result.numpy()
+
+
+def star_distances_batch(labels: torch.Tensor, n_rays: int = 32, grid: Sequence[int] = (1, 1)) -> torch.Tensor:
+    """:func:`star_distances` of a batch of label images ``(N, H, W)``, in one pass.
+
+    The images are laid side by side with a column of background between neighbours (as wide as
+    needed to keep the sampling lattice aligned) and their labels made distinct, then walked
+    together. A ray step moves at most one pixel along each axis, so every ray that leaves an
+    image lands on the separating background first and stops exactly where it would stop at the
+    image border: the result equals the images' separate star distances, for the per-step cost
+    of one image. Returns ``(N, ceil(H / gy), ceil(W / gx), n_rays)`` on the labels' device.
+    """
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be a batch (N, H, W) of label images, got shape {tuple(labels.shape)}")
+    gy, gx = _normalize_grid(grid)
+    n, height, width = labels.shape
+    if n == 1:
+        return star_distances(labels[0], n_rays, grid)[None]
+    labels = _as_label_tensor(labels.reshape(n * height, width)).reshape(n, height, width)
+    gap = gx - width % gx if width % gx else gx
+    stride = width + gap
+    shift = torch.cumsum(labels.reshape(n, -1).amax(dim=1), 0) - labels.reshape(n, -1).amax(dim=1)
+    mosaic = torch.zeros((height, n * stride - gap), dtype=torch.int64, device=labels.device)
+    for i in range(n):
+        lab = labels[i]
+        mosaic[:, i * stride:i * stride + width] = torch.where(lab > 0, lab + shift[i], lab)
+    dists = star_distances(mosaic, n_rays, grid)
+    out_w = -(-width // gx)
+    return torch.stack([dists[:, i * stride // gx:i * stride // gx + out_w] for i in range(n)])
 
 
 def _star_distances_of_batch(

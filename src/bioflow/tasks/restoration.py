@@ -103,10 +103,7 @@ class RestorationTask(BaseTask):
 
     def predict_array(self, image, sink, **options) -> None:
         """Predict, and hand on strips already mapped back to the image's intensity units."""
-        from bioflow.data.normalize import PercentileNorm
-
-        cfg = self.config["data"]["normalize"]
-        norm = PercentileNorm.fit(image, cfg["low"], cfg["high"])
+        norm = self.normalizer().norm_for(image)
         norm_tensor = torch.from_numpy(np.stack([norm.low, norm.high]))
 
         def to_image_units(start: int, raw: torch.Tensor) -> None:

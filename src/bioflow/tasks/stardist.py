@@ -25,17 +25,18 @@ from bioflow.inference.outputs import OutputSpec, PredictionSession
 from bioflow.metrics.instance import InstanceMatchingMetric
 from bioflow.metrics.matching import DEFAULT_THRESHOLDS, match_dataset
 from bioflow.registry import registry
-from bioflow.stardist.model import StarDistNet
+from bioflow.stardist.model import GridStem, StarDistNet
 from bioflow.stardist.nms import non_maximum_suppression
 from bioflow.stardist.polygons import polygons_to_labels
-from bioflow.stardist.targets import object_probabilities, star_distances
+from bioflow.stardist.targets import object_probabilities, star_distances_batch
 from bioflow.tasks.base import BaseTask
 
 log = logging.getLogger(__name__)
 
 #: IoU thresholds whose mean accuracy selects the thresholds and the best checkpoint.
 SELECTION_TAUS = (0.3, 0.5, 0.7)
-PROB_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: Probability thresholds tried first (then refined around the best); overlap thresholds tried.
+PROB_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
 NMS_GRID = (0.3, 0.4, 0.5)
 
 
@@ -47,16 +48,21 @@ def metric_key(key: str) -> str:
 class StarDistTask(BaseTask):
     """StarDist 2D on top of any registered backbone (U-Net by default).
 
-    Settings (``task`` section): ``n_rays``, ``grid`` (output subsampling), ``features`` (channels
-    the backbone hands to the StarDist head), ``prob_thresh``, ``nms_thresh``, ``criterion``
-    (``min_area`` or ``iou``), ``optimize_thresholds``, ``monitor``, ``monitor_mode``.
+    Settings (``task`` section): ``n_rays``, ``grid`` (output subsampling), ``pool_first`` (pool
+    to the grid before the backbone, which then runs at the grid's resolution), ``stem_channels``
+    (channels of that pooling stem), ``features`` (channels the backbone hands to the head),
+    ``head_features`` (channels of the head's 3×3 convolution), ``prob_thresh``, ``nms_thresh``,
+    ``criterion`` (``min_area`` or ``iou``), ``optimize_thresholds``, ``monitor``, ``monitor_mode``.
     """
 
     target_kind: ClassVar[str] = "mask"
     settings: ClassVar[dict[str, Any]] = {
         "n_rays": 32,
-        "grid": [1, 1],
+        "grid": [2, 2],
+        "pool_first": True,
+        "stem_channels": 32,
         "features": 32,
+        "head_features": 128,
         "prob_thresh": 0.5,
         "nms_thresh": 0.4,
         "criterion": "min_area",
@@ -64,6 +70,9 @@ class StarDistTask(BaseTask):
         "monitor": "val/mean_accuracy",
         "monitor_mode": "max",
     }
+    #: Values of settings added later, for models saved before they existed (the network then
+    #: is rebuilt as it was trained).
+    legacy_settings: ClassVar[dict[str, Any]] = {"pool_first": False, "head_features": 32}
 
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any]) -> None:
         if data_info["spatial_dims"] != 2:
@@ -95,7 +104,13 @@ class StarDistTask(BaseTask):
         return int(self.task_settings["features"])
 
     def build_network(self) -> torch.nn.Module:
-        return StarDistNet(super().build_network(), self.out_channels(), self.n_rays, self.grid)
+        s = self.task_settings
+        stem = None
+        if s["pool_first"] and any(g > 1 for g in self.grid):
+            stem = GridStem(self.data_info.in_channels, int(s["stem_channels"]), self.grid)
+        in_channels = int(s["stem_channels"]) if stem is not None else self.data_info.in_channels
+        backbone = self.build_architecture(in_channels, self.out_channels())
+        return StarDistNet(backbone, self.out_channels(), self.n_rays, self.grid, int(s["head_features"]), stem)
 
     def output_stride(self) -> tuple[int, ...]:
         return self.grid
@@ -104,14 +119,11 @@ class StarDistTask(BaseTask):
     def loss_target(self, labels: torch.Tensor) -> torch.Tensor:
         """``(N, 2 + R, H', W')``: object probability, ray distances and validity, on the labels' device."""
         gy, gx = self.grid
-        out = []
-        for lab in labels:
-            valid = (lab != -1)[::gy, ::gx]
-            lab = torch.where(lab == -1, torch.zeros_like(lab), lab)
-            dists = star_distances(lab, self.n_rays, self.grid).permute(2, 0, 1)
-            prob = object_probabilities(lab, self.grid)
-            out.append(torch.cat([prob[None], dists, valid[None].to(dists.dtype)]))
-        return torch.stack(out)
+        valid = (labels != -1)[:, ::gy, ::gx]
+        labels = labels.clamp(min=0)
+        dists = star_distances_batch(labels, self.n_rays, self.grid).permute(0, 3, 1, 2)
+        prob = torch.stack([object_probabilities(lab, self.grid) for lab in labels])
+        return torch.cat([prob[:, None], dists, valid[:, None].to(dists.dtype)], dim=1)
 
     # -- predictions -------------------------------------------------------------------------------
     def nms(self, shape: Sequence[int] | None = None, prob_thresh: float | None = None, nms_thresh: float | None = None):
@@ -174,12 +186,16 @@ class StarDistTask(BaseTask):
             pooled = match_dataset(list(zip(truths, preds)), SELECTION_TAUS)
             return float(np.mean([pooled[tau].accuracy for tau in SELECTION_TAUS]))
 
+        def best() -> tuple[float, float]:
+            return max(results, key=lambda k: (results[k], -abs(k[0] - 0.5), -abs(k[1] - 0.4)))
+
         results = {(p, n): score(p, n) for p in PROB_GRID for n in NMS_GRID}
-        best_p, best_n = max(results, key=lambda k: (results[k], -abs(k[0] - 0.5), -abs(k[1] - 0.4)))
-        for p in (best_p - 0.05, best_p + 0.05):  # refine the probability threshold once
-            if 0.0 < p < 1.0:
-                results[(round(p, 3), best_n)] = score(p, best_n)
-        best_p, best_n = max(results, key=lambda k: (results[k], -abs(k[0] - 0.5), -abs(k[1] - 0.4)))
+        for step in (0.025, 0.0125):  # refine the probability threshold around the best
+            best_p, best_n = best()
+            for p in (round(best_p - step, 4), round(best_p + step, 4)):
+                if 0.0 < p < 1.0 and (p, best_n) not in results:
+                    results[(p, best_n)] = score(p, best_n)
+        best_p, best_n = best()
         self.thresholds.copy_(torch.tensor([best_p, best_n]))
         log.info("StarDist thresholds from the validation split: prob_thresh=%.3f nms_thresh=%.2f "
                  "(mean accuracy %.4f)", best_p, best_n, results[(best_p, best_n)])
