@@ -1,4 +1,8 @@
-"""bioflow: train and apply CNNs for bioimage analysis from Hydra configs."""
+"""bioflow: train and apply CNNs for bioimage analysis from Hydra configs.
+
+The Python API (:mod:`bioflow.api`): ``bioflow.train``; heavy libraries load on first use, so
+``import bioflow`` stays instant.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -7,4 +11,14 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+_API = ("train",)
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from bioflow import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'bioflow' has no attribute '{name}'")

@@ -28,19 +28,6 @@ def fail(message: str, code: int = 2) -> int:
 
 
 # -- train ----------------------------------------------------------------------------------------
-def config_searchpath_override(overrides: Sequence[str]) -> list[str]:
-    """Add the config packages of installed plugins to Hydra's search path, unless the user set it."""
-    from bioflow.registry import registry
-
-    if any(o.lstrip("+~").startswith("hydra.searchpath") for o in overrides):
-        return []
-    packages = [c.target for c in registry.components("configs")]
-    packages = [p for p in packages if p != "bioflow.configs"]
-    if not packages:
-        return []
-    return ["hydra.searchpath=[" + ",".join(f"pkg://{p}" for p in packages) + "]"]
-
-
 def _multi_process(trainer_cfg) -> bool:
     """Whether a trainer config starts several processes (DDP on several devices or nodes)."""
     devices = trainer_cfg.get("devices", 1)
@@ -54,67 +41,9 @@ _HYDRA_FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--info", "-i", "--c
 
 def _prevalidate(overrides: list[str]) -> None:
     """Compose and validate the config before Hydra starts a job, so errors come as one line."""
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from bioflow.config import compose, validate
 
-    from bioflow.config import CONFIG_PACKAGE, PRIMARY_CONFIG, validate
-
-    try:
-        with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
-            cfg = compose(config_name=PRIMARY_CONFIG, overrides=overrides)
-            container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise BioflowError(f"config: {_explain(str(exc), overrides)}") from exc
-    validate(container)
-
-
-def _explain(message: str, overrides: list[str]) -> str:
-    """Hydra's composition errors in one line, with the closest existing key or option."""
-    import difflib
-    import re
-
-    missing_option = re.search(r"Could not find '([^']+)/([^']+)'", message)
-    options = re.search(r"Available options in '[^']+':\s*(.*?)\s*Config search path", message, re.S)
-    if missing_option and options:
-        group, option = missing_option.groups()
-        known = options.group(1).split()
-        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"{group}={option}: no such option in config group '{group}'{hint} (options: {', '.join(known)})"
-    bad_key = re.search(r"Could not override '([^']+)'", message)
-    if bad_key:
-        key = bad_key.group(1)
-        parent, _, leaf = key.rpartition(".")
-        hint = ""
-        try:
-            from hydra import compose, initialize_config_module
-            from omegaconf import DictConfig, OmegaConf
-
-            from bioflow.config import CONFIG_PACKAGE, PRIMARY_CONFIG
-
-            rest = [o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")]
-            with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
-                cfg = compose(config_name=PRIMARY_CONFIG, overrides=rest)
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            while node is None and parent:  # a typo higher up: suggest for the first unknown level
-                parent, _, leaf = parent.rpartition(".")
-                node = OmegaConf.select(cfg, parent) if parent else cfg
-            if isinstance(node, DictConfig):
-                close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1, cutoff=0.6)
-                if close:
-                    hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?"
-        except Exception:  # the hint is a courtesy; the error stands without it
-            pass
-        return f"{key}: no such config key{hint} (to add a new key on purpose: +{key}=...)"
-    return _first_lines(message)
-
-
-def _first_lines(text: str) -> str:
-    """Hydra's messages span lines; keep the informative part on one line."""
-    keep = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Set the environment")]
-    return " ".join(keep)[:600]
+    validate(compose(overrides))
 
 
 def train_command(overrides: list[str]) -> int:
@@ -126,7 +55,9 @@ def train_command(overrides: list[str]) -> int:
     from bioflow.config import PRIMARY_CONFIG
 
     original_argv = list(sys.argv)
-    overrides = list(overrides) + config_searchpath_override(overrides)
+    from bioflow.config import plugin_searchpath
+
+    overrides = list(overrides) + plugin_searchpath(overrides)
     is_info = any(o in _HYDRA_FLAGS_WITHOUT_RUN for o in overrides)
     multirun = any(o in ("-m", "--multirun") for o in overrides)
     if not is_info and not multirun:
@@ -143,6 +74,7 @@ def train_command(overrides: list[str]) -> int:
 
         from omegaconf.errors import OmegaConfBaseException
 
+        from bioflow.config import first_lines
         from bioflow.train import print_summary, run_training
 
         hydra_cfg = HydraConfig.get()
@@ -165,7 +97,7 @@ def train_command(overrides: list[str]) -> int:
             outcome["code"] = fail(exc.one_line())
             return None
         except OmegaConfBaseException as exc:
-            outcome["code"] = fail(f"config: {_first_lines(str(exc))}")
+            outcome["code"] = fail(f"config: {first_lines(str(exc))}")
             return None
         if summary["is_global_zero"]:
             print_summary(summary)

@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from bioflow.arguments import describe_type, matches_type
 from bioflow.errors import ConfigError
@@ -29,13 +29,15 @@ class Component(dict):
 
 @dataclass
 class Split:
-    val: float = 0.2
-    test: float = 0.2
+    val: Union[float, list[str]] = 0.2
+    test: Union[float, list[str]] = 0.2
     seed: int = 0
+    train: Optional[list[str]] = None
 
 
 @dataclass
 class Normalize:
+    mode: str = "per_image"
     low: float = 1.0
     high: float = 99.8
 
@@ -194,3 +196,87 @@ def validate(config: Mapping[str, Any]) -> None:
     """Full validation of a resolved training config; raises :class:`ConfigError`."""
     validate_structure(config)
     validate_components(config)
+
+
+# -- composition ----------------------------------------------------------------------------------
+def plugin_searchpath(overrides: Sequence[str]) -> list[str]:
+    """Add the config packages of installed plugins to Hydra's search path, unless the user set it."""
+    from bioflow.registry import registry
+
+    if any(o.lstrip("+~").startswith("hydra.searchpath") for o in overrides):
+        return []
+    packages = [c.target for c in registry.components("configs")]
+    packages = [p for p in packages if p != "bioflow.configs"]
+    if not packages:
+        return []
+    return ["hydra.searchpath=[" + ",".join(f"pkg://{p}" for p in packages) + "]"]
+
+
+def _compose_node(overrides: Sequence[str]):
+    """Hydra's composed (unresolved) config for ``overrides``, plugin config folders included."""
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    overrides = list(overrides)
+    overrides += plugin_searchpath(overrides)
+    with initialize_config_module(config_module=CONFIG_PACKAGE, version_base="1.3"):
+        return hydra_compose(config_name=PRIMARY_CONFIG, overrides=overrides)
+
+
+def compose(overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The resolved training config for ``overrides``, as ``bioflow train`` composes it.
+
+    Composition errors (unknown keys or group options, missing values) are raised as one-line
+    :class:`ConfigError` messages with the closest existing key or option.
+    """
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = _compose_node(overrides)
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"config: {explain_composition_error(str(exc), list(overrides))}") from exc
+
+
+def explain_composition_error(message: str, overrides: list[str]) -> str:
+    """Hydra's composition errors in one line, with the closest existing key or option."""
+    import difflib
+    import re
+
+    missing_option = re.search(r"Could not find '([^']+)/([^']+)'", message)
+    options = re.search(r"Available options in '[^']+':\s*(.*?)\s*Config search path", message, re.S)
+    if missing_option and options:
+        group, option = missing_option.groups()
+        known = options.group(1).split()
+        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{group}={option}: no such option in config group '{group}'{hint} (options: {', '.join(known)})"
+    bad_key = re.search(r"Could not override '([^']+)'", message)
+    if bad_key:
+        key = bad_key.group(1)
+        parent, _, leaf = key.rpartition(".")
+        hint = ""
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            rest = [o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")]
+            cfg = _compose_node(rest)
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            while node is None and parent:  # a typo higher up: suggest for the first unknown level
+                parent, _, leaf = parent.rpartition(".")
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+            if isinstance(node, DictConfig):
+                close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1, cutoff=0.6)
+                if close:
+                    hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?"
+        except Exception:  # the hint is a courtesy; the error stands without it
+            pass
+        return f"{key}: no such config key{hint} (to add a new key on purpose: +{key}=...)"
+    return first_lines(message)
+
+
+def first_lines(text: str) -> str:
+    """Hydra's messages span lines; keep the informative part on one line."""
+    keep = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Set the environment")]
+    return " ".join(keep)[:600]

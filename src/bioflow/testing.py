@@ -265,14 +265,10 @@ def check_component(kind: str, name: str, **kwargs: Any) -> None:
 # -- configs and checkpoints for tests ---------------------------------------------------------------------------------
 def compose_config(*overrides: str) -> dict:
     """The resolved training config for ``overrides`` (as ``bioflow train`` would compose it)."""
-    from hydra import compose, initialize_config_module
+    from bioflow.config import _compose_node
     from omegaconf import OmegaConf
 
-    from bioflow.cli import config_searchpath_override
-
-    with initialize_config_module(config_module="bioflow.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides) + config_searchpath_override(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(_compose_node(overrides), resolve=True)
 
 
 def make_checkpoint(path: Path, *overrides: str, in_channels: int = 1, spatial_dims: int = 2,

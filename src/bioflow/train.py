@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,6 +36,40 @@ class EpochReport(Callback):
         shown = [k for k in dict.fromkeys(("train/loss", "val/loss", self.monitor)) if k in metrics]
         values = ", ".join(f"{k}={float(metrics[k]):.4f}" for k in shown)
         log.info("epoch %d/%s: %s", trainer.current_epoch + 1, trainer.max_epochs, values)
+
+
+class TrainingSpeed(Callback):
+    """Seconds per training step and patches per second, data loading included and validation
+    excluded; logged per epoch (``perf/seconds_per_step``, ``perf/patches_per_second``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.steps = 0
+        self.patches = 0
+        self._start = self._last = 0.0
+        self._epoch = (0, 0)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = self._last = time.perf_counter()
+        self._epoch = (0, 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._last = time.perf_counter()
+        self._epoch = (self._epoch[0] + 1, self._epoch[1] + int(batch["image"].shape[0]))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        steps, patches = self._epoch
+        seconds = self._last - self._start
+        if steps:
+            self.seconds, self.steps, self.patches = self.seconds + seconds, self.steps + steps, self.patches + patches
+            pl_module.log("perf/seconds_per_step", seconds / steps, rank_zero_only=True)
+            pl_module.log("perf/patches_per_second", patches / max(seconds, 1e-9), rank_zero_only=True)
+
+    def summary(self) -> dict[str, float]:
+        if not self.steps:
+            return {}
+        return {"train_seconds": self.seconds, "steps": self.steps,
+                "seconds_per_step": self.seconds / self.steps, "patches_per_second": self.patches / max(self.seconds, 1e-9)}
 
 
 def scale_check(task, data: BioflowDataModule) -> dict[str, str]:
@@ -82,6 +117,11 @@ def with_absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
     name, kwargs = component(config["data"]["source"])
     factory = registry.load("datasets", name)
     config["data"] = {**config["data"], "source": {"name": name, **absolute_path_arguments(factory, kwargs, Path.cwd())}}
+    split = dict(config["data"]["split"])
+    for key in ("train", "val", "test"):
+        if isinstance(split.get(key), (list, tuple)):  # listed files and folders, as absolute paths
+            split[key] = [str(Path(e).expanduser().resolve()) if Path(e).expanduser().exists() else e for e in split[key]]
+    config["data"]["split"] = split
     return config
 
 
@@ -121,6 +161,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         "spatial_dims": data.spatial_dims,
         "pixel_size": data.pixel_size,
         "split": data.split,
+        "normalization": data.normalizer.as_dict(),
     }
     task = task_cls(config, data_info)
 
@@ -136,9 +177,10 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         dirpath=run_dir / "checkpoints", filename="best-{epoch:03d}", monitor=task.monitor,
         mode=task.monitor_mode, save_top_k=config["checkpoint"]["save_top_k"], save_last=True,
     )
+    speed = TrainingSpeed()
     callbacks = [
         checkpoint, ValidationFigures(config["logger"]["figures"]["every_n_epochs"]), LearningRateMonitor(),
-        EpochReport(task.monitor),
+        EpochReport(task.monitor), speed,
     ]
     trainer = L.Trainer(
         **config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=run_dir,
@@ -154,6 +196,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         "output_dir": str(run_dir),
         "dashboard": store.dashboard_command(),
         "is_global_zero": trainer.is_global_zero,
+        "performance": speed.summary(),
         "test": {},
     }
     if checkpoint.best_model_path:
@@ -223,13 +266,17 @@ def print_summary(summary: Mapping[str, Any], out=sys.stdout) -> None:
     if summary["test"]:
         shown = sorted(summary["test"])
         if len(shown) > 12:  # many thresholds: the headline ones here, all of them in the run
-            shown = [k for k in shown if k.endswith(("_0.5", "mean_accuracy", "/loss"))]
+            shown = [k for k in shown if k.endswith(("_0.5", "_0.7", "mean_accuracy", "/loss"))]
             lines.append(f"  test split ({len(shown)} of {len(summary['test'])} metrics; all are in the run):")
         else:
             lines.append("  test split:")
         lines += [f"    {k} = {summary['test'][k]:.4f}" for k in shown]
     if summary["best_score"] is not None:
         lines.append(f"  best validation score: {summary['best_score']:.4f}")
+    perf = summary.get("performance") or {}
+    if perf:
+        lines.append(f"  training speed: {perf['seconds_per_step']:.3f} s per step, {perf['patches_per_second']:.1f} patches/s "
+                     f"({perf['steps']} steps, validation excluded)")
     lines += [
         f"  MLflow run: {summary['run_id']} (experiment '{summary['experiment']}')",
         f"  tracking store: {summary['tracking_uri']}",

@@ -13,7 +13,7 @@ subprocess). Prints one JSON object.
 
 Example::
 
-    taskset -c 0 python bench/stardist.py --reference-python /tmp/sdref/bin/python
+    taskset -c 0 python bench/stardist_nms.py --reference-python /tmp/sdref/bin/python
 """
 
 from __future__ import annotations

@@ -1,0 +1,146 @@
+"""GPU readiness: training throughput and NMS on a CUDA GPU, against the CPU where that is the point.
+
+Measures, on the first CUDA device:
+
+* ``stardist_train``: StarDist 2D training patches/s (the default recipe, patch 256, batch 16,
+  synthetic nuclei) in float32 and with bf16 autocast (``trainer.precision=bf16-mixed``), and the
+  mean training loss of the last steps of each, from the same start, as a check that bf16 learns
+  as well;
+* ``stardist_nms``: greedy polygon NMS of the dense 1024x1024 scene of ``bench/stardist_nms.py``
+  (about 900 objects, about 150,000 candidates) on the GPU and on the CPU (one thread), with the
+  number of polygons kept by each (they must agree);
+* ``n2v_train``: Noise2Void training patches/s (U-Net depth 2, 32 channels, patch 64, batch 128).
+
+Without a CUDA GPU it says so in its JSON and exits 0. Prints one JSON object. ``bench/gpu.sh``
+runs it; ``--quick`` shortens every measurement (for a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/stardist_nms.py's scenes
+
+
+def _train_throughput(overrides: list[str], steps: int, warmup: int, precision: str) -> dict:
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from bioflow.data.module import BioflowDataModule
+    from bioflow.tasks import get_task
+    from bioflow.testing import compose_config
+
+    config = compose_config(*overrides, f"data.patches_per_epoch={10**6}", "seed=0")
+    L.seed_everything(0, verbose=False)
+    cls = get_task(config["task"]["name"])
+    settings = {**cls.settings, **{k: v for k, v in config["task"].items() if k != "name"}}
+    data = BioflowDataModule(config["data"], config["sampler"], 0, cls.target_kind, cls.target_transform(settings))
+    data.prepare()
+    info = {"in_channels": data.in_channels, "spatial_dims": data.spatial_dims, "pixel_size": None,
+            "split": data.split, "normalization": data.normalizer.as_dict()}
+    task = cls(config, info)
+    marks: dict[str, float] = {}
+    losses: list[float] = []
+
+    class Timer(Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == warmup:
+                torch.cuda.synchronize()
+                marks["start"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, *args):
+            if trainer.global_step > steps - 10:
+                losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, precision=precision, callbacks=[Timer()])
+    trainer.fit(task, train_dataloaders=data.train_dataloader())
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - marks["start"]
+    batch = int(config["data"]["batch_size"])
+    return {"precision": precision, "patches_per_s": round((steps - warmup) * batch / seconds, 1),
+            "seconds_per_step": round(seconds / (steps - warmup), 4), "mean_loss_last_steps": float(sum(losses) / len(losses))}
+
+
+def stardist_train(quick: bool) -> dict:
+    overrides = ["experiment=demo_stardist", "data.patch_size=[256,256]", "data.batch_size=16",
+                 "data.num_workers=4", "data.source.n_images=16", "data.source.shape=[512,512]"]
+    steps, warmup = (30, 10) if quick else (300, 30)
+    runs = [_train_throughput(overrides, steps, warmup, p) for p in ("32-true", "bf16-mixed")]
+    faster = runs[1]["patches_per_s"] > runs[0]["patches_per_s"]
+    close = abs(runs[1]["mean_loss_last_steps"] - runs[0]["mean_loss_last_steps"]) <= 0.05 * abs(runs[0]["mean_loss_last_steps"])
+    return {"runs": runs, "bf16_faster": faster, "bf16_loss_within_5_percent": close,
+            "recommended_precision": "bf16-mixed" if faster and close else "32-true"}
+
+
+def stardist_nms(quick: bool) -> dict:
+    import numpy as np
+    import torch
+
+    from stardist_nms import NMS_THRESH, PROB_THRESH, ellipse_scene, noisy_prediction  # bench/stardist_nms.py
+
+    from bioflow.stardist.nms import non_maximum_suppression
+
+    labels = ellipse_scene(900, (8.0, 18.0), 17)
+    prob, dist = noisy_prediction(labels, 18)
+    rows, cols = np.nonzero(prob > PROB_THRESH)
+    points = torch.from_numpy(np.stack([rows, cols], axis=1))
+    cand_d, cand_p = torch.from_numpy(dist[rows, cols]), torch.from_numpy(prob[rows, cols])
+    out = {"candidates": int(rows.size)}
+    repeats = 1 if quick else 3
+    for device in ("cuda", "cpu"):
+        if device == "cpu":
+            torch.set_num_threads(1)
+        args = [t.to(device) for t in (points, cand_d, cand_p)]
+        times = []
+        for _ in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            kept = non_maximum_suppression(*args, PROB_THRESH, NMS_THRESH)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        out[device] = {"seconds": round(min(times[1:]), 4), "kept": int(len(kept))}
+    out["same_kept"] = out["cuda"]["kept"] == out["cpu"]["kept"]
+    out["speedup"] = round(out["cpu"]["seconds"] / max(out["cuda"]["seconds"], 1e-9), 2)
+    return out
+
+
+def n2v_train(quick: bool) -> dict:
+    overrides = ["experiment=demo_n2v", "data.patch_size=[64,64]", "data.batch_size=128", "data.num_workers=4",
+                 "model.depth=2", "model.base_channels=32", "data.source.shape=[512,512]"]
+    steps, warmup = (30, 10) if quick else (300, 30)
+    return _train_throughput(overrides, steps, warmup, "32-true")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short measurements (smoke test)")
+    args = parser.parse_args()
+    import torch
+
+    report: dict = {"benchmark": "gpu", "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    if not report["cuda"]:
+        report["message"] = "no CUDA GPU on this machine: nothing measured"
+        print(json.dumps(report))
+        return
+    report["device"] = torch.cuda.get_device_name(0)
+    for name, fn in (("stardist_train", stardist_train), ("stardist_nms", stardist_nms), ("n2v_train", n2v_train)):
+        start = time.perf_counter()
+        try:
+            report[name] = fn(args.quick)
+        except Exception as exc:  # one failed part must not hide the others
+            report[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        report[name]["bench_seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
