@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bioflow.data.records import ImageRecord
-from bioflow.data.split import apply_split_names, split_names, split_records
+from bioflow.data.split import apply_split_names, split_by_region, split_names, split_records
 from bioflow.errors import ConfigError
 
 
@@ -88,3 +88,28 @@ def test_bad_split_lists_are_config_errors(lists, message):
     lists = {"test": 0.0, **lists}
     with pytest.raises(ConfigError, match=message):
         split_records(records(4), lists["val"], lists["test"], seed=0, train=lists.get("train"))
+
+
+def test_region_split_holds_out_the_end_of_each_image_and_is_rebuilt_from_its_names():
+    image = np.arange(2 * 100 * 40, dtype=np.float32).reshape(2, 100, 40)
+    target = (np.arange(100 * 40) % 7).reshape(100, 40)
+    recs = [ImageRecord(name="cells", image=image, target=target, source="cells.tif")]
+    splits = split_records(recs, val=0.1, test=0.2, seed=0, by="auto")  # one image: regions
+    names = split_names(splits)
+    assert names == {"train": ["cells[Y0:70]"], "val": ["cells[Y70:80]"], "test": ["cells[Y80:100]"]}
+    val = splits["val"][0]
+    np.testing.assert_array_equal(np.asarray(val.image), image[:, 70:80])
+    np.testing.assert_array_equal(val.image[1, 2:4, 5], image[1, 72:74, 5])
+    np.testing.assert_array_equal(np.asarray(val.target), target[70:80])
+    assert val.spatial_shape == (10, 40)
+    rebuilt = apply_split_names(recs, names)
+    np.testing.assert_array_equal(np.asarray(rebuilt["test"][0].image), image[:, 80:])
+
+
+def test_auto_split_keeps_whole_images_when_there_are_enough():
+    splits = split_names(split_records(records(10), val=0.2, test=0.2, seed=0, by="auto"))
+    assert all("[" not in n for names in splits.values() for n in names)
+    wide = [ImageRecord(name="w", image=np.zeros((1, 8, 30)))]
+    assert split_names(split_by_region(wide, 0.2, 0.0))["val"] == ["w[X24:30]"]
+    with pytest.raises(ConfigError, match="too small"):
+        split_by_region([ImageRecord(name="tiny", image=np.zeros((1, 2, 2)))], 0.2, 0.2)

@@ -24,7 +24,30 @@ from bioflow.errors import DataError
 log = logging.getLogger(__name__)
 
 
-class LazyTiff:
+class LazyArray:
+    """What bioflow's lazy arrays share: ``shape`` and ``dtype`` attributes, basic slicing (in the
+    subclass), and numpy conversion that reads everything."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        data = self[...]
+        return data if dtype is None else data.astype(dtype)
+
+
+class LazyTiff(LazyArray):
     """A view of a TIFF's data in a chosen axis order.
 
     Parameters
@@ -38,6 +61,8 @@ class LazyTiff:
         that is dropped.
     add_channel
         Whether the layout starts with a channel axis of length 1 that the file lacks.
+    fixed
+        Dropped source axes read at an index other than 0 (e.g. the time point of a time-lapse).
     """
 
     def __init__(
@@ -47,12 +72,14 @@ class LazyTiff:
         dtype: np.dtype,
         take: list[int | None],
         add_channel: bool,
+        fixed: dict[int, int] | None = None,
     ) -> None:
         self.path = Path(path)
         self.source_shape = tuple(source_shape)
         self.dtype = np.dtype(dtype)
         self.take = list(take)
         self.add_channel = add_channel
+        self.fixed = dict(fixed or {})
         kept = sorted((pos, i) for i, pos in enumerate(take) if pos is not None)
         layout = [self.source_shape[i] for _, i in kept]
         self.shape = tuple(([1] if add_channel else []) + layout)
@@ -65,14 +92,6 @@ class LazyTiff:
         state["_source"] = None
         state["_pid"] = None
         return state
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
 
     @property
     def backend(self) -> str:
@@ -109,10 +128,10 @@ class LazyTiff:
         return self._source
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        layout_key = _normalise_key(key, self.ndim)
+        layout_key = basic_key(key, self.ndim)
         source_key: list[Any] = []
-        for pos in self.take:
-            source_key.append(0 if pos is None else layout_key[pos])
+        for axis, pos in enumerate(self.take):
+            source_key.append(self.fixed.get(axis, 0) if pos is None else layout_key[pos])
         try:
             data = np.asarray(self._open()[tuple(source_key)], dtype=self.dtype)
         except DataError:
@@ -127,15 +146,11 @@ class LazyTiff:
             data = data[None][layout_key[0]] if isinstance(layout_key[0], slice) else data
         return data
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        data = self[...]
-        return data if dtype is None else data.astype(dtype)
-
     def __repr__(self) -> str:
         return f"LazyTiff({str(self.path)!r}, shape={self.shape}, dtype={self.dtype})"
 
 
-def _normalise_key(key: Any, ndim: int) -> list[Any]:
+def basic_key(key: Any, ndim: int) -> list[Any]:
     """A full-length list of slices and integers for a basic-indexing key."""
     if not isinstance(key, tuple):
         key = (key,)
@@ -147,5 +162,5 @@ def _normalise_key(key: Any, ndim: int) -> list[Any]:
         raise IndexError(f"too many indices: {len(key)} for {ndim} axes")
     for k in key:
         if not isinstance(k, (slice, int, np.integer)):
-            raise TypeError(f"LazyTiff supports slices and integers only, got {type(k).__name__}")
+            raise TypeError(f"lazy arrays support slices and integers only, got {type(k).__name__}")
     return list(key)

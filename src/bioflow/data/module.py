@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 from bioflow.data.augment import Augmenter, TargetKind
 from bioflow.data.normalize import Normalizer, PercentileNorm
 from bioflow.data.patches import PatchDataset, PatchIndex, WholeImageDataset
-from bioflow.data.records import ImageRecord, check_records
+from bioflow.data.records import ImageRecord, check_records, check_target_kind
+from bioflow.data.views import select_channels
 from bioflow.data.split import apply_split_names, split_names, split_records
 from bioflow.config import component
 from bioflow.errors import ConfigError, DataError
@@ -40,6 +41,8 @@ class BioflowDataModule(L.LightningDataModule):
         A recorded split (names per split) to reuse instead of drawing one, e.g. at evaluation.
     normalization
         A model's stored normalisation (:meth:`Normalizer.as_dict`) to apply instead of fitting one.
+    task_name
+        The task's name: when given, targets of the wrong kind for it are an error that says so.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class BioflowDataModule(L.LightningDataModule):
         target_fn: Callable | None = None,
         split: Mapping[str, list[str]] | None = None,
         normalization: Mapping[str, Any] | None = None,
+        task_name: str | None = None,
     ) -> None:
         super().__init__()
         self.cfg = dict(data)
@@ -63,6 +67,7 @@ class BioflowDataModule(L.LightningDataModule):
         self.evaluation_split = "test"
         self.splits: dict[str, list[ImageRecord]] | None = None
         self.stored_normalization = normalization
+        self.task_name = task_name
         self.normalizer: Normalizer | None = None
 
     # -- preparation, done once, before the model is built ---------------------------------
@@ -72,6 +77,10 @@ class BioflowDataModule(L.LightningDataModule):
             return
         name, kwargs = component(self.cfg["source"])
         records = registry.create("datasets", name, where="data.source", **kwargs)
+        if self.cfg.get("channels"):
+            records = [select_channels(r, self.cfg["channels"]) for r in records]
+        if self.task_name is not None:
+            check_target_kind(records, self.target_kind, self.task_name)
         check_records(
             records, needs_target=self.target_kind in ("mask", "image"),
             allow_empty_targets=bool(self.cfg.get("allow_empty_masks", False)),
@@ -81,7 +90,10 @@ class BioflowDataModule(L.LightningDataModule):
             self.splits = apply_split_names(records, self.recorded_split)
         else:
             s = self.cfg["split"]
-            self.splits = split_records(records, s["val"], s["test"], s["seed"], train=s.get("train"))
+            self.splits = split_records(records, s["val"], s["test"], s["seed"], train=s.get("train"), by=s.get("by", "image"))
+            if any("region" in r.meta for rs in self.splits.values() for r in rs):
+                log.warning("data: too few images to hold whole images out; validation and test come from held-out "
+                            "regions of each image (recorded in the run's split.json)")
         if self.stored_normalization is not None:
             self.normalizer = Normalizer.from_dict(self.stored_normalization, self.cfg["normalize"])
         else:

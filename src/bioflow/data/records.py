@@ -65,6 +65,34 @@ def blocks(array, max_elements: int = 1 << 24):
         yield np.asarray(array[start:start + step])
 
 
+def check_target_kind(records: Sequence[ImageRecord], target_kind: str, task: str) -> None:
+    """Raise :class:`DataError` when the data's targets are not what the task trains on.
+
+    ``target_kind``: ``mask`` (label masks), ``image`` (target images) or ``optional_image``
+    (images, or none: a label mask is an error).
+    """
+    for r in records:
+        if r.target is None:
+            continue
+        where = r.source or r.name
+        is_mask = len(r.target.shape) == len(r.spatial_shape)
+        if target_kind == "mask" and not is_mask:
+            raise DataError(
+                f"{where}: task '{task}' needs label masks (one integer per object or class), but this target is an "
+                "image; give masks with data=tiff_folder data.source.masks=..."
+            )
+        if target_kind == "image" and is_mask:
+            raise DataError(
+                f"{where}: task '{task}' learns from target images (data=tiff_pairs data.source.targets=...), "
+                "not label masks"
+            )
+        if target_kind == "optional_image" and is_mask:
+            raise DataError(
+                f"{where}: task '{task}' trains on the noisy images alone and takes no masks; remove them "
+                "(data.source.masks=null)"
+            )
+
+
 def check_records(
     records: Sequence[ImageRecord], needs_target: bool, allow_empty_targets: bool = False, mask_targets: bool = True
 ) -> None:
@@ -109,10 +137,11 @@ def check_records(
             log.warning("%s: the mask is all zero (no objects)", where)
 
 
-def check_finite(array, where: str) -> None:
+def check_finite(array, where: str, when: str = "training") -> None:
+    """Raise :class:`DataError` if a floating-point image has NaN or infinite pixels."""
     if not np.issubdtype(np.dtype(array.dtype), np.floating):
         return
     for block in blocks(array):
         if not np.isfinite(block).all():
             kind = "NaN" if np.isnan(block).any() else "infinite"
-            raise DataError(f"{where}: the image has {kind} pixel values; fix or mask them before training")
+            raise DataError(f"{where}: the image has {kind} pixel values; fix or mask them before {when}")

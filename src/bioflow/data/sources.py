@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 
 from bioflow.data.records import ImageRecord
-from bioflow.data.tiff import TIFF_SUFFIXES, read_tiff
+from bioflow.data.tiff import TIFF_SUFFIXES, read_tiff_frames
 from bioflow.errors import DataError
 
 
@@ -60,6 +60,11 @@ def _stem(path: Path) -> str:
 
 
 def _tiff_files(folder: Path, what: str) -> dict[str, Path]:
+    """The TIFF files of a folder (or the one file given) by stem."""
+    if folder.is_file():
+        if not folder.name.lower().endswith(TIFF_SUFFIXES):
+            raise DataError(f"{folder}: not a .tif/.tiff file; give a TIFF file or a folder of them")
+        return {_stem(folder): folder}
     if not folder.is_dir():
         raise DataError(f"{folder}: {what} folder not found")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(TIFF_SUFFIXES))
@@ -108,10 +113,11 @@ def tiff_folder(
     Parameters
     ----------
     images
-        Folder of ``.tif``/``.tiff`` images (OME-TIFF included).
+        Folder of ``.tif``/``.tiff`` images (OME-TIFF included), or one such file. A time-lapse
+        (T axis) gives one image per time point, all in the same split.
     masks
         Folder of label masks, one per image, with the same file name (``a.tif`` pairs with
-        ``a.tif`` or ``a.tiff``). Leave out for tasks without masks.
+        ``a.tif`` or ``a.tiff``), or one file. Leave out for tasks without masks.
     axes
         Axes of the image files when their metadata does not say (e.g. ``ZYX``, ``CYX``, ``YXC``).
     mask_axes
@@ -123,18 +129,41 @@ def tiff_folder(
     image_files, mask_files = _paired_files(images, masks, "masks", "mask")
     records = []
     for stem, path in image_files.items():
-        image = read_tiff(path, axes, channels=True)
-        target = None
+        frames = read_tiff_frames(path, axes, channels=True)
+        targets: list[Any] = [None] * len(frames)
         if masks is not None:
-            spatial_axes = "".join(a for a in image.file_axes.upper() if a in "ZYX")
-            target = read_tiff(mask_files[stem], mask_axes or spatial_axes, channels=False).array
-            if not np.issubdtype(target.dtype, np.integer):
-                if not np.all(np.isfinite(target)) or np.any(np.mod(target, 1)):
-                    raise DataError(f"{mask_files[stem]}: mask values must be integer labels, found {target.dtype} fractions")
-                target = target.astype(np.int32)
-        size = tuple(pixel_size) if pixel_size is not None else image.pixel_size
-        records.append(ImageRecord(name=stem, image=image.array, target=target, pixel_size=size, source=str(path)))
+            spatial_axes = "".join(a for a in frames[0].file_axes.upper() if a in "TZYX")
+            mask_frames = read_tiff_frames(mask_files[stem], mask_axes or spatial_axes, channels=False)
+            _check_frames(mask_files[stem], len(mask_frames), path, len(frames))
+            targets = [_integer_labels(m.array, mask_files[stem]) for m in mask_frames]
+        records += _frame_records(stem, path, frames, targets, pixel_size)
     return records
+
+
+def _check_frames(target_path: Path, n_target: int, path: Path, n_image: int) -> None:
+    if n_target != n_image:
+        raise DataError(f"{target_path}: {n_target} time point(s), but its image {path.name} has {n_image}")
+
+
+def _integer_labels(target, path: Path):
+    if np.issubdtype(target.dtype, np.integer):
+        return target
+    values = np.asarray(target)
+    if not np.all(np.isfinite(values)) or np.any(np.mod(values, 1)):
+        raise DataError(f"{path}: mask values must be integer labels, found {target.dtype} fractions")
+    return values.astype(np.int32)
+
+
+def _frame_records(stem: str, path: Path, frames, targets, pixel_size) -> list[ImageRecord]:
+    """One record per time point; the frames of a file stay in one split (one group)."""
+    out = []
+    for image, target in zip(frames, targets):
+        size = tuple(pixel_size) if pixel_size is not None else image.pixel_size
+        name = stem if image.frames == 1 else f"{stem}_t{image.frame:04d}"
+        meta = {"channel_names": image.channel_names} if image.channel_names else {}
+        out.append(ImageRecord(name=name, image=image.array, target=target, pixel_size=size, source=str(path),
+                               group=stem if image.frames > 1 else None, meta=meta))
+    return out
 
 
 def synthetic_restoration(
@@ -183,8 +212,8 @@ def tiff_pairs(
     image_files, target_files = _paired_files(images, targets, "targets", "target")
     records = []
     for stem, path in image_files.items():
-        image = read_tiff(path, axes, channels=True)
-        target = read_tiff(target_files[stem], target_axes or image.file_axes, channels=True)
-        size = tuple(pixel_size) if pixel_size is not None else image.pixel_size
-        records.append(ImageRecord(name=stem, image=image.array, target=target.array, pixel_size=size, source=str(path)))
+        frames = read_tiff_frames(path, axes, channels=True)
+        target_frames = read_tiff_frames(target_files[stem], target_axes or frames[0].file_axes, channels=True)
+        _check_frames(target_files[stem], len(target_frames), path, len(frames))
+        records += _frame_records(stem, path, frames, [t.array for t in target_frames], pixel_size)
     return records

@@ -24,19 +24,23 @@ from bioflow.data.lazy import LazyTiff
 from bioflow.errors import DataError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
-# Letters bioflow understands: channels (C, and S for samples such as RGB), Z, Y, X; time (T) and
-# other axes are accepted only with length 1.
+# Letters bioflow understands: channels (C, and S for samples such as RGB), Z, Y, X, and time (T):
+# each time point is an image of its own. Other axes are accepted only with length 1.
 _CHANNEL = ("C", "S")
 _SPATIAL = ("Z", "Y", "X")
+_TIME = "T"
 
 
 @dataclass
 class TiffData:
-    """A TIFF image in bioflow's layout."""
+    """A TIFF image (one time point of a time-lapse) in bioflow's layout."""
 
-    array: Any  # numpy array or memory map, channel-first for images, spatial for masks
+    array: Any  # lazy array, channel-first for images, spatial for masks
     file_axes: str
     pixel_size: tuple[float, ...] | None
+    frame: int = 0  # the time point
+    frames: int = 1  # time points in the file
+    channel_names: list[str] | None = None
 
 
 def _metadata_axes(tif) -> str | None:
@@ -84,7 +88,7 @@ def layout_plan(axes: str, shape: tuple[int, ...], path: Path, want_channels: bo
     if "Y" not in axes or "X" not in axes:
         raise DataError(f"{path}: axes '{axes}' lack Y or X")
     for a, n in zip(axes, shape):
-        if a not in _CHANNEL + _SPATIAL and n != 1:
+        if a not in _CHANNEL + _SPATIAL + (_TIME,) and n != 1:
             raise DataError(
                 f"{path}: axis '{a}' has length {n}; bioflow reads one {a}-point per file "
                 "(split the file, or declare the axes if this is a channel or Z axis)"
@@ -116,8 +120,34 @@ def _check_complete(path: Path, tif) -> None:
             raise DataError(f"{path}: the file is truncated ({size} bytes, its image data needs {max(ends)})")
 
 
-def read_tiff(path: str | Path, axes: str | None = None, *, channels: bool) -> TiffData:
-    """Open one TIFF as an image (``channels=True``) or as a mask.
+def _channel_names(tif) -> list[str] | None:
+    """Channel names from OME metadata (``Channel Name=...``), when every channel has one."""
+    if not tif.is_ome:
+        return None
+    try:
+        root = ET.fromstring(tif.ome_metadata)
+        pixels = next(el for el in root.iter() if el.tag.endswith("Pixels"))
+        names = [ch.get("Name") for ch in pixels if ch.tag.endswith("Channel")]
+    except (ET.ParseError, StopIteration):
+        return None
+    return names if names and all(names) else None
+
+
+def read_tiff(path: str | Path, axes: str | None = None, *, channels: bool, axes_option: str = "data.source.axes") -> TiffData:
+    """Open one TIFF of a single time point as an image (``channels=True``) or as a mask.
+
+    A time-lapse is an error here (see :func:`read_tiff_frames`).
+    """
+    frames = read_tiff_frames(path, axes, channels=channels, axes_option=axes_option)
+    if len(frames) > 1:
+        raise DataError(f"{path}: a time-lapse of {len(frames)} time points where one image is expected")
+    return frames[0]
+
+
+def read_tiff_frames(
+    path: str | Path, axes: str | None = None, *, channels: bool, axes_option: str = "data.source.axes"
+) -> list[TiffData]:
+    """Open one TIFF as images (``channels=True``) or masks, one per time point (T axis).
 
     Parameters
     ----------
@@ -128,6 +158,13 @@ def read_tiff(path: str | Path, axes: str | None = None, *, channels: bool) -> T
         single page needs none.
     channels
         Return (C, [Z], Y, X) for images, or ([Z], Y, X) for masks.
+    axes_option
+        How messages name the option that declares axes (``--axes`` for ``bioflow predict``).
+
+    Returns
+    -------
+    list of TiffData
+        One lazy view per time point (a single one without a T axis).
     """
     import tifffile
 
@@ -150,12 +187,21 @@ def read_tiff(path: str | Path, axes: str | None = None, *, channels: bool) -> T
             else:
                 raise DataError(
                     f"{path}: data of shape {tuple(series.shape)} without axes metadata; declare them "
-                    "with data.source.axes (for example ZYX, CYX or YXC)"
+                    f"with {axes_option} (for example ZYX, CYX, YXC or TYX)"
                 )
         if found and axes and axes.upper() != found:
-            raise DataError(f"{path}: the file's metadata says axes '{found}' but data.source.axes is '{axes}'")
+            raise DataError(f"{path}: the file's metadata says axes '{found}' but {axes_option} is '{axes}'")
         _check_complete(path, tif)
         take, add_channel = layout_plan(file_axes, tuple(series.shape), path, want_channels=channels)
         pixel_size = _pixel_size(tif, file_axes)
-        array = LazyTiff(path, tuple(series.shape), series.dtype, take, add_channel)
-    return TiffData(array=array, file_axes=file_axes, pixel_size=pixel_size)
+        names = _channel_names(tif) if channels else None
+    time_axis = file_axes.find(_TIME)
+    n_frames = int(series.shape[time_axis]) if time_axis >= 0 else 1
+    return [
+        TiffData(
+            array=LazyTiff(path, tuple(series.shape), series.dtype, take, add_channel,
+                           fixed={time_axis: t} if time_axis >= 0 else None),
+            file_axes=file_axes, pixel_size=pixel_size, frame=t, frames=n_frames, channel_names=names,
+        )
+        for t in range(n_frames)
+    ]
