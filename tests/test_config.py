@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,47 @@ def test_every_group_has_options():
     assert {"task", "data", "model", "loss", "sampler", "trainer", "logger", "experiment"} <= groups
 
 
+#: Options that fit only some tasks are composed with such a task.
+FITTING_TASK = {("batch_transform", o): "task=n2v" for o in ("n2v", "n2v2", "structn2v")} | {
+    ("loss", "stardist"): "task=stardist", ("loss", "mae"): "task=care", ("loss", "mse"): "task=care",
+    ("loss", "masked_mse"): "task=n2v",
+}
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_shipped_config_composes_and_validates(group, option, tmp_path):
+    overrides = [f"{group}={option}"] + ([FITTING_TASK[(group, option)]] if (group, option) in FITTING_TASK else [])
     # options with mandatory values (`???`, e.g. folders of the user's data) get placeholders
-    filled = [f"{key}={tmp_path}" for key in missing_keys(f"{group}={option}")]
-    config = composed(f"{group}={option}", *filled)
+    filled = [f"{key}={tmp_path}" for key in missing_keys(*overrides)]
+    config = composed(*overrides, *filled)
     validate(config)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task=n2v", "loss=ce_dice"], "loss=ce_dice: task 'n2v' trains on blind-spot masked images"),
+        (["task=care", "loss=stardist"], "use loss=mae"),
+        (["task=stardist", "loss=dice"], "use loss=stardist"),
+        (["task=segmentation", "loss=masked_mse"], "class masks"),
+        (["task=segmentation", "batch_transform=n2v"], "batch_transform=n2v: task 'segmentation' does not use"),
+        (["task=stardist", "postprocessor=connected_components"], "postprocessor=connected_components"),
+        (["task=care", "batch_transform=n2v"], "batch_transform=null"),
+    ],
+)
+def test_components_that_do_not_fit_the_task_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(composed(*overrides))
+
+
+def test_a_task_brings_its_own_loss_model_and_transform():
+    stardist, n2v, care = composed("task=stardist"), composed("task=n2v"), composed("task=care")
+    assert stardist["loss"]["name"] == "stardist" and stardist["model"]["upsampling"] == "nearest"
+    assert n2v["loss"]["name"] == "masked_mse" and n2v["batch_transform"]["name"] == "n2v"
+    assert care["loss"]["name"] == "mae" and care["model"]["residual"] is True
+    assert composed("task=stardist", "model=unet")["model"]["norm"] == "batch"  # the command line still wins
+    for config in (stardist, n2v, care):
+        validate(config)
 
 
 def test_configs_are_shipped_in_the_package():

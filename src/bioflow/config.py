@@ -33,6 +33,7 @@ class Split:
     test: Union[float, list[str]] = 0.2
     seed: int = 0
     train: Optional[list[str]] = None
+    by: str = "image"
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Data:
     augment: Optional[dict[str, Optional[dict[str, Any]]]] = None
     allow_empty_masks: bool = False
     min_foreground: float = 0.0
+    channels: Optional[list[Union[int, str]]] = None
 
 
 @dataclass
@@ -102,6 +104,7 @@ class TrainConfig:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     postprocessor: Optional[Component] = None
     batch_transform: Optional[Component] = None
+    init_from: Optional[str] = None
 
 
 #: Trainer arguments bioflow sets itself.
@@ -190,6 +193,38 @@ def validate_components(config: Mapping[str, Any]) -> None:
     check_arguments(registry.load("datasets", name), kwargs, where="data.source", label=f"dataset '{name}'")
     check_arguments(L.Trainer, config["trainer"], where="trainer", label="the Lightning Trainer")
     check_optimization(config)
+    check_compatibility(config, task_name, task_cls)
+
+
+#: What a task's loss target is, in words, and losses that take it (for messages).
+_LOSS_TARGETS = {
+    "classes": ("class masks", "ce_dice, cross_entropy, dice, focal"),
+    "stardist": ("StarDist targets", "stardist"),
+    "image": ("target images", "mae, mse"),
+    "masked_image": ("blind-spot masked images", "masked_mse"),
+}
+
+
+def check_compatibility(config: Mapping[str, Any], task_name: str, task_cls: Any) -> None:
+    """Refuse components that do not fit the task, or that the task would not use."""
+    from bioflow.registry import registry
+
+    loss_name, _ = component(config["loss"])
+    takes = tuple(getattr(registry.load("losses", loss_name), "bioflow_targets", ("classes",)))
+    wanted = task_cls.loss_targets
+    if wanted not in takes:
+        what, fits = _LOSS_TARGETS.get(wanted, (wanted, ""))
+        given = " or ".join(_LOSS_TARGETS.get(t, (t,))[0] for t in takes)
+        hint = f"; use loss={fits.split(',')[0]}" + (f" (losses for it: {fits})" if "," in fits else "") if fits else ""
+        raise ConfigError(f"loss={loss_name}: task '{task_name}' trains on {what}, this loss on {given}{hint}")
+    for section in ("batch_transform", "postprocessor"):
+        node = config.get(section)
+        if node is not None and section not in task_cls.uses:
+            users = {"batch_transform": "n2v", "postprocessor": "segmentation"}[section]
+            raise ConfigError(
+                f"{section}={node['name']}: task '{task_name}' does not use a {section.replace('_', ' ')} "
+                f"(task '{users}' does); remove it with {section}=null"
+            )
 
 
 def validate(config: Mapping[str, Any]) -> None:

@@ -9,6 +9,8 @@ from torch import nn
 class MAELoss(nn.Module):
     """Mean absolute error between prediction and target (CARE's usual loss)."""
 
+    bioflow_targets = ("image",)
+
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (prediction - target).abs().mean()
 
@@ -33,6 +35,8 @@ class MaskedMSELoss(nn.Module):
     channels ``:C`` the values the network must predict, ``C:`` 1 where the loss counts. An empty
     mask gives 0 (with a graph).
     """
+
+    bioflow_targets = ("masked_image",)
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         from bioflow.transforms.n2v import masked_mse

@@ -25,6 +25,8 @@ class CrossEntropyLoss(nn.Module):
         loss is the weighted mean ``sum_i w[y_i] * ce_i / sum_i w[y_i]`` over counted pixels.
     """
 
+    bioflow_targets = ("classes",)
+
     def __init__(self, class_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
@@ -57,6 +59,8 @@ class FocalLoss(nn.Module):
     class_weights
         Optional weight per class (background first).
     """
+
+    bioflow_targets = ("classes",)
 
     def __init__(self, gamma: float = 2.0, class_weights: Sequence[float] | None = None) -> None:
         super().__init__()
@@ -91,6 +95,8 @@ class DiceLoss(nn.Module):
         Whether class 0 takes part in the mean.
     """
 
+    bioflow_targets = ("classes",)
+
     def __init__(self, smooth: float = 1.0, include_background: bool = True) -> None:
         super().__init__()
         self.smooth = smooth
@@ -112,6 +118,8 @@ class DiceLoss(nn.Module):
 
 class CrossEntropyDiceLoss(nn.Module):
     """``ce_weight * cross-entropy + dice_weight * soft Dice``."""
+
+    bioflow_targets = ("classes",)
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ class StarDistLoss(nn.Module):
     """
 
     bioflow_spatial_dims = (2,)
+    bioflow_targets = ("stardist",)
 
     def __init__(self, prob_weight: float = 1.0, dist_weight: float = 0.2,
                  dist_norm: Literal["prob", "pixels"] = "prob", background_reg: float = 1e-4) -> None:

@@ -60,16 +60,24 @@ class BaseTask(L.LightningModule):
         The whole resolved config (plain Python containers).
     data_info
         Channels, dimensionality, pixel size and split of the training data.
+    inference
+        Build only what prediction needs (no loss, no training transforms).
     """
 
     #: How targets reach the task: "mask" (label images), "image" (restoration) or "none".
     target_kind: ClassVar[str] = "mask"
+    #: What the task hands its loss as target; a loss names the ones it takes in ``bioflow_targets``
+    #: (losses that do not say take ``classes``).
+    loss_targets: ClassVar[str] = "classes"
+    #: Config sections the task uses besides model, loss, sampler and data; naming another
+    #: optional component (e.g. ``batch_transform``) is an error, never silently ignored.
+    uses: ClassVar[tuple[str, ...]] = ()
     #: Settings accepted in the ``task`` config section, with their defaults.
     settings: ClassVar[dict[str, Any]] = {}
     #: For settings added after a release: the value that reproduces models saved without them.
     legacy_settings: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, config: dict[str, Any], data_info: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters({"config": config, "data_info": data_info}, logger=False)
         self.config = config
@@ -81,7 +89,8 @@ class BaseTask(L.LightningModule):
         self.net = self.build_network()
         if self._memory_format is not None:
             self.net = self.net.to(memory_format=self._memory_format)
-        self.loss_fn = self.build_loss()
+        self.inference = inference
+        self.loss_fn = None if inference else self.build_loss()
         self._receptive_field: int | None = None
         self._auto_tile: list[int] | None = None
         self._warned_overlap = False
@@ -186,7 +195,7 @@ class BaseTask(L.LightningModule):
         tile = tile_size or cfg["tile_size"]
         if tile is None:
             if self._auto_tile is None:
-                from bioflow.predict import auto_tile_size
+                from bioflow.prediction import auto_tile_size
 
                 self._auto_tile = auto_tile_size(self, str(self.device), batch)
             tile = self._auto_tile
@@ -296,17 +305,23 @@ class BaseTask(L.LightningModule):
         self.mean_loss[stage].update(self.loss_fn(output[None], self.loss_target(target[None])))
         prediction = self.postprocess(output)
         self.update_metrics(stage, prediction, target)
-        self.collect_figure_sample(stage, batch, image, target, prediction)
+        if self.wants_figure_sample(stage):
+            self.collect_figure_sample(stage, batch, image, target, prediction, self.image_scores(prediction, target))
 
-    def collect_figure_sample(self, stage: str, batch, image, target, prediction) -> None:
-        """Keep the first few validation images for the epoch's figure."""
-        if stage == "val" and len(self.figure_samples) < self.n_figure_samples:
+    def wants_figure_sample(self, stage: str) -> bool:
+        return stage == "val" and len(self.figure_samples) < self.n_figure_samples
+
+    def collect_figure_sample(self, stage: str, batch, image, target, prediction, scores=None) -> None:
+        """Keep the first few validation images for the epoch's figure (``target`` may be None;
+        ``scores``: this image's scores for the figure's titles)."""
+        if self.wants_figure_sample(stage):
             self.figure_samples.append(
                 {
                     "name": batch["name"][0],
                     "image": image.detach().cpu().numpy(),
-                    "target": target.detach().cpu().numpy(),
+                    "target": None if target is None else target.detach().cpu().numpy(),
                     "prediction": prediction.detach().cpu().numpy(),
+                    "scores": dict(scores or {}),
                 }
             )
 
@@ -337,6 +352,10 @@ class BaseTask(L.LightningModule):
 
     def update_metrics(self, stage: str, prediction: torch.Tensor, target: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def image_scores(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """Scores of one image, for the titles of the validation figures (default: none)."""
+        return {}
 
     def log_metrics(self, stage: str) -> None:
         raise NotImplementedError

@@ -66,9 +66,10 @@ class RestorationTask(BaseTask):
         "monitor_mode": "min",
     }
     caveat: ClassVar[str] = ""
+    loss_targets: ClassVar[str] = "image"
 
-    def __init__(self, config: dict[str, Any], data_info: dict[str, Any]) -> None:
-        super().__init__(config, data_info)
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False) -> None:
+        super().__init__(config, data_info, inference)
         self.quality = torch.nn.ModuleDict({stage: _ImageQuality() for stage in ("val", "test")})
 
     def out_channels(self) -> int:
@@ -85,6 +86,20 @@ class RestorationTask(BaseTask):
         prediction, truth = to_units(output, norm), to_units(target, norm)
         self.quality[stage].update(prediction, truth, self.data_range(truth))
         return prediction
+
+    def figure_sample(self, stage: str, batch, image, prediction, target, norm) -> None:
+        """The figure's sample in image units, with the PSNR of the prediction and of the input."""
+        if not self.wants_figure_sample(stage):
+            return
+        from torchmetrics.functional.image import peak_signal_noise_ratio
+
+        image, truth = to_units(image, norm), None if target is None else to_units(target, norm)
+        scores = {}
+        if truth is not None:
+            data_range = self.data_range(truth)
+            scores = {"PSNR": float(peak_signal_noise_ratio(prediction.float(), truth.float(), data_range=data_range)),
+                      "input PSNR": float(peak_signal_noise_ratio(image.float(), truth.float(), data_range=data_range))}
+        self.collect_figure_sample(stage, batch, image, truth, prediction, scores)
 
     def log_metrics(self, stage: str) -> None:
         if self.quality[stage].psnr.update_count:
@@ -138,7 +153,7 @@ class CARETask(RestorationTask):
         output = self.predict_image(image)
         self.mean_loss[stage].update(self.loss_fn(output[None], target[None]))
         prediction = self.update_quality(stage, output, target, norm)
-        self.collect_figure_sample(stage, batch, to_units(image, norm), to_units(target, norm), prediction)
+        self.figure_sample(stage, batch, image, prediction, target, norm)
 
 
 class N2VTask(RestorationTask):
@@ -151,18 +166,20 @@ class N2VTask(RestorationTask):
     """
 
     target_kind: ClassVar[str] = "optional_image"
+    loss_targets: ClassVar[str] = "masked_image"
+    uses: ClassVar[tuple[str, ...]] = ("batch_transform",)
     caveat: ClassVar[str] = (
         "Noise2Void removes only noise that is independent from pixel to pixel; structured or correlated noise "
         "(e.g. stripes, scan lines, camera patterns) stays and can leave artefacts (try structN2V)"
     )
 
-    def __init__(self, config: dict[str, Any], data_info: dict[str, Any]) -> None:
-        super().__init__(config, data_info)
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False) -> None:
+        super().__init__(config, data_info, inference)
         node = config.get("batch_transform")
         if node is None:
             raise ConfigError("batch_transform: Noise2Void needs a blind-spot batch transform, e.g. batch_transform=n2v")
         name, kwargs = component(node)
-        self.masking = registry.create("batch_transforms", name, where="batch_transform", **kwargs)
+        self.masking = None if inference else registry.create("batch_transforms", name, where="batch_transform", **kwargs)
         self._generators: dict[str, torch.Generator] = {}
 
     def _generator(self, kind: str) -> torch.Generator:
@@ -192,8 +209,10 @@ class N2VTask(RestorationTask):
         masked, mask = self.masking(image[None], generator=self._generator("val"))
         blind = self.predict_image(masked[0])
         self.mean_loss[stage].update(self.loss_fn(blind[None], torch.cat([image[None], mask.to(image.dtype)], dim=1)))
-        if "target" not in batch:
+        if "target" not in batch:  # no clean image: the figure shows input and prediction only
+            if self.wants_figure_sample(stage):
+                self.figure_sample(stage, batch, image, to_units(self.predict_image(image), norm), None, norm)
             return
         output = self.predict_image(image)
         prediction = self.update_quality(stage, output, batch["target"][0], norm)
-        self.collect_figure_sample(stage, batch, to_units(image, norm), to_units(batch["target"][0], norm), prediction)
+        self.figure_sample(stage, batch, image, prediction, batch["target"][0], norm)

@@ -42,6 +42,7 @@ class SegmentationTask(BaseTask):
     """
 
     target_kind: ClassVar[str] = "mask"
+    uses: ClassVar[tuple[str, ...]] = ("postprocessor",)
     settings: ClassVar[dict[str, Any]] = {
         "target": "binary",
         "num_classes": 2,
@@ -50,8 +51,8 @@ class SegmentationTask(BaseTask):
         "monitor_mode": "max",
     }
 
-    def __init__(self, config: dict[str, Any], data_info: dict[str, Any]) -> None:
-        super().__init__(config, data_info)
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False) -> None:
+        super().__init__(config, data_info, inference)
         settings = self.task_settings
         if settings["target"] == "binary" and settings["num_classes"] != 2:
             raise ConfigError("task.num_classes: binary targets have exactly 2 classes")
@@ -87,6 +88,13 @@ class SegmentationTask(BaseTask):
     def log_metrics(self, stage: str) -> None:
         self.log_scores(stage, self.metrics[stage].compute())
         self.metrics[stage].reset()
+
+    def image_scores(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """Dice of the foreground (all classes but background) of one image."""
+        valid = target != IGNORE_INDEX
+        pred, true = (prediction > 0) & valid, (target > 0) & valid
+        total = int(pred.sum() + true.sum())
+        return {"Dice": 2.0 * int((pred & true).sum()) / total if total else 1.0}
 
 
 class _SegmentationSession(PredictionSession):

@@ -23,7 +23,7 @@ import torch
 from bioflow.errors import ConfigError
 from bioflow.inference.outputs import OutputSpec, PredictionSession
 from bioflow.metrics.instance import InstanceMatchingMetric
-from bioflow.metrics.matching import DEFAULT_THRESHOLDS, match_dataset
+from bioflow.metrics.matching import DEFAULT_THRESHOLDS, match_dataset, match_instances
 from bioflow.registry import registry
 from bioflow.stardist.model import GridStem, StarDistNet
 from bioflow.stardist.nms import non_maximum_suppression
@@ -56,6 +56,7 @@ class StarDistTask(BaseTask):
     """
 
     target_kind: ClassVar[str] = "mask"
+    loss_targets: ClassVar[str] = "stardist"
     settings: ClassVar[dict[str, Any]] = {
         "n_rays": 32,
         "grid": [2, 2],
@@ -74,10 +75,10 @@ class StarDistTask(BaseTask):
     #: is rebuilt as it was trained).
     legacy_settings: ClassVar[dict[str, Any]] = {"pool_first": False, "head_features": 32}
 
-    def __init__(self, config: dict[str, Any], data_info: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False) -> None:
         if data_info["spatial_dims"] != 2:
             raise ConfigError("task: StarDist in bioflow is 2D; the data are 3D (use the segmentation task)")
-        super().__init__(config, data_info)
+        super().__init__(config, data_info, inference)
         s = self.task_settings
         if s["criterion"] not in ("min_area", "iou"):
             raise ConfigError(f"task.criterion: 'min_area' or 'iou', got {s['criterion']!r}")
@@ -151,7 +152,10 @@ class StarDistTask(BaseTask):
         self.mean_loss[stage].update(self.loss_fn(output[None], self.loss_target(labels[None])))
         prediction = self.postprocess(output, labels.shape)
         self.metrics[stage].update(labels.cpu().numpy(), prediction.numpy())
-        self.collect_figure_sample(stage, batch, image, labels, prediction)
+        if self.wants_figure_sample(stage):
+            stats = match_instances(labels.cpu().numpy(), prediction.numpy(), [0.5])[0.5]
+            scores = {"accuracy@0.5": stats.accuracy, "objects": float(stats.n_pred), "true": float(stats.n_true)}
+            self.collect_figure_sample(stage, batch, image, labels, prediction, scores)
 
     def log_metrics(self, stage: str) -> None:
         scores = {metric_key(k): v for k, v in self.metrics[stage].compute().items()}
