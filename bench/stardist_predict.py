@@ -35,7 +35,7 @@ def main() -> None:
     from bioflow.checkpoint import load_model
     from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
     from bioflow.metrics.matching import match_instances
-    from bioflow.predict import choose_device
+    from bioflow.prediction import choose_device
     from bioflow.tracking.store import Store
 
     image, truth = synthetic_nuclei_image((args.size, args.size), seed=123, index=0)

@@ -132,7 +132,7 @@ args = json.loads(sys.argv[1])
 import torch
 torch.set_num_threads(args["threads"])
 import bioflow
-from bioflow.predict import predict
+from bioflow.prediction import predict
 start = time.perf_counter()
 summary = bioflow.train(args["overrides"])
 train_wall = time.perf_counter() - start

@@ -22,7 +22,7 @@ from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
-from bioflow.predict import predict
+from bioflow.prediction import predict
 model, image, out, variant, device, threads = sys.argv[1:7]
 import torch
 torch.set_num_threads(int(threads))

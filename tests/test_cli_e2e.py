@@ -124,7 +124,7 @@ def test_evaluate_checkpoint_file_and_bad_inputs(trained, tmp_path):
     assert "eval_val/dice_fg_mean" in result.stdout
     missing = run_cli("evaluate", "0" * 32, "--project-dir", str(project_dir))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
-    assert "cannot get its checkpoint" in missing.stderr
+    assert "not found in" in missing.stderr and str(project_dir) in missing.stderr
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     bad = run_cli("evaluate", str(garbage), "--project-dir", str(project_dir))

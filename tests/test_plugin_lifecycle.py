@@ -80,5 +80,8 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     for command in (["evaluate", str(tmp_path / "evil.ckpt"), "--no-log"],
                     ["predict", str(tmp_path / "evil.ckpt"), str(tmp_path / "a.tif"), "--out", str(tmp_path / "o")]):
         result = run_cli(*command)
-        assert result.returncode == 2 and "refused to load" in result.stderr and "posix.system" in result.stderr
+        assert result.returncode == 2 and "refused" in result.stderr and "posix.system" in result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line and len(line) < 250 and "allowlist" not in line.lower() and "Traceback" not in line
     assert not marker.exists()
+    assert not (tmp_path / "o").exists()  # nothing was written for a refused model

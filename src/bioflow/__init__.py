@@ -1,7 +1,8 @@
 """bioflow: train and apply CNNs for bioimage analysis from Hydra configs.
 
-The Python API (:mod:`bioflow.api`): ``bioflow.train``; heavy libraries load on first use, so
-``import bioflow`` stays instant.
+The Python API (:mod:`bioflow.api`, docs/python-api.md): ``bioflow.train``, ``bioflow.predict``,
+``bioflow.evaluate``, ``bioflow.load_model``; heavy libraries load on first use, so ``import
+bioflow`` stays instant.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -11,7 +12,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-_API = ("train",)
+_API = ("train", "predict", "evaluate", "load_model", "Model")
 
 __all__ = ["__version__", *_API]
 

@@ -46,7 +46,7 @@ def train(overrides: Sequence[str] | Mapping[str, Any] | None = None, *, job_dir
         ``output_dir``, ``predict`` and ``dashboard`` (commands), ``performance``.
     """
     from bioflow.config import compose, validate
-    from bioflow.train import run_training
+    from bioflow.training import run_training
 
     config = compose(_as_overrides(overrides))
     validate(config)
@@ -56,3 +56,134 @@ def train(overrides: Sequence[str] | Mapping[str, Any] | None = None, *, job_dir
     job_dir = Path(job_dir).expanduser().resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
     return run_training(config, job_dir)
+
+
+def predict(model: str, inputs: str | Path | Sequence[str | Path], out: str | Path, **options: Any) -> list[dict[str, Path]]:
+    """Predict TIFF files with a trained model, as ``bioflow predict`` does (tiled, any size).
+
+    Parameters
+    ----------
+    model
+        An MLflow run id (found in the store it was trained into) or a checkpoint file.
+    inputs
+        TIFF files or folders of them.
+    out
+        Output folder (created when there is something to write; inputs are never overwritten).
+    **options
+        ``project_dir``, ``tracking_uri``, ``axes``, ``tile_size``, ``overlap``, ``batch_size``,
+        ``tta``, ``blend``, ``rescale``, ``device``, ``overwrite``, ``progress``: the options of
+        ``bioflow predict``.
+
+    Returns
+    -------
+    list of dict
+        For each input, its output files by output name (``labels``, ``restored``, ...).
+    """
+    from bioflow.prediction import predict as predict_files
+
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    options.setdefault("progress", False)
+    return predict_files(model, [str(i) for i in items], str(out), **options)
+
+
+class Model:
+    """A trained model loaded for use in Python: ``model.predict(array)`` on numpy arrays.
+
+    Attributes
+    ----------
+    task
+        The bioflow task (a LightningModule) with its network, in eval mode.
+    run_id
+        The MLflow run it was trained in, when known.
+    outputs
+        Names of what :meth:`predict` returns, the main result first.
+    """
+
+    def __init__(self, loaded) -> None:
+        self.task = loaded.task
+        self.run_id = loaded.run_id
+        self.checkpoint = loaded.checkpoint
+        self.outputs = [spec.name for spec in self.task.prediction_outputs()]
+
+    def __repr__(self) -> str:
+        info = self.task.data_info
+        return (f"bioflow.Model(task={self.task.config['task']['name']!r}, {info.spatial_dims}D, "
+                f"{info.in_channels} channel(s), run_id={self.run_id!r})")
+
+    def predict(self, image, axes: str | None = None, **options: Any) -> dict[str, Any]:
+        """Predict one image (or every time point of a time-lapse) held in memory.
+
+        Parameters
+        ----------
+        image
+            A numpy array (or anything numpy reads).
+        axes
+            Its axes, e.g. ``"YX"``, ``"CYX"``, ``"YXC"``, ``"ZYX"``, ``"TYX"``. Default: the image's
+            spatial axes (``YX`` / ``ZYX``), with a leading channel axis if it has one more.
+        **options
+            ``tile_size``, ``overlap``, ``batch_size``, ``tta``, ``blend`` as for ``bioflow predict``.
+
+        Returns
+        -------
+        dict
+            Output name -> array: label images ``([T], [Z], Y, X)``, restored images
+            ``([T], C, [Z], Y, X)``; a ``T`` axis first when ``axes`` has one.
+        """
+        import numpy as np
+
+        from bioflow.data.tiff import layout_plan
+        from bioflow.errors import DataError
+        from bioflow.prediction import check_options, predict_array
+
+        check_options(**{k: options.get(k) for k in ("tile_size", "overlap", "batch_size")})
+        array = np.asarray(image)
+        dims = self.task.data_info.spatial_dims
+        if axes is None:
+            spatial = "ZYX"[-dims:]
+            if array.ndim == dims:
+                axes = spatial
+            elif array.ndim == dims + 1:
+                axes = "C" + spatial
+            else:
+                raise DataError(f"an image of shape {array.shape} for a {dims}D model: give its axes (e.g. axes='TYX')")
+        axes = axes.upper()
+        frames = [array] if "T" not in axes else [np.take(array, t, axis=axes.index("T")) for t in range(array.shape[axes.index("T")])]
+        frame_axes = axes.replace("T", "")
+        results: list[dict[str, Any]] = []
+        for frame in frames:
+            take, add_channel = layout_plan(frame_axes, frame.shape, Path("the image"), want_channels=True)
+            kept = [i for i, pos in enumerate(take) if pos is not None]
+            squeezed = frame.squeeze(axis=tuple(i for i, pos in enumerate(take) if pos is None))
+            laid = np.transpose(squeezed, sorted(range(len(kept)), key=lambda j: take[kept[j]]))
+            laid = laid[None] if add_channel else laid
+            results.append(predict_array(self.task, laid, **options))
+        if "T" not in axes:
+            return results[0]
+        return {name: np.stack([r[name] for r in results]) for name in results[0]}
+
+
+def load_model(model: str, *, project_dir: str | Path | None = None, tracking_uri: str | None = None,
+               device: str = "auto") -> Model:
+    """Load a trained model (an MLflow run id or a checkpoint file) for prediction in Python.
+
+    Only what prediction needs is loaded (a missing training-only plugin, such as a loss, is not
+    required). ``device``: ``auto`` (a GPU if there is one), ``cpu``, ``cuda``, ``cuda:1``, ...
+    """
+    from bioflow.checkpoint import load_model as load
+    from bioflow.prediction import choose_device
+    from bioflow.tracking.store import Store, default_project_dir
+
+    explicit = project_dir is not None or tracking_uri is not None
+    store = Store.create(project_dir or default_project_dir(), tracking_uri)
+    loaded = load(str(model), store, inference=True, explicit_store=explicit)
+    loaded.task.to(choose_device(device, option="device"))
+    return Model(loaded)
+
+
+def evaluate(model: str, split: str = "test", **options: Any) -> dict[str, Any]:
+    """Metrics of a trained model on a split of its own data, as ``bioflow evaluate`` (logged into
+    its run unless ``log_to_run=False``). Options: ``project_dir``, ``tracking_uri``, ``log_to_run``.
+    Returns ``metrics``, ``n_images``, ``run_id`` and whether they were ``logged``."""
+    from bioflow.evaluation import evaluate as evaluate_model
+
+    return evaluate_model(str(model), split=split, **options)

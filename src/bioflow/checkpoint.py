@@ -24,32 +24,37 @@ _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MODEL_KEYS = ("state_dict", "hyper_parameters", "bioflow", "epoch", "global_step", "pytorch-lightning_version")
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint file safely (weights only); a one-line error if it cannot be used."""
+def load_checkpoint(path: str | os.PathLike, name: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint file safely (weights only); a one-line error if it cannot be used.
+
+    ``name`` is how messages call the file (e.g. the run it came from); default: its path.
+    """
     import pickle
     import zipfile
 
     import torch
 
     path = Path(path)
+    name = name or str(path)
     if not path.is_file():
-        raise BioflowError(f"{path}: checkpoint file not found")
+        raise BioflowError(f"{name}: checkpoint file not found")
     if not zipfile.is_zipfile(path):
-        raise BioflowError(f"{path}: not a readable checkpoint (not a file written by torch.save)")
+        raise BioflowError(f"{name}: not a readable checkpoint (not a file written by torch.save)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        offending = [ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln]
-        if offending:
+        offending = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if offending or "weights_only" in str(exc).lower():
+            what = f" ({offending.group(1)})" if offending else ""
             raise BioflowError(
-                f"{path}: refused to load: the file holds Python objects that would run code when loaded "
-                f"({offending[0]}); bioflow loads only weights and plain data"
+                f"{name}: refused: the checkpoint holds Python code or objects{what} that bioflow does not load "
+                "(it loads weights and plain data only)"
             ) from exc
-        raise BioflowError(f"{path}: not a readable checkpoint ({' '.join(str(exc).split())[-160:]})") from exc
+        raise BioflowError(f"{name}: not a readable checkpoint (damaged or not written by bioflow)") from exc
     except Exception as exc:
-        raise BioflowError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise BioflowError(f"{name}: not a readable checkpoint ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from exc
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "bioflow" not in checkpoint:
-        raise BioflowError(f"{path}: not a bioflow checkpoint (no weights or no bioflow metadata)")
+        raise BioflowError(f"{name}: not a bioflow checkpoint (no weights or no bioflow metadata)")
     return checkpoint
 
 
@@ -61,11 +66,20 @@ def save_model_checkpoint(source: str | os.PathLike, target: str | os.PathLike) 
     torch.save({k: checkpoint[k] for k in MODEL_KEYS if k in checkpoint}, target)
 
 
-def check_plugins_available(checkpoint: dict[str, Any], origin: str) -> None:
-    """Raise a one-line error naming the distribution to install when a component is missing."""
+#: Component kinds a model needs to predict (training-only ones, such as the loss, may be missing).
+INFERENCE_KINDS = ("architectures", "postprocessors")
+
+
+def check_plugins_available(checkpoint: dict[str, Any], origin: str, kinds: tuple[str, ...] | None = None) -> None:
+    """Raise a one-line error naming the distribution to install when a component is missing.
+
+    ``kinds`` limits the check to components of those kinds (default: all).
+    """
     from bioflow.registry import SINGULAR, registry
 
     for path, comp in checkpoint["bioflow"]["components"].items():
+        if kinds is not None and comp["kind"] not in kinds:
+            continue
         try:
             registry.resolve(comp["kind"], comp["qualified_name"])
         except RegistryError:
@@ -76,11 +90,15 @@ def check_plugins_available(checkpoint: dict[str, Any], origin: str) -> None:
             ) from None
 
 
-def task_from_checkpoint(checkpoint: dict[str, Any], origin: str):
-    """Rebuild the task (network and all) from a loaded checkpoint and load its weights."""
+def task_from_checkpoint(checkpoint: dict[str, Any], origin: str, inference: bool = False):
+    """Rebuild the task (network and all) from a loaded checkpoint and load its weights.
+
+    With ``inference`` only what prediction needs is built (no loss, no training transforms), so
+    a model predicts even where a training-only plugin is not installed.
+    """
     from bioflow.tasks import get_task
 
-    check_plugins_available(checkpoint, origin)
+    check_plugins_available(checkpoint, origin, INFERENCE_KINDS if inference else None)
     hparams = checkpoint["hyper_parameters"]
     config = hparams["config"]
     task_cls = get_task(config["task"]["name"])
@@ -88,7 +106,7 @@ def task_from_checkpoint(checkpoint: dict[str, Any], origin: str):
     missing = {k: v for k, v in task_cls.legacy_settings.items() if k not in config["task"]}
     if missing:
         config = {**config, "task": {**config["task"], **missing}}
-    task = task_cls(config, hparams["data_info"])
+    task = task_cls(config, hparams["data_info"], inference=inference)
     task.load_state_dict(checkpoint["state_dict"])
     task.eval()
     return task
@@ -102,24 +120,47 @@ class LoadedModel:
     checkpoint: dict[str, Any]
     run_id: str | None
     origin: str
+    store: Any = None
 
 
-def load_model(model: str, store) -> LoadedModel:
-    """Rebuild the model named by ``model``: a checkpoint file, or an MLflow run id in ``store``.
+@dataclass
+class Fetched:
+    """A checkpoint read from a file or a run, and where it came from."""
 
-    A run id fetches the run's ``checkpoints/best.ckpt``. The returned task is in eval mode on the
-    CPU; ``run_id`` is the run the model was trained in (recorded in the checkpoint) when known.
-    """
-    path = Path(model)
+    checkpoint: dict[str, Any]
+    origin: str  # how messages name it
+    run_id: str | None  # the run it was fetched from (None for a file)
+    store: Any  # the store that run was found in
+
+
+def fetch_checkpoint(model: str, store, explicit_store: bool = True) -> Fetched:
+    """The checkpoint named by ``model``: a file, or an MLflow run id whose ``checkpoints/best.ckpt``
+    is fetched from ``store`` or, unless ``explicit_store``, from whichever store bioflow trained it
+    into (see :func:`bioflow.tracking.store.find_run`). Read safely (weights only)."""
+    from bioflow.tracking.store import find_run
+
+    if Path(model).is_file():
+        return Fetched(load_checkpoint(model), model, None, store)
+    if not _RUN_ID.match(model):
+        raise BioflowError(f"{model}: neither a checkpoint file nor an MLflow run id")
+    store = find_run(model, store, explicit_store)
+    origin = f"run {model} ({BEST_CHECKPOINT_ARTIFACT})"
     with tempfile.TemporaryDirectory() as tmp:
-        run_id = None
-        if not path.is_file():
-            if not _RUN_ID.match(model):
-                raise BioflowError(f"{model}: neither a checkpoint file nor an MLflow run id")
-            path, run_id = _download_checkpoint(model, store, Path(tmp)), model
-        checkpoint = load_checkpoint(path)
-        task = task_from_checkpoint(checkpoint, model)
-    return LoadedModel(task, checkpoint, run_id or checkpoint["bioflow"].get("run_id"), model)
+        checkpoint = load_checkpoint(_download_checkpoint(model, store, Path(tmp)), origin)
+    return Fetched(checkpoint, origin, model, store)
+
+
+def load_model(model: str, store, inference: bool = False, explicit_store: bool = True) -> LoadedModel:
+    """Rebuild the model named by ``model`` (see :func:`fetch_checkpoint`).
+
+    The returned task is in eval mode on the CPU; ``run_id`` is the run the model was trained in
+    (recorded in the checkpoint) when known, and ``store`` the store it was found in.
+    ``inference``: see :func:`task_from_checkpoint`.
+    """
+    fetched = fetch_checkpoint(model, store, explicit_store)
+    task = task_from_checkpoint(fetched.checkpoint, fetched.origin, inference=inference)
+    run_id = fetched.run_id or fetched.checkpoint["bioflow"].get("run_id")
+    return LoadedModel(task, fetched.checkpoint, run_id, model, fetched.store)
 
 
 def _download_checkpoint(run_id: str, store, workdir: Path) -> Path:

@@ -15,11 +15,10 @@ from typing import Sequence
 from bioflow import __version__
 from bioflow.errors import BioflowError
 
-DEFAULT_PROJECT_DIR_ENV = "BIOFLOW_PROJECT_DIR"
-
-
 def _project_dir_default() -> str:
-    return os.environ.get(DEFAULT_PROJECT_DIR_ENV, "bioflow-runs")
+    from bioflow.tracking.store import default_project_dir
+
+    return default_project_dir()
 
 
 def fail(message: str, code: int = 2) -> int:
@@ -75,7 +74,7 @@ def train_command(overrides: list[str]) -> int:
         from omegaconf.errors import OmegaConfBaseException
 
         from bioflow.config import first_lines
-        from bioflow.train import print_summary, run_training
+        from bioflow.training import print_summary, run_training
 
         hydra_cfg = HydraConfig.get()
         # Lightning's DDP launcher starts the other ranks with sys.argv (plus this job's output folder):
@@ -145,7 +144,7 @@ def plugins_command(args: argparse.Namespace) -> int:
 
 # -- evaluate -----------------------------------------------------------------------------------
 def evaluate_command(args: argparse.Namespace) -> int:
-    from bioflow.evaluate import evaluate, print_evaluation
+    from bioflow.evaluation import evaluate, print_evaluation
 
     result = evaluate(
         args.model, project_dir=args.project_dir, tracking_uri=args.tracking_uri, split=args.split,
@@ -157,7 +156,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 # -- predict ------------------------------------------------------------------------------------
 def predict_command(args: argparse.Namespace) -> int:
-    from bioflow.predict import predict
+    from bioflow.prediction import predict
 
     predict(
         args.model, args.inputs, args.out, project_dir=args.project_dir, tracking_uri=args.tracking_uri,
@@ -170,8 +169,9 @@ def predict_command(args: argparse.Namespace) -> int:
 
 # -- dashboard ----------------------------------------------------------------------------------
 def dashboard_command(args: argparse.Namespace) -> int:
+    """``bioflow dashboard``: an MLflow server on 127.0.0.1 for the project's store, until Ctrl+C."""
     import shutil
-    import subprocess
+    import signal
 
     from bioflow.tracking.store import Store
 
@@ -188,10 +188,37 @@ def dashboard_command(args: argparse.Namespace) -> int:
     ]
     print(f"MLflow dashboard for {store.project_dir} at http://127.0.0.1:{args.port} (Ctrl+C stops it)", flush=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    # The server runs in a process group of its own, and the whole group is stopped on Ctrl+C or
+    # SIGTERM: stopping only the mlflow process can leave its web worker listening.
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def stop(*_args) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return subprocess.call(cmd, env=env)
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(server)
+
+
+def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to ``process``'s process group, SIGKILL after ``grace`` seconds if it lingers."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # -- main -------------------------------------------------------------------------------------------
@@ -209,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="test-split metrics of a checkpoint or MLflow run, logged into its run")
     ev.add_argument("model", help="a checkpoint file, or the id of an MLflow run (its best checkpoint is used)")
     ev.add_argument("--split", default="test", choices=["test", "val", "train"], help="split to evaluate (default: test)")
-    ev.add_argument("--project-dir", default=_project_dir_default(), help="project folder of the embedded store")
+    ev.add_argument("--project-dir", help="project folder of the embedded store (default: where the run was trained)")
     ev.add_argument("--tracking-uri", default=None, help="MLflow tracking server, instead of the embedded store")
     ev.add_argument("--no-log", action="store_true", help="do not log the metrics into the MLflow run")
     pr = sub.add_parser("predict", help="apply a model to TIFF files (tiled, any image size)")
@@ -226,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     pr.add_argument("--overwrite", action="store_true", help="replace existing output files (never inputs)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pr.add_argument("--project-dir", default=_project_dir_default(), help="project folder of the embedded store (for run ids)")
+    pr.add_argument("--project-dir", help="project folder of the embedded store, for run ids (default: where the run was trained)")
     pr.add_argument("--tracking-uri", default=None, help="MLflow tracking server (for run ids)")
     pl = sub.add_parser("plugins", help="list installed components (architectures, losses, ...) by kind")
     pl.add_argument("--kind", help="list one kind only")

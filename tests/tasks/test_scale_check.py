@@ -6,7 +6,7 @@ import logging
 
 from bioflow.data.module import BioflowDataModule
 from bioflow.tasks.segmentation import SegmentationTask
-from bioflow.train import scale_check
+from bioflow.training import scale_check
 from bioflow.testing import compose_config
 
 

@@ -3,12 +3,13 @@
 At the start (rank 0 only): the resolved config as flattened params and as ``config.yaml``, the
 split as ``split.json``, tags naming each component with its distribution and version, and the git
 commit of the working directory. During training: per-epoch metrics (through Lightning) and a PNG
-of input / ground truth / prediction for a few validation images. At the end: the best
+of input / prediction / ground truth for a few validation images (:mod:`bioflow.tracking.figures`). At the end: the best
 checkpoint, as ``checkpoints/best.ckpt``.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -29,6 +30,8 @@ from bioflow.tracking.store import Store
 OUTPUT_TAG = "bioflow.output_dir"
 SLURM_TAG = "bioflow.slurm_job_id"
 RESUMED_TAG = "bioflow.resumed"
+#: MLflow 3's experiment tag for the kind of work in an experiment (it picks the UI's view).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 class OncePerStepMLFlowLogger(MLFlowLogger):
@@ -73,9 +76,12 @@ def make_logger(logger_cfg: Mapping[str, Any], store: Store, run_id: str | None 
     already holds.
     """
     tags = {str(k): str(v) for k, v in (logger_cfg.get("tags") or {}).items()}
+    run_name = logger_cfg.get("run_name")
+    if run_name is None and run_id is None:  # readable in the runs table: what and when
+        run_name = f"{logger_cfg['experiment_name']}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     return OncePerStepMLFlowLogger(
         experiment_name=logger_cfg["experiment_name"],
-        run_name=logger_cfg.get("run_name"),
+        run_name=run_name,
         tracking_uri=store.tracking_uri,
         artifact_location=store.artifact_location,
         tags=tags,
@@ -140,6 +146,8 @@ def log_run_start(
         tags[SLURM_TAG] = os.environ["SLURM_JOB_ID"]
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+    # MLflow 3 opens experiments of unknown kind in its generative-AI view; these are training runs.
+    client.set_experiment_tag(logger.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
         (Path(tmp) / "split.json").write_text(json.dumps(split, indent=1))
@@ -169,44 +177,6 @@ def log_checkpoint(logger: MLFlowLogger, path: str | os.PathLike) -> None:
         logger.experiment.log_artifact(logger.run_id, str(target), str(Path(BEST_CHECKPOINT_ARTIFACT).parent))
 
 
-def _display(array: np.ndarray) -> np.ndarray:
-    """A 2D view of a channel-first image, label map or image target: middle slice of volumes."""
-    a = np.asarray(array)
-    if a.ndim >= 3 and a.shape[0] <= 4 and a.ndim in (3, 4):
-        a = a[0]  # first channel
-    while a.ndim > 2:
-        a = a[a.shape[0] // 2]
-    return a
-
-
-def render_samples(samples: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Save a grid of input / ground truth / prediction rows as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(samples), 3, figsize=(9, 3 * len(samples)), squeeze=False)
-    for row, sample in zip(axes, samples):
-        image = _display(sample["image"])
-        lo, hi = np.percentile(image, [1, 99.8])
-        row[0].imshow(image, cmap="gray", vmin=lo, vmax=hi)
-        target, prediction = _display(sample["target"]), _display(sample["prediction"])
-        if np.issubdtype(target.dtype, np.integer):  # class or instance labels: one colour scale
-            style = {"cmap": "viridis", "vmin": 0, "vmax": max(int(target.max()), int(prediction.max()), 1)}
-        else:  # restoration: the target's intensity range
-            style = {"cmap": "gray", "vmin": float(np.percentile(target, 1)), "vmax": float(np.percentile(target, 99.8))}
-        for ax, a in zip(row[1:], (target, prediction)):
-            ax.imshow(a, interpolation="nearest", **style)
-        for ax, label in zip(row, ("input", "ground truth", "prediction")):
-            ax.set_title(f"{sample['name']}: {label}", fontsize=8)
-            ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 class ValidationFigures(Callback):
     """Logs a PNG of a few validation samples to the MLflow run every ``every_n_epochs`` epochs."""
 
@@ -222,7 +192,10 @@ class ValidationFigures(Callback):
         logger = trainer.logger
         if not isinstance(logger, MLFlowLogger):
             return
+        from bioflow.tracking.figures import render_samples
+
+        epoch = trainer.current_epoch + 1  # as the training log counts: "epoch 3/10"
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"val_epoch_{trainer.current_epoch:04d}.png"
-            render_samples(pl_module.figure_samples, path, f"validation, epoch {trainer.current_epoch}")
+            path = Path(tmp) / f"val_epoch_{epoch:03d}.png"
+            render_samples(pl_module.figure_samples, path, f"validation, epoch {epoch} of {trainer.max_epochs}")
             logger.experiment.log_artifact(logger.run_id, str(path), "figures")

@@ -13,6 +13,9 @@ server instead; the server then decides where artifacts go.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shlex
 import shutil
 import sys
@@ -57,20 +60,116 @@ class Store:
         """Create the project folder and the embedded store (if used), or check the server."""
         if self.embedded:
             self.project_dir.mkdir(parents=True, exist_ok=True)
-            if not (self.project_dir / "mlflow.db").exists():
-                # Create the store with the project's artifact root, so that MLflow's "Default"
-                # experiment too keeps its artifacts in the project folder, not in the working directory.
-                from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+            # Jobs started together on a new project must not both create (migrate) the store.
+            with _exclusive(self.project_dir / ".mlflow.db.lock"):
+                if not (self.project_dir / "mlflow.db").exists():
+                    # Create the store with the project's artifact root, so that MLflow's "Default"
+                    # experiment too keeps its artifacts in the project folder, not in the working directory.
+                    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-                SqlAlchemyStore(self.tracking_uri, self.artifact_location)
+                    SqlAlchemyStore(self.tracking_uri, self.artifact_location)
             return
         self.check_reachable()
+
+    @property
+    def exists(self) -> bool:
+        """Whether there is anything to read: the embedded store file, or a server (assumed)."""
+        return not self.embedded or (self.project_dir / "mlflow.db").is_file()
+
+    def remember(self) -> None:
+        """Add this store to the list of stores bioflow knows (so that run ids are found later)."""
+        known = [s for s in known_stores() if s != self]
+        write_known_stores([self] + known)
+
+    def predict_command(self, run_id: str) -> str:
+        """The command that applies the model of ``run_id`` to a user's images."""
+        where = f" --project-dir {shlex.quote(str(self.project_dir))}" if self.embedded else f" --tracking-uri {self.server_uri}"
+        return f"{_bioflow_command()} predict {run_id} <images or folder> --out <output folder>{where}"
 
     def dashboard_command(self) -> str:
         """The command that opens the MLflow dashboard on this store, runnable from any shell."""
         if self.embedded:
             return f"{_bioflow_command()} dashboard --project-dir {shlex.quote(str(self.project_dir))}"
         return f"open {self.server_uri} in a web browser"
+
+
+#: Environment variable naming the default project folder (else ``bioflow-runs`` in the working directory).
+PROJECT_DIR_ENV = "BIOFLOW_PROJECT_DIR"
+
+
+def default_project_dir() -> str:
+    return os.environ.get(PROJECT_DIR_ENV, "bioflow-runs")
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (POSIX advisory lock; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _state_file() -> Path:
+    """Where bioflow keeps the list of stores it has trained into (``$BIOFLOW_STATE_DIR``, default
+    ``~/.local/state/bioflow``)."""
+    folder = os.environ.get("BIOFLOW_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "bioflow"
+    )
+    return Path(folder) / "stores.json"
+
+
+def known_stores() -> list[Store]:
+    """Stores that training runs were logged into, newest first (unreadable state: none)."""
+    try:
+        entries = json.loads(_state_file().read_text())
+        return [Store.create(e["project_dir"], e.get("tracking_uri")) for e in entries]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+
+
+def write_known_stores(stores: list[Store], limit: int = 50) -> None:
+    path = _state_file()
+    entries = [{"project_dir": str(s.project_dir), "tracking_uri": s.server_uri} for s in stores[:limit]]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(entries, indent=1))
+        os.replace(partial, path)
+    except OSError:  # a read-only home must not stop training; run ids then need --project-dir
+        pass
+
+
+def find_run(run_id: str, store: Store, explicit: bool) -> Store:
+    """The store that holds ``run_id``: ``store`` if it does, else (unless the user named ``store``
+    explicitly) the known stores in turn. Never creates a store."""
+    candidates = [store] + ([] if explicit else [s for s in known_stores() if s != store])
+    for candidate in candidates:
+        if candidate.exists and _has_run(candidate, run_id):
+            return candidate
+    searched = ", ".join(str(c.project_dir) if c.embedded else c.tracking_uri for c in candidates if c.exists)
+    where = f"in {searched}" if searched else f"(there is no MLflow store in {store.project_dir})"
+    raise BioflowError(f"run {run_id}: not found {where}; pass --project-dir (or --tracking-uri) of the project it was trained in")
+
+
+def _has_run(store: Store, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(store.tracking_uri).get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+    except Exception:  # an unreadable store is not this run's store
+        return False
 
 
 def _bioflow_command() -> str:

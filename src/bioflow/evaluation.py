@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bioflow.errors import BioflowError
-from bioflow.tracking.store import Store
+from bioflow.tracking.store import Store, default_project_dir
 
 def evaluate(
     model: str,
-    project_dir: str,
+    project_dir: str | None = None,
     tracking_uri: str | None = None,
     split: str = "test",
     log_to_run: bool = True,
@@ -25,9 +25,10 @@ def evaluate(
     from bioflow.data.module import BioflowDataModule
     from bioflow.tasks import get_task
 
-    store = Store.create(project_dir, tracking_uri)
-    loaded = load_model(model, store)
-    task, run_id = loaded.task, loaded.run_id
+    explicit = project_dir is not None or tracking_uri is not None
+    store = Store.create(project_dir or default_project_dir(), tracking_uri)
+    loaded = load_model(model, store, explicit_store=explicit)
+    task, run_id, store = loaded.task, loaded.run_id, loaded.store or store
     config = loaded.checkpoint["hyper_parameters"]["config"]
     task_cls = get_task(config["task"]["name"])
     data = BioflowDataModule(

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.utilities import rank_zero_only
 
 from bioflow.config import component, validate
+from bioflow.errors import ConfigError
 from bioflow.data.module import BioflowDataModule
 from bioflow.resume import find_resume_point, requested_resume
 from bioflow.tasks import get_task
@@ -102,6 +103,11 @@ def scale_check(task, data: BioflowDataModule) -> dict[str, str]:
 
 
 @rank_zero_only
+def remember_store(store: Store) -> None:
+    store.remember()
+
+
+@rank_zero_only
 def log_scale_check(logger, task, data: BioflowDataModule) -> None:
     for key, value in scale_check(task, data).items():
         logger.experiment.set_tag(logger.run_id, key, value)
@@ -154,6 +160,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     data = BioflowDataModule(
         config["data"], config["sampler"], seed=config["seed"],
         target_kind=task_cls.target_kind, target_fn=task_cls.target_transform(settings),
+        task_name=config["task"]["name"],
     )
     data.prepare()
     data_info = {
@@ -164,27 +171,41 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         "normalization": data.normalizer.as_dict(),
     }
     task = task_cls(config, data_info)
+    has_val = bool(data.splits["val"])
+    if not has_val and component(config["scheduler"])[0] == "plateau":
+        raise ConfigError("scheduler=plateau: lowers the rate when validation stops improving, but there are no "
+                          "validation images; choose another scheduler or hold out validation images (data.split.val)")
+    if resume is None and config.get("init_from"):
+        init_weights(task, config["init_from"], store)
 
     store.prepare()  # only now: bad data must not leave an empty store behind
     if resume is None:
         logger = make_logger(config["logger"], store)
         log_run_start(logger, config, used_components(config), data.split, run_dir)
         log_scale_check(logger, task, data)
+        remember_store(store)
+        if config.get("init_from"):
+            set_tag(logger, "bioflow.init_from", str(config["init_from"]))
     else:
         logger = make_logger(config["logger"], store, run_id=resume.run_id, resuming=True)
         mark_resumed(logger)
+    if not has_val:
+        log.warning("no validation images: the weights of the last epoch are kept as the model")
     checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best-{epoch:03d}", monitor=task.monitor,
-        mode=task.monitor_mode, save_top_k=config["checkpoint"]["save_top_k"], save_last=True,
+        dirpath=run_dir / "checkpoints", filename="best-{epoch:03d}" if has_val else "final-{epoch:03d}",
+        monitor=task.monitor if has_val else None, mode=task.monitor_mode,
+        save_top_k=config["checkpoint"]["save_top_k"] if has_val else 1, save_last=True,
     )
     speed = TrainingSpeed()
     callbacks = [
         checkpoint, ValidationFigures(config["logger"]["figures"]["every_n_epochs"]), LearningRateMonitor(),
         EpochReport(task.monitor), speed,
     ]
+    trainer_args = dict(config["trainer"])
+    if not has_val:
+        trainer_args.update(limit_val_batches=0, num_sanity_val_steps=0)
     trainer = L.Trainer(
-        **config["trainer"], logger=logger, callbacks=callbacks, default_root_dir=run_dir,
-        use_distributed_sampler=False,
+        **trainer_args, logger=logger, callbacks=callbacks, default_root_dir=run_dir, use_distributed_sampler=False,
     )
     trainer.fit(task, datamodule=data, ckpt_path=None if resume is None else str(resume.checkpoint))
     summary: dict[str, Any] = {
@@ -195,18 +216,51 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         "best_score": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
         "output_dir": str(run_dir),
         "dashboard": store.dashboard_command(),
+        "predict": store.predict_command(logger.run_id),
         "is_global_zero": trainer.is_global_zero,
         "performance": speed.summary(),
         "test": {},
     }
     if checkpoint.best_model_path:
         summary["after_fit"] = finish_best_checkpoint(task, data, trainer, logger, checkpoint.best_model_path)
-    if config["test_after_training"] and checkpoint.best_model_path:
+    if config["test_after_training"] and checkpoint.best_model_path and not data.splits["test"]:
+        log.info("no test images: nothing to test (hold out images with data.split.test to measure the model)")
+    elif config["test_after_training"] and checkpoint.best_model_path:
         results = trainer.test(task, datamodule=data, ckpt_path=checkpoint.best_model_path, verbose=False)
         summary["test"] = {k: float(v) for k, v in (results[0] if results else {}).items()}
         log_figures(logger, task.report_figures, summary["test"])
     end_distributed()
     return summary
+
+
+def init_weights(task, source: str, store: Store) -> None:
+    """Start from the network weights of another model (fine-tuning): a checkpoint or a run id.
+
+    The network must be the same (architecture and its settings, channels, task outputs); a
+    mismatch is a one-line error naming the first weights that differ.
+    """
+    from bioflow.checkpoint import fetch_checkpoint
+
+    checkpoint = fetch_checkpoint(str(source), store, explicit_store=False).checkpoint
+    weights = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    own = {k: v for k, v in task.state_dict().items() if k.startswith("net.")}
+    missing = sorted(set(own) - set(weights))
+    mismatched = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if not weights or missing or mismatched:
+        key = (mismatched or missing or ["(no network weights)"])[0]
+        detail = (f"{key} is {tuple(weights[key].shape)} there but {tuple(own[key].shape)} here" if mismatched
+                  else f"{key} is missing there")
+        raise ConfigError(
+            f"init_from={source}: its network does not fit this config ({detail}); fine-tuning needs the same "
+            "model, task settings and number of channels"
+        )
+    task.load_state_dict(weights, strict=False)
+    log.info("network initialised from %s", source)
+
+
+@rank_zero_only
+def set_tag(logger, key: str, value: str) -> None:
+    logger.experiment.set_tag(logger.run_id, key, value)
 
 
 def end_distributed() -> None:
@@ -283,5 +337,6 @@ def print_summary(summary: Mapping[str, Any], out=sys.stdout) -> None:
         f"  best checkpoint: {summary['best_checkpoint']}",
         f"  job folder: {summary['output_dir']}",
         f"  dashboard: {summary['dashboard']}",
+        f"  predict: {summary['predict']}",
     ]
     print("\n".join(lines), file=out, flush=True)

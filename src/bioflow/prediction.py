@@ -1,0 +1,476 @@
+"""``bioflow predict``: apply a trained model to TIFF files of any size.
+
+Images are read lazily, predicted tile by tile (see :mod:`bioflow.inference.tiling`) and the
+results are written strip by strip into memory-mapped TIFF files, so memory depends on the tile
+and not on the image. Each output is first written under a temporary name and renamed when
+complete: an interrupted or failed prediction leaves no half-written file under a final name, and
+no input or existing file is ever overwritten (unless ``overwrite`` is given for earlier outputs).
+
+Outputs keep the input's axis order (without the channel axis for label images) and its pixel
+size, as OME-TIFF metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from bioflow.data.records import check_finite
+from bioflow.errors import BioflowError, DataError
+from bioflow.inference.outputs import OutputSpec
+
+log = logging.getLogger(__name__)
+
+_PIXEL_SIZE_TOLERANCE = 0.05
+
+
+def collect_inputs(inputs: Sequence[str]) -> list[Path]:
+    """TIFF files given directly or found in given folders, in a stable order."""
+    from bioflow.data.tiff import TIFF_SUFFIXES
+
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(TIFF_SUFFIXES))
+            if not found:
+                raise DataError(f"{path}: no .tif/.tiff files in this folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return files
+
+
+def output_paths(files: Sequence[Path], out_dir: Path, specs: Sequence[OutputSpec], overwrite: bool) -> list[dict[str, Path]]:
+    """The output files of every input; refuses to overwrite inputs (always) or other files."""
+    from bioflow.data.sources import _stem
+
+    inputs = {f.resolve() for f in files}
+    seen: dict[Path, Path] = {}
+    plan = []
+    for f in files:
+        targets = {}
+        for i, spec in enumerate(specs):
+            name = _stem(f) + ("" if i == 0 else f"_{spec.name}") + ".tif"
+            target = (out_dir / name).resolve()
+            if target in inputs:
+                raise DataError(
+                    f"{out_dir}: writing {name} there would overwrite the input {target}; choose another --out folder"
+                )
+            if target in seen:
+                raise DataError(f"{f} and {seen[target]} would both be written to {target}; rename one of them")
+            if target.exists() and not overwrite:
+                raise DataError(f"{target}: exists already; remove it, choose another --out folder, or pass --overwrite")
+            seen[target] = f
+            targets[spec.name] = target
+        plan.append(targets)
+    return plan
+
+
+def output_axes(file_axes: str, channels: int | None, frames: int = 1) -> tuple[str, list[int]]:
+    """Axes of an output in the input's order, and the permutation from bioflow's layout to them.
+
+    The layout is ([T], [C], [Z], Y, X): T for a time-lapse (``frames`` > 1), C when the output has
+    channels. Input axes other than time, channels and Z/Y/X are dropped; a channel axis goes where
+    the input had one, or first (after T).
+    """
+    keep = "TCSZYX" if frames > 1 else "CSZYX"
+    axes = "".join("C" if a in "CS" else a for a in file_axes.upper() if a in keep)
+    if channels is None:
+        axes = axes.replace("C", "")
+    elif "C" not in axes:
+        axes = axes.replace("T", "TC") if "T" in axes else "C" + axes
+    layout = ("T" if "T" in axes else "") + ("C" if channels is not None else "") + "".join(a for a in "ZYX" if a in axes)
+    return axes, [layout.index(a) for a in axes]
+
+
+def _spatial_sizes(axes: str, pixel_size: Sequence[float] | None) -> dict[str, float]:
+    if pixel_size is None:
+        return {}
+    spatial = [a for a in "ZYX" if a in axes]
+    return {a: float(size) for a, size in zip(spatial[-len(pixel_size):], pixel_size[-len(spatial):])}
+
+
+def _ome_metadata(axes: str, pixel_size: Sequence[float] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"axes": axes}
+    for a, size in _spatial_sizes(axes, pixel_size).items():
+        meta[f"PhysicalSize{a}"] = size
+        meta[f"PhysicalSize{a}Unit"] = "µm"
+    return meta
+
+
+def _resolution(axes: str, pixel_size: Sequence[float] | None) -> dict[str, Any]:
+    """TIFF resolution tags (pixels per centimetre) for simple readers that ignore OME metadata."""
+    sizes = _spatial_sizes(axes, pixel_size)
+    if "X" not in sizes or "Y" not in sizes or min(sizes["X"], sizes["Y"]) <= 0:
+        return {}
+    return {"resolution": (1e4 / sizes["X"], 1e4 / sizes["Y"]), "resolutionunit": "CENTIMETER"}
+
+
+class TiffWriter:
+    """An output TIFF written strip by strip with plain file writes, renamed into place when done."""
+
+    def __init__(self, target: Path, spatial_shape: Sequence[int], spec: OutputSpec, file_axes: str,
+                 pixel_size: Sequence[float] | None, frames: int = 1) -> None:
+        import tifffile
+
+        from bioflow.data.rawfile import RawArrayFile
+
+        self.target = target
+        self.partial = target.with_name(f".{target.name}.partial")
+        axes, self.perm = output_axes(file_axes, spec.channels, frames)
+        self.timed = "T" in axes
+        layout_shape = ((frames,) if self.timed else ()) + ((spec.channels,) if spec.channels is not None else ())
+        layout_shape += tuple(spatial_shape)
+        shape = tuple(layout_shape[i] for i in self.perm)
+        # An empty, uncompressed TIFF of the final size; its data block is then filled in place.
+        tifffile.imwrite(str(self.partial), shape=shape, dtype=spec.dtype, ome=True,
+                         metadata=_ome_metadata(axes, pixel_size), **_resolution(axes, pixel_size))
+        with tifffile.TiffFile(str(self.partial)) as tif:
+            offset = tif.series[0].dataoffset
+        self.file = RawArrayFile(self.partial, offset, shape, np.dtype(spec.dtype).newbyteorder("<"), writable=True)
+        self.has_channels = spec.channels is not None
+
+    def write(self, start: int, block: np.ndarray, frame: int = 0) -> None:
+        """Write rows ``start..`` of the first spatial axis of time point ``frame`` (``block`` in
+        bioflow's layout order: [C], [Z], Y, X)."""
+        layout_start = ([frame] if self.timed else []) + ([0, start] if self.has_channels else [start])
+        layout_start += [0] * (block.ndim + self.timed - len(layout_start))
+        data = block[None] if self.timed else block
+        self.file.write([layout_start[i] for i in self.perm], np.transpose(data, self.perm))
+
+    def close(self) -> None:
+        self.file.close()
+        os.replace(self.partial, self.target)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def choose_device(device: str, option: str = "--device") -> str:
+    """``auto`` (a CUDA GPU if there is one, else the CPU) or a device that exists here."""
+    import torch
+
+    from bioflow.errors import ConfigError
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{option} {device}: not a device (auto, cpu, cuda, cuda:1, mps)") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{option} {device}: no CUDA GPU is available on this machine; use --device cpu")
+        if chosen.index is not None and chosen.index >= count:
+            raise ConfigError(f"{option} {device}: this machine has {count} CUDA GPU(s) (cuda:0 .. cuda:{count - 1})")
+    elif chosen.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ConfigError(f"{option} {device}: Apple's MPS is not available on this machine; use --device cpu")
+    elif chosen.type != "cpu":
+        raise ConfigError(f"{option} {device}: bioflow predicts on cpu, cuda or mps")
+    return str(chosen)
+
+
+def predict(
+    model: str,
+    inputs: Sequence[str],
+    out: str,
+    *,
+    project_dir: str | None = None,
+    tracking_uri: str | None = None,
+    axes: str | None = None,
+    tile_size: Sequence[int] | None = None,
+    overlap: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    tta: bool = False,
+    blend: str = "cosine",
+    rescale: bool = False,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict[str, Path]]:
+    """Predict every input TIFF with ``model`` (a checkpoint file or an MLflow run id).
+
+    Every readable input is predicted even when others fail; the failures are reported one line
+    each, and then raised together as a :class:`PredictionErrors`. Outputs are written under
+    temporary names and renamed when complete, so a failed input leaves nothing behind; ``out``
+    is created only when there is something to write.
+
+    Returns, for each input predicted, the output files written (by output name).
+    """
+    from bioflow.checkpoint import load_model
+    from bioflow.tracking.store import Store, default_project_dir
+
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir}: exists and is not a folder; give a folder for the outputs")
+    check_options(tile_size=tile_size, overlap=overlap, batch_size=batch_size, axes=axes)
+    device = choose_device(device)
+    files = collect_inputs(inputs)
+    explicit = project_dir is not None or tracking_uri is not None
+    store = Store.create(project_dir or default_project_dir(), tracking_uri)
+    task = load_model(model, store, inference=True, explicit_store=explicit).task
+    for line in task.prediction_caveats():
+        print(f"bioflow: note: {line}", file=sys.stderr)
+    task.to(device)
+    plan = output_paths(files, out_dir, task.prediction_outputs(), overwrite)
+    options = dict(tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta, blend=blend, progress=progress)
+    results, failures = [], []
+    for f, targets in zip(files, plan):
+        try:
+            _predict_file(task, f, targets, out_dir, axes, rescale, options)
+        except BioflowError as exc:
+            if len(files) == 1:
+                raise
+            failures.append(exc.one_line())
+            print(f"bioflow: error: {exc.one_line()}", file=sys.stderr, flush=True)
+            continue
+        results.append(targets)
+        print(f"bioflow: {f} -> {', '.join(str(t) for t in targets.values())}", flush=True)
+    if failures:
+        raise PredictionErrors(failures, len(files))
+    return results
+
+
+class PredictionErrors(BioflowError):
+    """Some inputs could not be predicted (the others were)."""
+
+    def __init__(self, messages: list[str], total: int) -> None:
+        self.messages = messages
+        super().__init__(f"{len(messages)} of {total} input file(s) failed (each reported above); the others were predicted")
+
+
+def check_options(*, tile_size=None, overlap=None, batch_size=None, axes=None) -> None:
+    """One-line errors for prediction options out of range, before any work."""
+    from bioflow.errors import ConfigError
+
+    for name, values, low in (("--tile-size", tile_size, 1), ("--overlap", overlap, 0)):
+        if values is not None and any(int(v) < low for v in values):
+            raise ConfigError(f"{name} {' '.join(str(v) for v in values)}: must be {'positive' if low else '0 or more'}")
+    if batch_size is not None and int(batch_size) < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    if axes is not None and (not axes or set(axes.upper()) - set("TCZYXS")):
+        raise ConfigError(f"--axes {axes}: not an axes string (letters from T, C, Z, Y, X, S)")
+
+
+def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, axes, rescale: bool, options) -> None:
+    """Predict one file (every time point of a time-lapse) into its outputs."""
+    import torch
+
+    from bioflow.data.tiff import read_tiff_frames
+    from bioflow.data.views import SubArray, channel_indices
+
+    frames = read_tiff_frames(f, axes, channels=True, axes_option="--axes")
+    wanted = task.config["data"].get("channels")
+    arrays = []
+    for frame in frames:
+        array = frame.array
+        if wanted:
+            array = SubArray(array, channels=channel_indices(wanted, array.shape[0], frame.channel_names, str(f)))
+        arrays.append(array)
+    first = frames[0]
+    _check_compatible(task, arrays[0], f)
+    for array in arrays[1:]:
+        check_finite(array, str(f), when="prediction")
+    factor = _resolution_factor(task, first.pixel_size, f, rescale)
+    shape = tuple(arrays[0].shape[1:])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writers: dict[str, TiffWriter] = {}
+
+    def writer(spec: OutputSpec) -> TiffWriter:
+        if spec.name not in writers:
+            writers[spec.name] = TiffWriter(targets[spec.name], shape, spec, first.file_axes, first.pixel_size, len(frames))
+        return writers[spec.name]
+
+    try:
+        for t, array in enumerate(arrays):
+            session = task.prediction_session(shape, out_dir)
+            try:
+                for spec in session.outputs:
+                    if spec.streamed:
+                        writer(spec)
+                sink = _session_sink(session, writers, t)
+                with torch.no_grad():
+                    if factor is None:
+                        task.predict_array(array, sink=sink, **options)
+                    else:
+                        _predict_rescaled(task, array, factor, sink, options)
+                finished = session.finish()
+                for spec in session.outputs:
+                    if not spec.streamed:
+                        writer(spec).write(0, finished[spec.name], frame=t)
+            finally:
+                session.close()
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+
+
+class ArrayWriter:
+    """Collects one output of one image in memory (the in-memory twin of :class:`TiffWriter`)."""
+
+    def __init__(self, spatial_shape: Sequence[int], spec: OutputSpec) -> None:
+        shape = ((spec.channels,) if spec.channels is not None else ()) + tuple(spatial_shape)
+        self.array = np.zeros(shape, dtype=spec.dtype)
+        self.has_channels = spec.channels is not None
+
+    def write(self, start: int, block: np.ndarray, frame: int = 0) -> None:
+        rows = slice(start, start + block.shape[1 if self.has_channels else 0])
+        self.array[(slice(None), rows) if self.has_channels else rows] = block
+
+
+def predict_array(task, array, **options) -> dict[str, np.ndarray]:
+    """Every output of ``task`` for one channel-first image in memory (tiled like ``bioflow predict``)."""
+    import torch
+
+    _check_compatible(task, array, Path("the image"))
+    shape = tuple(array.shape[1:])
+    session = task.prediction_session(shape)
+    writers = {spec.name: ArrayWriter(shape, spec) for spec in session.outputs if spec.streamed}
+    try:
+        with torch.no_grad():
+            task.predict_array(array, sink=_session_sink(session, writers), **options)
+        finished = session.finish()
+    finally:
+        session.close()
+    out = {name: w.array for name, w in writers.items()}
+    out.update({name: np.asarray(value) for name, value in finished.items()})
+    return out
+
+
+# Strips are finalised in chunks of about this many pixels, to bound temporary arrays.
+_FINALIZE_PIXELS = 1 << 21
+
+
+def _session_sink(session, writers: dict[str, TiffWriter], frame: int = 0):
+    def sink(start: int, raw) -> None:
+        row_pixels = max(1, int(np.prod(raw.shape[2:])))
+        step = max(1, _FINALIZE_PIXELS // row_pixels)
+        for offset in range(0, raw.shape[1], step):
+            for name, block in session.block(start + offset, raw[:, offset:offset + step]).items():
+                writers[name].write(start + offset, block, frame=frame)
+
+    return sink
+
+
+def _check_compatible(task, array, path: Path) -> None:
+    info = task.data_info
+    channels, spatial = array.shape[0], array.ndim - 1
+    if spatial != info.spatial_dims:
+        raise DataError(f"{path}: a {spatial}D image, but the model was trained on {info.spatial_dims}D images")
+    if channels != info.in_channels:
+        raise DataError(
+            f"{path}: the image has {channels} channel(s) but the model expects {info.in_channels} "
+            "(check the axes: declare them with --axes if the file has no metadata)"
+        )
+    check_finite(array, str(path), when="prediction")
+
+
+def _resolution_factor(task, pixel_size, path: Path, rescale: bool) -> list[float] | None:
+    """Zoom factors that bring the image to the training pixel size, if ``rescale`` is asked."""
+    trained = task.data_info.pixel_size
+    if trained is None or pixel_size is None:
+        return None
+    ratio = [p / t for p, t in zip(pixel_size, trained)]
+    if all(abs(r - 1) <= _PIXEL_SIZE_TOLERANCE for r in ratio):
+        return None
+    sizes = "x".join(f"{p:g}" for p in pixel_size)
+    trained_sizes = "x".join(f"{t:g}" for t in trained)
+    if not rescale:
+        log.warning(
+            "%s: pixel size %s differs from the training pixel size %s; objects appear at another scale than "
+            "the model learnt (pass --rescale to resample the image to the training pixel size)", path, sizes, trained_sizes,
+        )
+        return None
+    return ratio
+
+
+def _predict_rescaled(task, array, factor, sink, options) -> None:
+    """Resample to the training pixel size, predict, resample the raw output back, then ``sink`` it."""
+    import torch
+    from scipy import ndimage
+
+    data = np.asarray(array, dtype=np.float32)
+    zoomed = np.stack([ndimage.zoom(c, factor, order=1) for c in data])
+    parts: list[torch.Tensor] = []
+    task.predict_array(zoomed, sink=lambda start, raw: parts.append(raw.cpu()), **options)
+    raw = torch.cat(parts, dim=1).numpy()
+    shape = data.shape[1:]
+    back = [s / z for s, z in zip(shape, raw.shape[1:])]
+    restored = np.stack([ndimage.zoom(c, back, order=1) for c in raw])
+    restored = restored[(slice(None),) + tuple(slice(0, s) for s in shape)]
+    if restored.shape[1:] != shape:  # zoom rounding: pad the last row/column by repetition
+        pad = [(0, 0)] + [(0, s - r) for s, r in zip(shape, restored.shape[1:])]
+        restored = np.pad(restored, pad, mode="edge")
+    sink(0, torch.from_numpy(np.ascontiguousarray(restored)))
+
+
+def auto_tile_size(task, device: str, batch_size: int, fraction: float = 0.25) -> list[int]:
+    """A tile size whose activations fit in a fraction of the free memory of ``device``.
+
+    The network's memory per pixel is measured once on a small probe tile (sum of every layer's
+    output size, an upper bound for inference), then scaled to the memory budget.
+    """
+    import torch
+
+    dims = task.data_info.spatial_dims
+    multiple = task.size_multiple
+    probe_edge = max(32 if dims == 2 else 16, multiple * 2)
+    probe_edge = int(math.ceil(probe_edge / multiple) * multiple)
+    probe = torch.zeros((1, task.data_info.in_channels) + (probe_edge,) * dims, device=device)
+    total = [0]
+
+    def count(_m, _i, output) -> None:
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel() * output.element_size()
+
+    hooks = [m.register_forward_hook(count) for m in task.net.modules()]
+    try:
+        with torch.no_grad():
+            task.net(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    per_pixel = max(total[0] / probe_edge**dims, 1.0)
+    budget = _free_memory(device) * fraction / max(1, batch_size)
+    edge = (budget / per_pixel) ** (1 / dims)
+    limit = 2048 if dims == 2 else 256
+    edge = int(min(max(edge, 2 * multiple), limit) // multiple * multiple)
+    floor = minimum_tile(task)
+    return [max(edge, floor)] * dims
+
+
+def minimum_tile(task) -> int:
+    from bioflow.inference.tiling import minimum_overlap, padded_size
+
+    return padded_size(2 * minimum_overlap(task.receptive_field()), task.size_multiple)
+
+
+def _free_memory(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return float(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4.0 * 2**30
