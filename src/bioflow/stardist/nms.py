@@ -350,18 +350,24 @@ class _Suppressor:
         certain, harmless = self._bounds(earlier, later)
         undecided = ~certain & ~harmless
         certain[undecided] = self._exact(earlier[undecided], later[undecided])
-        # The in-order pass is inherently sequential (and short): run it on the CPU.
-        earlier, later = earlier[certain].cpu().numpy(), later[certain].cpu().numpy()
-        order = np.argsort(earlier, kind="stable")
-        earlier, later = earlier[order], later[order]
-        ids = survivors.cpu().numpy()
-        first_pair = np.searchsorted(earlier, ids, side="left")
-        last_pair = np.searchsorted(earlier, ids, side="right")
-        suppressed: set[int] = set()
-        keep = []
-        for index, lo, hi in zip(ids.tolist(), first_pair.tolist(), last_pair.tolist()):
-            if index in suppressed:
-                continue
-            keep.append(index)
-            suppressed.update(later[lo:hi].tolist())
-        return torch.tensor(keep, dtype=torch.int64, device=self.device)
+        return greedy_keep(survivors, earlier[certain], later[certain])
+
+
+def greedy_keep(ids: torch.Tensor, earlier: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
+    """The greedy pass over a block's survivors: visit ``ids`` in increasing order and keep each
+    one that no kept id suppresses, where ``earlier[p]`` suppresses ``later[p]``. Inherently
+    sequential (and short): runs on the CPU; returns a tensor on the device of ``ids``."""
+    earlier, later = earlier.cpu().numpy(), later.cpu().numpy()
+    order = np.argsort(earlier, kind="stable")
+    earlier, later = earlier[order], later[order]
+    values = ids.cpu().numpy()
+    first_pair = np.searchsorted(earlier, values, side="left")
+    last_pair = np.searchsorted(earlier, values, side="right")
+    suppressed: set[int] = set()
+    keep = []
+    for index, lo, hi in zip(values.tolist(), first_pair.tolist(), last_pair.tolist()):
+        if index in suppressed:
+            continue
+        keep.append(index)
+        suppressed.update(later[lo:hi].tolist())
+    return torch.tensor(keep, dtype=torch.int64, device=ids.device)
