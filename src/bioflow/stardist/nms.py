@@ -33,7 +33,7 @@ Everything runs on the device of the inputs, in batches large enough to fill an 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Literal, Sequence, TypeVar
+from typing import Callable, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -326,19 +326,8 @@ class _Suppressor:
         cand, other = cand[open_pairs], other[open_pairs]
         if cand.numel() == 0:
             return suppressed
-        # First the nearest kept polygon of each candidate, which usually settles it, then the
-        # others of the candidates that are still not suppressed.
         gap = self.centres.index_select(0, cand) - self.centres.index_select(0, other)
-        distance = (gap * gap).sum(dim=1)
-        nearest = torch.full((candidates.numel(),), math.inf, device=self.device)
-        nearest.scatter_reduce_(0, cand - offset, distance, "amin")
-        first = distance == nearest[cand - offset]
-        hit = self._exact(cand[first], other[first])
-        suppressed[cand[first][hit] - offset] = True
-        rest = ~first & ~suppressed[cand - offset]
-        hit = self._exact(cand[rest], other[rest])
-        suppressed[cand[rest][hit] - offset] = True
-        return suppressed
+        return suppress_nearest_first(suppressed, cand, offset, other, (gap * gap).sum(dim=1), self._exact)
 
     def _resolve_in_order(self, survivors: torch.Tensor) -> torch.Tensor:
         """Greedy NMS among the survivors of a block (none of which any earlier polygon suppresses)."""
@@ -351,6 +340,31 @@ class _Suppressor:
         undecided = ~certain & ~harmless
         certain[undecided] = self._exact(earlier[undecided], later[undecided])
         return greedy_keep(survivors, earlier[certain], later[certain])
+
+
+def suppress_nearest_first(
+    suppressed: torch.Tensor,
+    cand: torch.Tensor,
+    offset: int,
+    other: torch.Tensor,
+    distance: torch.Tensor,
+    decide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Mark candidates suppressed by kept shapes, testing each candidate's nearest one first.
+
+    ``(cand[p], other[p])`` are the open (candidate, kept shape) pairs, ``distance[p]`` their
+    centre distance, ``cand - offset`` a candidate's position in ``suppressed`` and
+    ``decide(cand, other)`` the overlap test. The nearest kept shape usually settles a candidate,
+    so the others are only tested for the candidates it spares.
+    """
+    row = cand - offset
+    nearest = torch.full((suppressed.numel(),), math.inf, device=distance.device, dtype=distance.dtype)
+    nearest.scatter_reduce_(0, row, distance, "amin")
+    first = distance == nearest[row]
+    suppressed[row[first][decide(cand[first], other[first])]] = True
+    rest = ~first & ~suppressed[row]
+    suppressed[row[rest][decide(cand[rest], other[rest])]] = True
+    return suppressed
 
 
 def greedy_keep(ids: torch.Tensor, earlier: torch.Tensor, later: torch.Tensor) -> torch.Tensor:

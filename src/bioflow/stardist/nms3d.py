@@ -40,7 +40,7 @@ from typing import Iterator, Literal, Sequence, TypeVar
 import numpy as np
 import torch
 
-from bioflow.stardist.nms import greedy_keep
+from bioflow.stardist.nms import greedy_keep, suppress_nearest_first
 from bioflow.stardist.polyhedra import SampledIntersection, cones, polyhedra_to_labels
 from bioflow.stardist.rays3d import Rays3D
 
@@ -335,18 +335,8 @@ class _Suppressor3D:
         cand, other = self._neighbours(candidates, kept)
         if cand.numel() == 0:
             return suppressed
-        # First the nearest kept polyhedron of each candidate, which usually settles it, then
-        # the others of the candidates that are still not suppressed.
         distance = ((self.centres[cand] - self.centres[other]) * self.scale).pow(2).sum(dim=1)
-        nearest = torch.full((candidates.numel(),), math.inf, device=self.device)
-        nearest.scatter_reduce_(0, cand - offset, distance, "amin")
-        first = distance == nearest[cand - offset]
-        hit = self._decide(cand[first], other[first])
-        suppressed[cand[first][hit] - offset] = True
-        rest = ~first & ~suppressed[cand - offset]
-        hit = self._decide(cand[rest], other[rest])
-        suppressed[cand[rest][hit] - offset] = True
-        return suppressed
+        return suppress_nearest_first(suppressed, cand, offset, other, distance, self._decide)
 
     def _resolve_in_order(self, survivors: torch.Tensor) -> torch.Tensor:
         """Greedy NMS among the survivors of a block (none of which any earlier polyhedron suppresses)."""

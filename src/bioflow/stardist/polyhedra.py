@@ -83,8 +83,9 @@ def _cone_table(vertices: bytes, faces: bytes, n_rays: int) -> tuple[np.ndarray,
     candidates: list[list[int]] = []
     for cube in range(6):
         q = _cube_directions(cube, uu.reshape(-1), vv.reshape(-1))
-        coefficients = np.einsum("fij,pj->pfi", inverse, q)
-        inside = (coefficients >= -1e-9).all(axis=-1).reshape(cells * cells, samples * samples, -1).any(axis=1)
+        coefficients = (q @ inverse.reshape(-1, 3).T).reshape(len(q), -1, 3)  # one BLAS product
+        held = (coefficients[..., 0] >= -1e-9) & (coefficients[..., 1] >= -1e-9) & (coefficients[..., 2] >= -1e-9)
+        inside = held.reshape(cells * cells, samples * samples, -1).any(axis=1)
         candidates += [np.flatnonzero(row).tolist() for row in inside]
     width = max(len(c) for c in candidates)
     table = np.array([c + [c[0]] * (width - len(c)) for c in candidates], dtype=np.int64)
@@ -182,8 +183,12 @@ def _inside(
     ca, cb, cc = coefficients.unbind(1)
     product = da * db * dc
     lhs = ca * (db * dc) + cb * (da * dc) + cc * (da * db)
-    # Relative slack: the two sides are of the same magnitude for points near the boundary.
-    return lhs <= product + slack * (lhs + product)
+    # Relative slack: the two sides are of the same magnitude for points near the boundary. The
+    # multiplied-out test is void where two distances are zero (both sides vanish), so each
+    # coefficient is also bounded by its own distance (which only matters there).
+    tol = slack * (ca + cb + cc)
+    bounded = (ca <= da + tol) & (cb <= db + tol) & (cc <= dc + tol)
+    return (lhs <= product + slack * (lhs + product)) & bounded
 
 
 def _check_polyhedra(points: torch.Tensor, dists: torch.Tensor, n_rays: int) -> None:
