@@ -14,6 +14,7 @@ from bioflow.stardist.polyhedra import intersection_volumes, polyhedra_to_labels
 from bioflow.stardist.rays3d import golden_spiral_rays
 from bioflow.stardist.targets3d import object_probabilities_3d, star_distances_3d
 from tests.stardist.reference import run_reference
+from tests.stardist.test_nms import reference_nms
 
 RAYS = golden_spiral_rays(32, (2, 1, 1))
 
@@ -49,15 +50,6 @@ def overlap_matrix(points, dists, criterion: str, samples: int = 128) -> np.ndar
     return overlap
 
 
-def reference_loop(probs, overlap, prob_thresh: float, nms_thresh: float) -> list[int]:
-    order = [i for i in sorted(range(len(probs)), key=lambda i: (-probs[i], i)) if probs[i] > prob_thresh]
-    kept: list[int] = []
-    for i in order:
-        if not (overlap[i, kept] > nms_thresh).any():
-            kept.append(i)
-    return kept
-
-
 @pytest.mark.parametrize("criterion", ["min_area", "iou"])
 @pytest.mark.parametrize("seed", range(3))
 def test_matches_sequential_loop(criterion: str, seed: int, monkeypatch) -> None:
@@ -68,7 +60,7 @@ def test_matches_sequential_loop(criterion: str, seed: int, monkeypatch) -> None
     overlap = overlap_matrix(points, dists, criterion)
     # A threshold that no overlap comes close to (closer calls depend on the estimate's error).
     nms_thresh = next(t for t in np.arange(0.2, 0.8, 0.0013) + 0.1 * seed if np.abs(overlap - t).min() > 1e-3)
-    expected = reference_loop(probs, overlap, 0.1, nms_thresh)
+    expected = reference_nms(probs, overlap, 0.1, nms_thresh)
     kept = non_maximum_suppression_3d(points, dists, probs, RAYS, prob_thresh=0.1, nms_thresh=nms_thresh, criterion=criterion)
     assert kept.dtype == np.int64 and 3 < len(kept) < len(points)
     assert kept.tolist() == expected
