@@ -24,6 +24,9 @@ class InstanceMatchingMetric(Metric):
     ----------
     thresholds : sequence of float
         IoU thresholds ``tau``; a pair matches when ``IoU >= tau``.
+    spatial_dims : {2, 3}
+        Dimensionality of one label image: with 2, a 3-axis input is a batch of 2D images; with 3,
+        it is one (Z, Y, X) volume, matched as a whole (objects are 3D, never cut into slices).
     **kwargs
         Passed on to :class:`torchmetrics.Metric`.
     """
@@ -32,8 +35,11 @@ class InstanceMatchingMetric(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, **kwargs) -> None:
+    def __init__(self, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, spatial_dims: int = 2, **kwargs) -> None:
         super().__init__(**kwargs)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.spatial_dims = int(spatial_dims)
         self.thresholds = check_thresholds(thresholds)
         n = len(self.thresholds)
         for name in ("n_true", "n_pred", "tp"):
@@ -41,14 +47,20 @@ class InstanceMatchingMetric(Metric):
         self.add_state("sum_matched_iou", default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, y_true: np.ndarray | torch.Tensor, y_pred: np.ndarray | torch.Tensor) -> None:
-        """Add one label image ``(H, W)`` or a batch ``(B, H, W)`` of them (numpy or torch)."""
+        """Add one label image or a batch of them (numpy or torch).
+
+        With ``spatial_dims=2``: ``(H, W)`` or ``(B, H, W)``; with ``spatial_dims=3``: ``(Z, Y, X)``
+        or ``(B, Z, Y, X)``. Each image (volume) is matched on its own and the counts pooled.
+        """
         true, pred = _as_numpy(y_true), _as_numpy(y_pred)
         if true.shape != pred.shape:
             raise ValueError(f"y_true and y_pred must have the same shape, got {true.shape} and {pred.shape}")
-        if true.ndim == 2:
+        dims = self.spatial_dims
+        if true.ndim == dims:
             true, pred = true[None], pred[None]
-        elif true.ndim != 3:
-            raise ValueError(f"expected label images (H, W) or batches (B, H, W), got shape {true.shape}")
+        elif true.ndim != dims + 1:
+            axes = "(H, W)" if dims == 2 else "(Z, Y, X)"
+            raise ValueError(f"expected label images {axes} or batches (B, {axes[1:]}, got shape {true.shape}")
         counts = np.zeros((4, len(self.thresholds)))
         for image_true, image_pred in zip(true, pred):
             for index, stats in enumerate(match_instances(image_true, image_pred, self.thresholds).values()):

@@ -33,7 +33,7 @@ Everything runs on the device of the inputs, in batches large enough to fill an 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Literal, Sequence, TypeVar
+from typing import Callable, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -326,19 +326,8 @@ class _Suppressor:
         cand, other = cand[open_pairs], other[open_pairs]
         if cand.numel() == 0:
             return suppressed
-        # First the nearest kept polygon of each candidate, which usually settles it, then the
-        # others of the candidates that are still not suppressed.
         gap = self.centres.index_select(0, cand) - self.centres.index_select(0, other)
-        distance = (gap * gap).sum(dim=1)
-        nearest = torch.full((candidates.numel(),), math.inf, device=self.device)
-        nearest.scatter_reduce_(0, cand - offset, distance, "amin")
-        first = distance == nearest[cand - offset]
-        hit = self._exact(cand[first], other[first])
-        suppressed[cand[first][hit] - offset] = True
-        rest = ~first & ~suppressed[cand - offset]
-        hit = self._exact(cand[rest], other[rest])
-        suppressed[cand[rest][hit] - offset] = True
-        return suppressed
+        return suppress_nearest_first(suppressed, cand, offset, other, (gap * gap).sum(dim=1), self._exact)
 
     def _resolve_in_order(self, survivors: torch.Tensor) -> torch.Tensor:
         """Greedy NMS among the survivors of a block (none of which any earlier polygon suppresses)."""
@@ -350,18 +339,49 @@ class _Suppressor:
         certain, harmless = self._bounds(earlier, later)
         undecided = ~certain & ~harmless
         certain[undecided] = self._exact(earlier[undecided], later[undecided])
-        # The in-order pass is inherently sequential (and short): run it on the CPU.
-        earlier, later = earlier[certain].cpu().numpy(), later[certain].cpu().numpy()
-        order = np.argsort(earlier, kind="stable")
-        earlier, later = earlier[order], later[order]
-        ids = survivors.cpu().numpy()
-        first_pair = np.searchsorted(earlier, ids, side="left")
-        last_pair = np.searchsorted(earlier, ids, side="right")
-        suppressed: set[int] = set()
-        keep = []
-        for index, lo, hi in zip(ids.tolist(), first_pair.tolist(), last_pair.tolist()):
-            if index in suppressed:
-                continue
-            keep.append(index)
-            suppressed.update(later[lo:hi].tolist())
-        return torch.tensor(keep, dtype=torch.int64, device=self.device)
+        return greedy_keep(survivors, earlier[certain], later[certain])
+
+
+def suppress_nearest_first(
+    suppressed: torch.Tensor,
+    cand: torch.Tensor,
+    offset: int,
+    other: torch.Tensor,
+    distance: torch.Tensor,
+    decide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Mark candidates suppressed by kept shapes, testing each candidate's nearest one first.
+
+    ``(cand[p], other[p])`` are the open (candidate, kept shape) pairs, ``distance[p]`` their
+    centre distance, ``cand - offset`` a candidate's position in ``suppressed`` and
+    ``decide(cand, other)`` the overlap test. The nearest kept shape usually settles a candidate,
+    so the others are only tested for the candidates it spares.
+    """
+    row = cand - offset
+    nearest = torch.full((suppressed.numel(),), math.inf, device=distance.device, dtype=distance.dtype)
+    nearest.scatter_reduce_(0, row, distance, "amin")
+    first = distance == nearest[row]
+    suppressed[row[first][decide(cand[first], other[first])]] = True
+    rest = ~first & ~suppressed[row]
+    suppressed[row[rest][decide(cand[rest], other[rest])]] = True
+    return suppressed
+
+
+def greedy_keep(ids: torch.Tensor, earlier: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
+    """The greedy pass over a block's survivors: visit ``ids`` in increasing order and keep each
+    one that no kept id suppresses, where ``earlier[p]`` suppresses ``later[p]``. Inherently
+    sequential (and short): runs on the CPU; returns a tensor on the device of ``ids``."""
+    earlier, later = earlier.cpu().numpy(), later.cpu().numpy()
+    order = np.argsort(earlier, kind="stable")
+    earlier, later = earlier[order], later[order]
+    values = ids.cpu().numpy()
+    first_pair = np.searchsorted(earlier, values, side="left")
+    last_pair = np.searchsorted(earlier, values, side="right")
+    suppressed: set[int] = set()
+    keep = []
+    for index, lo, hi in zip(values.tolist(), first_pair.tolist(), last_pair.tolist()):
+        if index in suppressed:
+            continue
+        keep.append(index)
+        suppressed.update(later[lo:hi].tolist())
+    return torch.tensor(keep, dtype=torch.int64, device=ids.device)
