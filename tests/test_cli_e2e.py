@@ -159,13 +159,36 @@ def test_dashboard_serves_the_store_on_localhost(trained):
         with urllib.request.urlopen(url, timeout=10) as r:
             assert runs[0].info.run_id in r.read().decode()
         # bound to loopback only
-        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
-        local_addresses = [line.split()[3] for line in listening.splitlines() if line.strip()]
-        assert local_addresses and all(a.startswith("127.0.0.1:") for a in local_addresses), listening
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        assert _listening(port) and all(a.startswith("127.0.0.1:") for a in _listening(port))
+        # SIGTERM to the bioflow process alone stops the whole server: nothing stays listening
+        proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    assert proc.poll() is not None
+        deadline = time.time() + 15
+        while _listening(port) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _listening(port)
+        printed = proc.stdout.read().decode()
+        assert "/#/experiments/" in printed and "workflowType=machine_learning" in printed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def _listening(port: int) -> list[str]:
+    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return [line.split()[3] for line in listening.splitlines() if line.strip()]
+
+
+def test_experiment_opens_as_model_training_with_test_scores_as_columns(trained):
+    import json
+
+    _, client, runs, _ = trained
+    experiment = client.get_experiment(runs[0].info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.bioflow"])
+    assert "metrics.`test/dice_fg_mean`" in view["selectedColumns"]
+    assert runs[0].info.run_name.startswith("e2e-")
 
 
 def test_dashboard_without_store_is_a_clear_error(tmp_path):

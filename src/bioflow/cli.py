@@ -187,6 +187,8 @@ def dashboard_command(args: argparse.Namespace) -> int:
         "--workers", "1",
     ]
     print(f"MLflow dashboard for {store.project_dir} at http://127.0.0.1:{args.port} (Ctrl+C stops it)", flush=True)
+    for name, page in _experiment_pages(store, args.port):
+        print(f"  {name}: {page}", flush=True)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     # The server runs in a process group of its own, and the whole group is stopped on Ctrl+C or
     # SIGTERM: stopping only the mlflow process can leave its web worker listening.
@@ -203,6 +205,19 @@ def dashboard_command(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop_group(server)
+
+
+def _experiment_pages(store, port: int) -> list[tuple[str, str]]:
+    """The runs page of every experiment in the store, in the model-training view."""
+    from mlflow.tracking import MlflowClient
+
+    from bioflow.tracking.run import runs_page
+
+    try:
+        experiments = MlflowClient(store.tracking_uri).search_experiments()
+    except Exception:  # the links are a courtesy; the dashboard works without them
+        return []
+    return [(e.name, runs_page(store.dashboard_url(port), e.experiment_id)) for e in experiments if e.name != "Default"]
 
 
 def _stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:

@@ -19,7 +19,9 @@ from bioflow.data.module import BioflowDataModule
 from bioflow.resume import find_resume_point, requested_resume
 from bioflow.tasks import get_task
 from bioflow.tasks.base import used_components
-from bioflow.tracking.run import ValidationFigures, log_checkpoint, log_run_start, make_logger, mark_resumed
+from bioflow.tracking.run import (
+    ValidationFigures, log_checkpoint, log_run_start, make_logger, mark_resumed, publish_runs_view, runs_page,
+)
 from bioflow.tracking.store import Store
 
 log = logging.getLogger(__name__)
@@ -216,6 +218,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         "best_score": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
         "output_dir": str(run_dir),
         "dashboard": store.dashboard_command(),
+        "dashboard_page": runs_page(store.dashboard_url(), logger.experiment_id),
         "predict": store.predict_command(logger.run_id),
         "is_global_zero": trainer.is_global_zero,
         "performance": speed.summary(),
@@ -229,6 +232,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         results = trainer.test(task, datamodule=data, ckpt_path=checkpoint.best_model_path, verbose=False)
         summary["test"] = {k: float(v) for k, v in (results[0] if results else {}).items()}
         log_figures(logger, task.report_figures, summary["test"])
+        publish_runs_view(logger, [k for k in task.headline_metrics if k in summary["test"]] + ["test/loss"])
     end_distributed()
     return summary
 
@@ -337,6 +341,7 @@ def print_summary(summary: Mapping[str, Any], out=sys.stdout) -> None:
         f"  best checkpoint: {summary['best_checkpoint']}",
         f"  job folder: {summary['output_dir']}",
         f"  dashboard: {summary['dashboard']}",
+        f"    runs with their test scores: {summary['dashboard_page']}",
         f"  predict: {summary['predict']}",
     ]
     print("\n".join(lines), file=out, flush=True)

@@ -69,6 +69,8 @@ class BaseTask(L.LightningModule):
     #: What the task hands its loss as target; a loss names the ones it takes in ``bioflow_targets``
     #: (losses that do not say take ``classes``).
     loss_targets: ClassVar[str] = "classes"
+    #: Test scores shown as columns of the dashboard's runs table.
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
     #: Config sections the task uses besides model, loss, sampler and data; naming another
     #: optional component (e.g. ``batch_transform``) is an error, never silently ignored.
     uses: ClassVar[tuple[str, ...]] = ()

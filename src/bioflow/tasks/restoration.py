@@ -60,6 +60,7 @@ class _ImageQuality(torch.nn.Module):
 class RestorationTask(BaseTask):
     """What CARE and Noise2Void share: image outputs, quality metrics, prediction of float images."""
 
+    headline_metrics: ClassVar[tuple[str, ...]] = ("test/psnr", "test/ssim")
     settings: ClassVar[dict[str, Any]] = {
         "data_range": None,
         "monitor": "val/loss",

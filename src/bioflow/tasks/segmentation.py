@@ -43,6 +43,7 @@ class SegmentationTask(BaseTask):
 
     target_kind: ClassVar[str] = "mask"
     uses: ClassVar[tuple[str, ...]] = ("postprocessor",)
+    headline_metrics: ClassVar[tuple[str, ...]] = ("test/dice_fg_mean", "test/iou_fg_mean")
     settings: ClassVar[dict[str, Any]] = {
         "target": "binary",
         "num_classes": 2,

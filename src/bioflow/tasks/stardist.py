@@ -57,6 +57,7 @@ class StarDistTask(BaseTask):
 
     target_kind: ClassVar[str] = "mask"
     loss_targets: ClassVar[str] = "stardist"
+    headline_metrics: ClassVar[tuple[str, ...]] = ("test/accuracy_0.5", "test/accuracy_0.7", "test/f1_0.5", "test/panoptic_quality_0.5")
     settings: ClassVar[dict[str, Any]] = {
         "n_rays": 32,
         "grid": [2, 2],

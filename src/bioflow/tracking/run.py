@@ -32,6 +32,35 @@ SLURM_TAG = "bioflow.slurm_job_id"
 RESUMED_TAG = "bioflow.resumed"
 #: MLflow 3's experiment tag for the kind of work in an experiment (it picks the UI's view).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+#: A runs-table view stored with the experiment (MLflow's shared views): bioflow's shows the test
+#: scores as columns. Opened by :func:`runs_page`.
+RUNS_VIEW_KEY = "bioflow"
+_SHARED_VIEW_TAG = "mlflow.sharedViewState."
+
+
+def runs_page(base_url: str, experiment_id: str) -> str:
+    """The dashboard page of an experiment's runs in the model-training view, with bioflow's columns."""
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+            f"?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW_KEY}")
+
+
+@rank_zero_only
+def publish_runs_view(logger: MLFlowLogger, metrics: list[str]) -> None:
+    """Add ``metrics`` to the columns of the experiment's bioflow runs view (created if needed)."""
+    client = logger.experiment
+    experiment = client.get_experiment(logger.experiment_id)
+    tag = _SHARED_VIEW_TAG + RUNS_VIEW_KEY
+    try:
+        state = json.loads(experiment.tags.get(tag, "{}"))
+    except ValueError:
+        state = {}
+    columns = list(state.get("selectedColumns") or [])
+    for key in metrics:
+        column = f"metrics.`{key}`"
+        if column not in columns:
+            columns.append(column)
+    state.update(selectedColumns=columns, orderByKey="attributes.start_time", orderByAsc=False)
+    client.set_experiment_tag(logger.experiment_id, tag, json.dumps(state))
 
 
 class OncePerStepMLFlowLogger(MLFlowLogger):

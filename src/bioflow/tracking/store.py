@@ -86,6 +86,10 @@ class Store:
         where = f" --project-dir {shlex.quote(str(self.project_dir))}" if self.embedded else f" --tracking-uri {self.server_uri}"
         return f"{_bioflow_command()} predict {run_id} <images or folder> --out <output folder>{where}"
 
+    def dashboard_url(self, port: int = 5000) -> str:
+        """Where the dashboard of this store is seen (``bioflow dashboard``, or the server)."""
+        return f"http://127.0.0.1:{port}" if self.embedded else str(self.server_uri)
+
     def dashboard_command(self) -> str:
         """The command that opens the MLflow dashboard on this store, runnable from any shell."""
         if self.embedded:
