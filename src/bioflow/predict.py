@@ -162,7 +162,7 @@ def predict(
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[dict[str, Path]]:
-    """Predict every input TIFF with ``model`` (a checkpoint file or an MLflow run id).
+    """Predict every input TIFF with ``model`` (a checkpoint file, an MLflow run id or a bioimage.io package).
 
     Returns, for each input, the output files written (by output name).
     """
@@ -170,11 +170,14 @@ def predict(
 
     from bioflow.checkpoint import load_model
     from bioflow.data.tiff import read_tiff
+    from bioflow.inference.bioimageio import is_package, load_package
     from bioflow.tracking.store import Store
 
     files = collect_inputs(inputs)
-    loaded = load_model(model, Store.create(project_dir, tracking_uri))
-    task = loaded.task
+    if is_package(model):  # run through bioimage.io's runtime (see bioflow.inference.bioimageio)
+        task = load_package(model)
+    else:
+        task = load_model(model, Store.create(project_dir, tracking_uri)).task
     for line in task.prediction_caveats():
         print(f"bioflow: note: {line}", file=sys.stderr)
     device = choose_device(device)
