@@ -174,30 +174,28 @@ def geometry(task) -> Geometry:
 def sample_image(task, config: Mapping[str, Any], geo: Geometry) -> tuple[np.ndarray, str]:
     """A raw channel-first image for the test tensors (the first held-out test image, cropped to a
     valid size, when the data can be read; else a generated one) and where it came from."""
-    image, origin = None, ""
+    why = "the model records no test split"
     try:
         from bioflow.evaluate import recorded_data
 
         data = recorded_data(config, task)
         if data.splits["test"]:
             record = data.splits["test"][0]
-            image, origin = record.image, f"the held-out test image `{record.name}` of the training data"
-        else:
-            origin = "(the model records no test split)"
+            origin = f"the held-out test image `{record.name}` of the training data"
+            return crop_to_valid(np.asarray(record.image), geo), origin
     except (BioflowError, OSError, ValueError, KeyError) as exc:
-        origin = f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
-    if image is None:
-        why = origin
-        image = generated_image(task.data_info.in_channels, task.data_info.spatial_dims, geo)
-        origin = "a generated image (smoothed noise; the training data could not be read" + (f" {why}" if why else "") + ")"
-    return crop_to_valid(np.asarray(image), geo), origin
+        why = f"the training data could not be read: {' '.join(str(exc).split())[:160]}"
+    image = generated_image(task.data_info.in_channels, task.data_info.spatial_dims, geo)
+    return crop_to_valid(image, geo), f"a generated image (smoothed noise; {why})"
 
 
 def generated_image(channels: int, dims: int, geo: Geometry) -> np.ndarray:
     from scipy import ndimage
 
+    from bioflow.inference.tiling import padded_size
+
     rng = np.random.default_rng(0)
-    edge = max(geo.minimum, min(_TEST_EDGE[dims], 4 * geo.step))
+    edge = max(geo.minimum, padded_size(_TEST_EDGE[dims] // 2, geo.step))
     noise = rng.normal(size=(channels,) + (edge,) * dims)
     smooth = np.stack([ndimage.gaussian_filter(c, 2.0) for c in noise])
     smooth = (smooth - smooth.min()) / max(float(np.ptp(smooth)), 1e-6)
@@ -604,7 +602,6 @@ def package_config(task, loaded, geo: Geometry, lay: Layout) -> dict[str, Any]:
         prob, nms = (float(t) for t in task.thresholds)
         s = task.task_settings
         config["stardist"] = {
-            "stardist_version": None,
             "thresholds": {"prob": prob, "nms": nms},
             "config": {
                 "n_dim": 2, "axes": "YXC", "n_channel_in": task.data_info.in_channels, "n_channel_out": 1 + task.n_rays,
