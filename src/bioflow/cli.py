@@ -167,6 +167,13 @@ def predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- export -------------------------------------------------------------------------------------
+def export_command(args: argparse.Namespace) -> int:
+    from bioflow.export.bioimageio import run_export
+
+    return run_export(args)
+
+
 # -- dashboard ----------------------------------------------------------------------------------
 def dashboard_command(args: argparse.Namespace) -> int:
     """``bioflow dashboard``: an MLflow server on 127.0.0.1 for the project's store, until Ctrl+C."""
@@ -249,13 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model from the Hydra config (`bioflow train --help` lists the config groups)",
     )
     ev = sub.add_parser("evaluate", help="test-split metrics of a checkpoint or MLflow run, logged into its run")
-    ev.add_argument("model", help="a checkpoint file, or the id of an MLflow run (its best checkpoint is used)")
+    ev.add_argument("model", help="a checkpoint file, the id of an MLflow run (its best checkpoint is used), or a "
+                    "bioimage.io package written by bioflow export")
     ev.add_argument("--split", default="test", choices=["test", "val", "train"], help="split to evaluate (default: test)")
     ev.add_argument("--project-dir", help="project folder of the embedded store (default: where the run was trained)")
     ev.add_argument("--tracking-uri", default=None, help="MLflow tracking server, instead of the embedded store")
     ev.add_argument("--no-log", action="store_true", help="do not log the metrics into the MLflow run")
     pr = sub.add_parser("predict", help="apply a model to TIFF files (tiled, any image size)")
-    pr.add_argument("model", help="a checkpoint file, or the id of an MLflow run (its best checkpoint is used)")
+    pr.add_argument("model", help="a checkpoint file, the id of an MLflow run (its best checkpoint is used), or a "
+                    "bioimage.io model package (.zip, rdf.yaml)")
     pr.add_argument("inputs", nargs="+", help="TIFF files, or folders of TIFF files")
     pr.add_argument("--out", required=True, help="output folder (created; inputs are never overwritten)")
     pr.add_argument("--axes", help="axes of the input files when their metadata does not say (e.g. ZYX, CYX, YXC)")
@@ -270,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.add_argument("--project-dir", help="project folder of the embedded store, for run ids (default: where the run was trained)")
     pr.add_argument("--tracking-uri", default=None, help="MLflow tracking server (for run ids)")
+    ex = sub.add_parser("export", help="write a model as a bioimage.io package (BioImage Model Zoo, spec v0.5)")
+    ex.add_argument("model", help="a checkpoint file, or the id of an MLflow run (its best checkpoint is used)")
+    ex.add_argument("--out", required=True, help="the package to write (.zip)")
+    ex.add_argument("--author", action="append", help="an author's name (repeat for several; default: your login name)")
+    ex.add_argument("--license", help="SPDX licence id of the model (default: CC-BY-4.0)")
+    ex.add_argument("--cite", action="append", metavar="TEXT=DOI", help="a citation, TEXT=DOI or TEXT=URL (repeatable; "
+                    "the method's paper is always cited)")
+    ex.add_argument("--name", help="the model's name (default: from the task and the experiment)")
+    ex.add_argument("--test", action="store_true", help="run bioimageio.core's test on the package afterwards")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    ex.add_argument("--project-dir", default=_project_dir_default(), help="project folder of the embedded store (for run ids)")
+    ex.add_argument("--tracking-uri", default=None, help="MLflow tracking server (for run ids)")
     pl = sub.add_parser("plugins", help="list installed components (architectures, losses, ...) by kind")
     pl.add_argument("--kind", help="list one kind only")
     pl.add_argument("--check", action="store_true", help="import every plugin; exit 1 on a clash or a broken plugin")
@@ -301,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {
         "evaluate": evaluate_command, "predict": predict_command, "plugins": plugins_command,
-        "dashboard": dashboard_command,
+        "dashboard": dashboard_command, "export": export_command,
     }
     if args.command is None:
         parser.print_help()

@@ -22,21 +22,18 @@ def evaluate(
     import lightning as L
 
     from bioflow.checkpoint import load_model
-    from bioflow.data.module import BioflowDataModule
-    from bioflow.tasks import get_task
+    from bioflow.inference.bioimageio import evaluation_model, is_package
 
     explicit = project_dir is not None or tracking_uri is not None
     store = Store.create(project_dir or default_project_dir(), tracking_uri)
-    loaded = load_model(model, store, explicit_store=explicit)
-    task, run_id, store = loaded.task, loaded.run_id, loaded.store or store
+    if is_package(model):
+        loaded = evaluation_model(model)
+    else:
+        loaded = load_model(model, store, explicit_store=explicit)
+        store = loaded.store or store
+    task, run_id = loaded.task, loaded.run_id
     config = loaded.checkpoint["hyper_parameters"]["config"]
-    task_cls = get_task(config["task"]["name"])
-    data = BioflowDataModule(
-        config["data"], config["sampler"], seed=config["seed"], target_kind=task_cls.target_kind,
-        target_fn=task_cls.target_transform(task.task_settings), split=task.data_info.split,
-        normalization=task.data_info.normalization,
-    )
-    data.prepare()
+    data = recorded_data(config, task)
     if not data.splits[split]:
         raise BioflowError(f"{model}: the {split} split of this model's data is empty")
     data.evaluation_split = split
@@ -52,6 +49,21 @@ def evaluate(
         logged = _log_to_run(store, run_id, metrics, split, task)
     return {"model": model, "split": split, "n_images": len(data.splits[split]), "metrics": metrics,
             "run_id": run_id, "logged": logged, "tracking_uri": store.tracking_uri}
+
+
+def recorded_data(config: Mapping[str, Any], task):
+    """The data module of a model's config with its recorded split and normalisation, prepared."""
+    from bioflow.data.module import BioflowDataModule
+    from bioflow.tasks import get_task
+
+    task_cls = get_task(config["task"]["name"])
+    data = BioflowDataModule(
+        config["data"], config["sampler"], seed=config["seed"], target_kind=task_cls.target_kind,
+        target_fn=task_cls.target_transform(task.task_settings), split=task.data_info.split,
+        normalization=task.data_info.normalization,
+    )
+    data.prepare()
+    return data
 
 
 def _log_to_run(store: Store, run_id: str, metrics: Mapping[str, float], split: str, task) -> bool:

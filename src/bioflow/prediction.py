@@ -200,7 +200,7 @@ def predict(
     overwrite: bool = False,
     progress: bool = True,
 ) -> list[dict[str, Path]]:
-    """Predict every input TIFF with ``model`` (a checkpoint file or an MLflow run id).
+    """Predict every input TIFF with ``model`` (a checkpoint file, an MLflow run id or a bioimage.io package).
 
     Every readable input is predicted even when others fail; the failures are reported one line
     each, and then raised together as a :class:`PredictionErrors`. Outputs are written under
@@ -210,6 +210,7 @@ def predict(
     Returns, for each input predicted, the output files written (by output name).
     """
     from bioflow.checkpoint import load_model
+    from bioflow.inference.bioimageio import is_package, load_package
     from bioflow.tracking.store import Store, default_project_dir
 
     out_dir = Path(out)
@@ -218,9 +219,12 @@ def predict(
     check_options(tile_size=tile_size, overlap=overlap, batch_size=batch_size, axes=axes)
     device = choose_device(device)
     files = collect_inputs(inputs)
-    explicit = project_dir is not None or tracking_uri is not None
-    store = Store.create(project_dir or default_project_dir(), tracking_uri)
-    task = load_model(model, store, inference=True, explicit_store=explicit).task
+    if is_package(model):  # run through bioimage.io's runtime (see bioflow.inference.bioimageio)
+        task = load_package(model)
+    else:
+        explicit = project_dir is not None or tracking_uri is not None
+        store = Store.create(project_dir or default_project_dir(), tracking_uri)
+        task = load_model(model, store, inference=True, explicit_store=explicit).task
     for line in task.prediction_caveats():
         print(f"bioflow: note: {line}", file=sys.stderr)
     task.to(device)
@@ -272,7 +276,7 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, axes, 
     from bioflow.data.views import SubArray, channel_indices
 
     frames = read_tiff_frames(f, axes, channels=True, axes_option="--axes")
-    wanted = task.config["data"].get("channels")
+    wanted = getattr(task, "channel_selection", None)  # models from other tools choose none
     arrays = []
     for frame in frames:
         array = frame.array

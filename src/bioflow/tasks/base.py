@@ -252,6 +252,11 @@ class BaseTask(L.LightningModule):
             stride=self.output_stride(),
         )
 
+    @property
+    def channel_selection(self) -> list | None:
+        """The channels of the input files the model uses (``data.channels``; None: all)."""
+        return self.config["data"].get("channels")
+
     def normalizer(self):
         """How this model normalises images (as stored with it)."""
         from bioflow.data.normalize import Normalizer
