@@ -71,6 +71,17 @@ def test_kill_and_resume_continues_the_same_run(tmp_path):
     assert last(run, "val/loss").step == last(reference, "val/loss").step
     assert last(run, "val/loss").value == pytest.approx(last(reference, "val/loss").value, abs=0.05)
 
+    # a finished run: nothing asked is an error, other changes are refused, more epochs continue it
+    where = [*JOB[-3:], f"project_dir={project}"]
+    again = run_cli("train", "resume=last", *where, cwd=tmp_path)
+    assert again.returncode == 2 and "finished its 4 epoch(s)" in again.stderr, again.stderr[-2000:]
+    changed = run_cli("train", "resume=last", "model.depth=2", "trainer.max_epochs=5", *where, cwd=tmp_path)
+    assert changed.returncode == 2 and "model.depth=2 would change" in changed.stderr
+    longer = run_cli("train", "resume=last", "trainer.max_epochs=5", *where, cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 5
+    assert len(client.search_runs([experiment])) == 1
+
 
 def test_a_requeued_slurm_job_resumes_its_own_run(tmp_path):
     project = tmp_path / "project"
@@ -87,4 +98,5 @@ def test_a_requeued_slurm_job_resumes_its_own_run(tmp_path):
 
 def test_nothing_to_resume_is_a_clear_error(tmp_path):
     result = run_cli("train", "resume=last", "logger.experiment_name=nothing", f"project_dir={tmp_path}", cwd=tmp_path)
-    assert result.returncode == 2 and "no experiment 'nothing'" in result.stderr
+    assert result.returncode == 2 and "no MLflow store" in result.stderr and "nothing to resume" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()

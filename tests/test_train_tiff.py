@@ -59,7 +59,7 @@ def test_min_foreground_keeps_only_patches_with_objects():
     from bioflow.testing import compose_config
 
     config = compose_config("data.source.n_images=5", "data.source.shape=[96,96]", "data.patch_size=[32,32]",
-                            "+data.min_foreground=0.3")
+                            "data.min_foreground=0.3")
     data = BioflowDataModule(config["data"], config["sampler"], 0, "mask",
                              SegmentationTask.target_transform(SegmentationTask.settings))
     data.prepare()

@@ -48,14 +48,15 @@ def train(overrides: Sequence[str] | Mapping[str, Any] | None = None, *, job_dir
     from bioflow.config import compose, validate
     from bioflow.training import run_training
 
-    config = compose(_as_overrides(overrides))
+    overrides = _as_overrides(overrides)
+    config = compose(overrides)
     validate(config)
     if job_dir is None:
         now = datetime.datetime.now()
         job_dir = Path(config["project_dir"]) / "outputs" / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S-%f")
     job_dir = Path(job_dir).expanduser().resolve()
     job_dir.mkdir(parents=True, exist_ok=True)
-    return run_training(config, job_dir)
+    return run_training(config, job_dir, overrides)
 
 
 def predict(model: str, inputs: str | Path | Sequence[str | Path], out: str | Path, **options: Any) -> list[dict[str, Path]]:

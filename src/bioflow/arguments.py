@@ -8,7 +8,6 @@ a ``TypeError`` deep inside the component (or not at all).
 from __future__ import annotations
 
 import collections.abc
-import difflib
 import inspect
 import os
 import pathlib
@@ -16,7 +15,7 @@ import types
 import typing
 from typing import Any, Callable, Mapping
 
-from bioflow.errors import ConfigError
+from bioflow.errors import ConfigError, did_you_mean
 
 # Annotations that a config string satisfies.
 _PATH_TYPES = (os.PathLike, pathlib.Path, pathlib.PurePath)
@@ -67,11 +66,9 @@ def check_arguments(
     if not accepts_any:
         for key in kwargs:
             if key not in named:
-                close = difflib.get_close_matches(key, list(named), n=1, cutoff=0.6)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
                 valid = ", ".join(sorted(named)) or "none"
                 raise ConfigError(
-                    f"{where}.{key}: {label} has no argument '{key}'{hint} (its arguments: {valid})"
+                    f"{where}.{key}: {label} has no argument '{key}'{did_you_mean(key, named)} (its arguments: {valid})"
                 )
     missing = [
         n

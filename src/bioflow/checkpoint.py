@@ -47,8 +47,7 @@ def load_checkpoint(path: str | os.PathLike, name: str | None = None) -> dict[st
         if offending or "weights_only" in str(exc).lower():
             what = f" ({offending.group(1)})" if offending else ""
             raise BioflowError(
-                f"{name}: refused: the checkpoint holds Python code or objects{what} that bioflow does not load "
-                "(it loads weights and plain data only)"
+                f"{name}: refused: it holds Python code or objects{what}; bioflow loads weights and plain data only"
             ) from exc
         raise BioflowError(f"{name}: not a readable checkpoint (damaged or not written by bioflow)") from exc
     except Exception as exc:

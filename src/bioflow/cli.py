@@ -10,6 +10,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from bioflow import __version__
@@ -35,14 +36,63 @@ def _multi_process(trainer_cfg) -> bool:
     return several and "ddp" in str(trainer_cfg.get("strategy", ""))
 
 
+#: Hydra's options that take a value (``--info`` takes an optional one).
+_HYDRA_VALUE_OPTIONS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                        "--config-dir", "-cd", "--experimental-rerun")
+_INFO_TOPICS = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+
+
+def hydra_arguments(arguments: list[str]) -> list[str]:
+    """Hydra's options first, then the overrides: options may come anywhere on the command line
+    (``bioflow train experiment=x --cfg job`` works), which Hydra's own parser refuses."""
+    options, overrides = [], []
+    i = 0
+    while i < len(arguments):
+        arg = arguments[i]
+        if arg.startswith("-"):  # overrides never do (key=v, +key=v, ++key=v, ~key)
+            options.append(arg)
+            takes = arg in _HYDRA_VALUE_OPTIONS or (arg in ("--info", "-i") and i + 1 < len(arguments)
+                                                     and arguments[i + 1] in _INFO_TOPICS)
+            if takes and i + 1 < len(arguments):
+                options.append(arguments[i + 1])
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return options + overrides
+
+
 _HYDRA_FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
 
 
-def _prevalidate(overrides: list[str]) -> None:
+def _prevalidate(overrides: list[str]) -> dict:
     """Compose and validate the config before Hydra starts a job, so errors come as one line."""
     from bioflow.config import compose, validate
 
-    validate(compose(overrides))
+    config = compose(overrides)
+    validate(config)
+    return config
+
+
+def _missing_folders(project_dir: str) -> list[Path]:
+    """The project folder and its outputs folder, where they do not exist yet (deepest first)."""
+    project = Path(project_dir).expanduser().resolve()
+    return [p for p in (project / "outputs", project) if not p.exists()]
+
+
+def _remove_failed_job_folder(run_dir: Path, created: list[Path]) -> None:
+    """A job that failed before training leaves no folder behind: Hydra's job folder (holding
+    only Hydra's own record and log) and the folders it made for it, when they are empty."""
+    import shutil
+
+    if not run_dir.is_dir() or any(p.name != ".hydra" and p.suffix != ".log" for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in [run_dir.parent, *created]:
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            pass
 
 
 def train_command(overrides: list[str]) -> int:
@@ -56,12 +106,13 @@ def train_command(overrides: list[str]) -> int:
     original_argv = list(sys.argv)
     from bioflow.config import plugin_searchpath
 
-    overrides = list(overrides) + plugin_searchpath(overrides)
+    overrides = hydra_arguments(list(overrides) + plugin_searchpath(overrides))
     is_info = any(o in _HYDRA_FLAGS_WITHOUT_RUN for o in overrides)
     multirun = any(o in ("-m", "--multirun") for o in overrides)
+    created: list[Path] = []
     if not is_info and not multirun:
         try:
-            _prevalidate(overrides)
+            created = _missing_folders(_prevalidate(overrides)["project_dir"])
         except BioflowError as exc:
             return fail(exc.one_line())
 
@@ -69,8 +120,6 @@ def train_command(overrides: list[str]) -> int:
 
     @hydra.main(version_base="1.3", config_path="pkg://bioflow.configs", config_name=PRIMARY_CONFIG)
     def job(cfg) -> float | None:
-        from pathlib import Path
-
         from omegaconf.errors import OmegaConfBaseException
 
         from bioflow.config import first_lines
@@ -89,13 +138,16 @@ def train_command(overrides: list[str]) -> int:
             code = subprocess.call(command)
             outcome["code"] = outcome["code"] or code
             return None
+        run_dir = Path(hydra_cfg.runtime.output_dir)
         try:
             container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-            summary = run_training(container, Path(hydra_cfg.runtime.output_dir))
+            summary = run_training(container, run_dir, list(hydra_cfg.overrides.task))
         except BioflowError as exc:
+            _remove_failed_job_folder(run_dir, created)
             outcome["code"] = fail(exc.one_line())
             return None
         except OmegaConfBaseException as exc:
+            _remove_failed_job_folder(run_dir, created)
             outcome["code"] = fail(f"config: {first_lines(str(exc))}")
             return None
         if summary["is_global_zero"]:
@@ -313,8 +365,16 @@ def _log_warnings_to_stderr() -> None:
         logger.propagate = False
 
 
+def _quiet_libraries() -> None:
+    """tifffile logs every odd tag it meets; bioflow reports unreadable files itself, in one line."""
+    import logging
+
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries()
     if argv and argv[0] == "train":
         return train_command(argv[1:])
     _log_warnings_to_stderr()

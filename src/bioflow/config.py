@@ -11,13 +11,12 @@ the config key path, e.g. ``model.dept: architecture 'unet' has no argument 'dep
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from bioflow.arguments import describe_type, matches_type
-from bioflow.errors import ConfigError
+from bioflow.errors import ConfigError, check_range, did_you_mean
 
 CONFIG_PACKAGE = "bioflow.configs"
 PRIMARY_CONFIG = "train"
@@ -125,10 +124,8 @@ def _check(value: Any, annotation: Any, path: str) -> None:
         fields = {f.name: f for f in dataclasses.fields(annotation)}
         for key in value:
             if key not in fields:
-                close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
                 prefix = f"{path}." if path else ""
-                raise ConfigError(f"{prefix}{key}: unknown config key{hint}")
+                raise ConfigError(f"{prefix}{key}: unknown config key{did_you_mean(key, fields)}")
         for name, f in fields.items():
             sub = f"{path}.{name}" if path else name
             if name not in value:
@@ -156,8 +153,47 @@ def validate_structure(config: Mapping[str, Any]) -> None:
     for key in config["trainer"]:
         if key in RESERVED_TRAINER_KEYS:
             raise ConfigError(f"trainer.{key}: set by bioflow itself; remove it from the config")
-    if any(v is not None and v < 1 for v in (config["data"]["batch_size"], config["data"]["patches_per_epoch"])):
-        raise ConfigError("data.batch_size and data.patches_per_epoch must be at least 1")
+    check_ranges(config)
+
+
+def check_ranges(config: Mapping[str, Any]) -> None:
+    """Values with a valid range: one line naming the key, the value and what is allowed."""
+    data, trainer = config["data"], config["trainer"]
+    for key in ("batch_size", "patches_per_epoch"):
+        check_range(f"data.{key}", data[key], low=1, allowed="a whole number >= 1")
+    check_range("data.num_workers", data["num_workers"], low=0, allowed="a whole number >= 0 (0: load in the main process)")
+    for i, size in enumerate(data["patch_size"]):
+        check_range(f"data.patch_size[{i}]", size, low=1, allowed="a number of pixels >= 1")
+    check_range("data.min_foreground", data.get("min_foreground", 0.0), low=0.0, high=1.0, allowed="a fraction in [0, 1]")
+    norm = data["normalize"]
+    check_range("data.normalize.low", norm["low"], low=0.0, high=100.0, allowed="a percentile in [0, 100]")
+    check_range("data.normalize.high", norm["high"], low=norm["low"], high=100.0, low_open=True,
+                allowed=f"a percentile above data.normalize.low ({norm['low']}) and at most 100")
+    for key in ("val", "test"):
+        value = data["split"][key]
+        if not isinstance(value, (list, tuple)):
+            check_range(f"data.split.{key}", value, low=0.0, high=1.0, high_open=True,
+                        allowed="a fraction in [0, 1), or a list of images")
+    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    if epochs is not None:
+        check_range("trainer.max_epochs", epochs, low=1, allowed=(
+            "a number of epochs >= 1 (for training until you stop it, set trainer.max_time, e.g. '00:12:00:00')"))
+    if steps is not None and steps != -1:
+        check_range("trainer.max_steps", steps, low=1, allowed="a number of steps >= 1, or -1 (no step limit)")
+    if epochs is None and steps in (None, -1) and not trainer.get("max_time"):
+        raise ConfigError("trainer.max_epochs: null with no step or time limit would train forever; "
+                          "give trainer.max_epochs, trainer.max_steps or trainer.max_time")
+    predict = config["predict"]
+    for key, low in (("tile_size", 1), ("overlap", 0)):
+        for i, v in enumerate(predict[key] or []):
+            check_range(f"predict.{key}[{i}]", v, low=low, allowed=f"a number of pixels >= {low}")
+    check_range("predict.batch_size", predict["batch_size"], low=1, allowed="a number of tiles >= 1")
+    figures = config["logger"]["figures"]
+    check_range("logger.figures.every_n_epochs", figures["every_n_epochs"], low=1, allowed="a number of epochs >= 1")
+    check_range("logger.figures.n_samples", figures["n_samples"], low=0, allowed="a number of images >= 0")
+    top_k = config.get("checkpoint", {}).get("save_top_k", 1)
+    if top_k != -1:
+        check_range("checkpoint.save_top_k", top_k, low=1, allowed="a number >= 1, or -1 (keep all)")
 
 
 def validate_components(config: Mapping[str, Any]) -> None:
@@ -173,9 +209,7 @@ def validate_components(config: Mapping[str, Any]) -> None:
     task_cls = get_task(task_name)
     for key, value in settings.items():
         if key not in task_cls.settings:
-            close = difflib.get_close_matches(key, list(task_cls.settings), n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"task.{key}: task '{task_name}' has no setting '{key}'{hint}")
+            raise ConfigError(f"task.{key}: task '{task_name}' has no setting '{key}'{did_you_mean(key, task_cls.settings)}")
     provided = {
         "model": ("architectures", frozenset({"in_channels", "out_channels", "spatial_dims"})),
         "loss": ("losses", frozenset()),
@@ -276,7 +310,6 @@ def compose(overrides: Sequence[str] = ()) -> dict[str, Any]:
 
 def explain_composition_error(message: str, overrides: list[str]) -> str:
     """Hydra's composition errors in one line, with the closest existing key or option."""
-    import difflib
     import re
 
     missing_option = re.search(r"Could not find '([^']+)/([^']+)'", message)
@@ -284,8 +317,7 @@ def explain_composition_error(message: str, overrides: list[str]) -> str:
     if missing_option and options:
         group, option = missing_option.groups()
         known = options.group(1).split()
-        close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(option, known)
         return f"{group}={option}: no such option in config group '{group}'{hint} (options: {', '.join(known)})"
     bad_key = re.search(r"Could not override '([^']+)'", message)
     if bad_key:
@@ -302,9 +334,7 @@ def explain_composition_error(message: str, overrides: list[str]) -> str:
                 parent, _, leaf = parent.rpartition(".")
                 node = OmegaConf.select(cfg, parent) if parent else cfg
             if isinstance(node, DictConfig):
-                close = difflib.get_close_matches(leaf, [str(k) for k in node.keys()], n=1, cutoff=0.6)
-                if close:
-                    hint = f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?"
+                hint = did_you_mean(leaf, node.keys(), prefix=f"{parent}." if parent else "")
         except Exception:  # the hint is a courtesy; the error stands without it
             pass
         return f"{key}: no such config key{hint} (to add a new key on purpose: +{key}=...)"

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from bioflow.arguments import check_arguments
 from bioflow.config import component
-from bioflow.errors import ConfigError
+from bioflow.errors import ConfigError, check_range
 
 
 def _optimizers() -> dict[str, Any]:
@@ -42,6 +42,8 @@ def check_optimization(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"optimizer.name: unknown optimizer '{name}' (choose from {', '.join(optimizers)})")
     check_arguments(optimizers[name.lower()], kwargs, where="optimizer", label=f"optimizer '{name}'",
                     provided=frozenset({"params"}))
+    if kwargs.get("lr") is not None:
+        check_range("optimizer.lr", kwargs["lr"], low=0.0, low_open=True, allowed="a learning rate > 0")
     name, kwargs = component(config["scheduler"])
     schedulers = _schedulers()
     if name not in schedulers:

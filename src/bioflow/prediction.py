@@ -392,8 +392,8 @@ def _resolution_factor(task, pixel_size, path: Path, rescale: bool) -> list[floa
     ratio = [p / t for p, t in zip(pixel_size, trained)]
     if all(abs(r - 1) <= _PIXEL_SIZE_TOLERANCE for r in ratio):
         return None
-    sizes = "x".join(f"{p:g}" for p in pixel_size)
-    trained_sizes = "x".join(f"{t:g}" for t in trained)
+    sizes = "x".join(f"{p:g}" for p in pixel_size) + " µm"
+    trained_sizes = "x".join(f"{t:g}" for t in trained) + " µm"
     if not rescale:
         log.warning(
             "%s: pixel size %s differs from the training pixel size %s; objects appear at another scale than "

@@ -16,13 +16,12 @@ Names are resolved strictly:
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable, Iterable
 
-from bioflow.errors import RegistryError
+from bioflow.errors import RegistryError, did_you_mean
 
 #: Component kinds: short name -> entry-point group.
 KINDS: dict[str, str] = {
@@ -158,10 +157,8 @@ class Registry:
     def _unknown(self, kind: str, name: str) -> RegistryError:
         what = SINGULAR[kind]
         known = self.names(kind) + [c.qualified_name for c in self.components(kind)]
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         return RegistryError(
-            f"unknown {what} '{name}'{hint} "
+            f"unknown {what} '{name}'{did_you_mean(name, known, n=3)} "
             f"(`bioflow plugins --kind {kind}` lists every {what})"
         )
 

@@ -34,6 +34,8 @@ class ResumePoint:
     checkpoint: Path
     output_dir: Path
     config: dict[str, Any]
+    epochs_done: int = 0
+    finished: bool = False
 
 
 def requested_resume(config: Mapping[str, Any]) -> str | None:
@@ -58,6 +60,8 @@ def find_resume_point(request: str, store: Store, experiment_name: str) -> Resum
 
     from bioflow.checkpoint import load_checkpoint
 
+    if not store.exists:  # never create a store to look for a run in it
+        raise BioflowError(f"resume={request}: no MLflow store in {store.project_dir} (project_dir); nothing to resume")
     client = MlflowClient(store.tracking_uri)
     try:
         if _RUN_ID.match(request):
@@ -85,5 +89,62 @@ def find_resume_point(request: str, store: Store, experiment_name: str) -> Resum
             f"resume: run {run.info.run_id} has no checkpoint in {output} (it stopped before its first epoch "
             "ended); start a new run"
         )
-    config = load_checkpoint(checkpoint)["hyper_parameters"]["config"]
-    return ResumePoint(run.info.run_id, checkpoint, Path(output), dict(config))
+    saved = load_checkpoint(checkpoint)
+    return ResumePoint(run.info.run_id, checkpoint, Path(output), dict(saved["hyper_parameters"]["config"]),
+                       epochs_done=int(saved.get("epoch", -1)) + 1, finished=run.info.status == "FINISHED")
+
+
+#: Overrides a resumed run takes: a longer training (its recorded config is kept otherwise).
+EXTENDING = ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "trainer.enable_progress_bar")
+#: Overrides that only say where the run is (and how to find it).
+LOCATING = ("resume", "project_dir", "logger.experiment_name", "logger.tracking_uri", "experiment")
+
+
+def resumed_config(point: ResumePoint, requested: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The run's recorded config with the overrides that can apply to it (more epochs or steps).
+
+    Any other override that would change the recorded config is an error rather than being
+    ignored: a resumed run continues as it was configured.
+    """
+    config = {**point.config, "resume": point.run_id}
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if not key or key.startswith("hydra") or key in LOCATING:
+            continue
+        new, old = _lookup(requested, key), _lookup(point.config, key)
+        if key in EXTENDING:
+            config = _assign(config, key, new)
+        elif _named(new) != _named(old):
+            raise BioflowError(
+                f"resume={point.run_id}: {override} would change the run's recorded config ({key}: {_named(old)!r}); "
+                "a resumed run continues as configured (only trainer.max_epochs, max_steps or max_time may grow); "
+                f"start a new run from its weights with init_from={point.run_id}"
+            )
+    epochs = config["trainer"].get("max_epochs")
+    if point.finished and epochs is not None and epochs <= point.epochs_done:
+        raise BioflowError(
+            f"resume={point.run_id}: the run finished its {point.epochs_done} epoch(s); to train it further give "
+            f"trainer.max_epochs larger than {point.epochs_done}"
+        )
+    return config
+
+
+def _lookup(config: Mapping[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _named(value: Any) -> Any:
+    """A group choice compares by its component name (``model=unet``), a value by itself."""
+    return value.get("name", value) if isinstance(value, Mapping) else value
+
+
+def _assign(config: Mapping[str, Any], key: str, value: Any) -> dict[str, Any]:
+    head, _, rest = key.partition(".")
+    out = dict(config)
+    out[head] = _assign(config.get(head) or {}, rest, value) if rest else value
+    return out

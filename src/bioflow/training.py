@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from bioflow.config import component, validate
 from bioflow.errors import ConfigError
 from bioflow.data.module import BioflowDataModule
-from bioflow.resume import find_resume_point, requested_resume
+from bioflow.resume import find_resume_point, requested_resume, resumed_config
 from bioflow.tasks import get_task
 from bioflow.tasks.base import used_components
 from bioflow.tracking.run import (
@@ -133,7 +133,7 @@ def with_absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
-def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train (and test) as the resolved ``config`` says; return a summary of the job.
 
     Parameters
@@ -142,6 +142,8 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         The resolved config as plain containers (validated here again).
     run_dir
         This job's output folder (Hydra's run directory).
+    overrides
+        The overrides the user gave (to check what a resumed run can take from them).
     """
     validate(config)
     config = with_absolute_paths(config)
@@ -151,8 +153,9 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     resume = None
     if request is not None:
         resume = find_resume_point(request, store, config["logger"]["experiment_name"])
-        # the run's own config, so the resumed job ends where the uninterrupted one would
-        config = {**resume.config, "resume": resume.run_id}
+        # the run's own config (so the resumed job ends where the uninterrupted one would), with
+        # more epochs or steps if asked; other overrides are refused
+        config = resumed_config(resume, config, overrides or [])
         run_dir = resume.output_dir
         log.info("resuming run %s from %s", resume.run_id, resume.checkpoint)
     L.seed_everything(config["seed"], workers=True, verbose=False)
@@ -173,6 +176,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         "normalization": data.normalizer.as_dict(),
     }
     task = task_cls(config, data_info)
+    check_patch_size(config["data"]["patch_size"], task.size_multiple)
     has_val = bool(data.splits["val"])
     if not has_val and component(config["scheduler"])[0] == "plateau":
         raise ConfigError("scheduler=plateau: lowers the rate when validation stops improving, but there are no "
@@ -235,6 +239,14 @@ def run_training(config: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
         publish_runs_view(logger, [k for k in task.headline_metrics if k in summary["test"]] + ["test/loss"])
     end_distributed()
     return summary
+
+
+def check_patch_size(patch_size, multiple: int) -> None:
+    """Training patches must fit the network's size multiple (its poolings)."""
+    if any(int(p) % multiple for p in patch_size):
+        fits = [max(multiple, int(p) // multiple * multiple) for p in patch_size]
+        raise ConfigError(f"data.patch_size: {list(patch_size)} is not a multiple of {multiple}, which this network "
+                          f"needs (its poolings); use e.g. {fits}")
 
 
 def init_weights(task, source: str, store: Store) -> None:

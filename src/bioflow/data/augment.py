@@ -13,14 +13,13 @@ uses the transform's default arguments.
 
 from __future__ import annotations
 
-import difflib
 import logging
 from typing import Any, Literal, Mapping
 
 import numpy as np
 
 from bioflow.arguments import check_arguments
-from bioflow.errors import ConfigError
+from bioflow.errors import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +39,7 @@ def build_pipeline(spec: Mapping[str, Mapping[str, Any] | None], where: str = "d
         cls = getattr(A, name, None)
         if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
             known = [n for n in dir(A) if isinstance(getattr(A, n), type) and issubclass(getattr(A, n), A.BasicTransform)]
-            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(f"{where}.{name}: unknown albumentations transform '{name}'{hint}")
+            raise ConfigError(f"{where}.{name}: unknown albumentations transform '{name}'{did_you_mean(name, known, n=3)}")
         kwargs = dict(kwargs)
         check_arguments(cls, kwargs, where=f"{where}.{name}", label=f"transform '{name}'")
         if issubclass(cls, A.ImageOnlyTransform):

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from bioflow.data.augment import Augmenter, TargetKind
 from bioflow.data.normalize import Normalizer, PercentileNorm
 from bioflow.data.patches import PatchDataset, PatchIndex, WholeImageDataset
-from bioflow.data.records import ImageRecord, check_records, check_target_kind
+from bioflow.data.records import ImageRecord, check_informative, check_records, check_target_kind
 from bioflow.data.views import select_channels
 from bioflow.data.split import apply_split_names, split_names, split_records
 from bioflow.config import component
@@ -67,6 +67,7 @@ class BioflowDataModule(L.LightningDataModule):
         self.evaluation_split = "test"
         self.splits: dict[str, list[ImageRecord]] | None = None
         self.stored_normalization = normalization
+        self._index: PatchIndex | None = None
         self.task_name = task_name
         self.normalizer: Normalizer | None = None
 
@@ -104,6 +105,9 @@ class BioflowDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"data.patch_size: {list(patch)} has {len(patch)} axes but the images have {dims} spatial axes"
             )
+        if self.recorded_split is None:  # a new model: can these images teach anything?
+            check_informative(self.splits["train"], self.target_kind == "mask", self.target_fn)
+            self.training_index()
         log.info(
             "data: %d train, %d val, %d test images",
             *(len(self.splits[s]) for s in ("train", "val", "test")),
@@ -142,18 +146,29 @@ class BioflowDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
 
+    def training_index(self) -> PatchIndex:
+        """The candidate training patches (those with enough foreground, if asked); built once."""
+        if self._index is None:
+            records = self.splits["train"]
+            index = PatchIndex(records, tuple(self.cfg["patch_size"]),
+                               to_classes=self.target_fn if self.target_kind == "mask" else None)
+            min_fg = float(self.cfg.get("min_foreground", 0.0))
+            if min_fg > 0:
+                fractions = index.foreground_fractions()
+                keep = fractions >= min_fg
+                if keep.sum() < min(int(self.cfg["batch_size"]), len(index)) or not keep.any():
+                    raise DataError(
+                        f"data.min_foreground: only {int(keep.sum())} training patch position(s) have {min_fg:.0%} "
+                        f"foreground or more (the best has {fractions.max():.1%}), fewer than one batch "
+                        f"(data.batch_size={self.cfg['batch_size']}); lower it or enlarge data.patch_size"
+                    )
+                index.keep(keep)
+            self._index = index
+        return self._index
+
     def train_dataloader(self) -> DataLoader:
         records = self.splits["train"]
-        index = PatchIndex(records, tuple(self.cfg["patch_size"]), to_classes=self.target_fn if self.target_kind == "mask" else None)
-        min_fg = float(self.cfg.get("min_foreground", 0.0))
-        if min_fg > 0:
-            fractions = index.foreground_fractions()
-            if not (fractions >= min_fg).any():
-                raise DataError(
-                    f"data.min_foreground: no training patch has {min_fg:.0%} foreground or more "
-                    f"(the best has {fractions.max():.1%}); lower it or enlarge data.patch_size"
-                )
-            index.keep(fractions >= min_fg)
+        index = self.training_index()
         name, kwargs = component(self.sampler_cfg)
         sampler = registry.create(
             "samplers", name, where="sampler", index=index, num_samples=self.cfg["patches_per_epoch"],

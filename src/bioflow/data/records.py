@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -122,6 +123,9 @@ def check_records(
         if r.target is not None:
             tshape = tuple(r.target.shape)
             if tshape != r.spatial_shape and tshape[1:] != r.spatial_shape:
+                if "target_source" in r.meta:
+                    raise DataError(f"{r.meta['target_source']}: shape {tshape} does not fit its image "
+                                    f"{Path(where).name} {r.spatial_shape}")
                 raise DataError(
                     f"{where}: image has spatial shape {r.spatial_shape} but its target has shape {tshape}"
                 )
@@ -135,6 +139,42 @@ def check_records(
                     "images without objects are intended"
                 )
             log.warning("%s: the mask is all zero (no objects)", where)
+
+
+def check_informative(records: Sequence[ImageRecord], masks: bool, to_classes=None) -> None:
+    """Raise :class:`DataError` when the training images cannot teach anything: every one is
+    constant (no contrast), or, for segmentation, no mask has any foreground."""
+    constant = [r for r in records if _is_constant(r.image)]
+    if constant and len(constant) == len(records):
+        others = f" and {len(constant) - 1} more" if len(constant) > 1 else ""
+        raise DataError(f"{constant[0].source or constant[0].name}{others}: every training image is constant "
+                        "(one value everywhere); nothing to learn")
+    for r in constant:
+        log.warning("%s: the image is constant (one value everywhere)", r.source or r.name)
+    if masks and all(r.target is not None for r in records):
+        def has_foreground(target) -> bool:
+            for block in blocks(target):
+                classes = to_classes(block) if to_classes is not None else block
+                if (np.asarray(classes) > 0).any():
+                    return True
+            return False
+
+        if not any(has_foreground(r.target) for r in records):
+            raise DataError(
+                f"{records[0].source or records[0].name} ...: no training mask has any foreground "
+                f"({len(records)} image(s)); the model would learn background only"
+            )
+
+
+def _is_constant(image) -> bool:
+    low = high = None
+    for block in blocks(image):
+        b_low, b_high = np.min(block), np.max(block)
+        low = b_low if low is None else min(low, b_low)
+        high = b_high if high is None else max(high, b_high)
+        if low != high:
+            return False
+    return True
 
 
 def check_finite(array, where: str, when: str = "training") -> None:

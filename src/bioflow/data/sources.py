@@ -136,7 +136,7 @@ def tiff_folder(
             mask_frames = read_tiff_frames(mask_files[stem], mask_axes or spatial_axes, channels=False)
             _check_frames(mask_files[stem], len(mask_frames), path, len(frames))
             targets = [_integer_labels(m.array, mask_files[stem]) for m in mask_frames]
-        records += _frame_records(stem, path, frames, targets, pixel_size)
+        records += _frame_records(stem, path, frames, targets, pixel_size, mask_files.get(stem))
     return records
 
 
@@ -154,13 +154,15 @@ def _integer_labels(target, path: Path):
     return values.astype(np.int32)
 
 
-def _frame_records(stem: str, path: Path, frames, targets, pixel_size) -> list[ImageRecord]:
+def _frame_records(stem: str, path: Path, frames, targets, pixel_size, target_path: Path | None = None) -> list[ImageRecord]:
     """One record per time point; the frames of a file stay in one split (one group)."""
     out = []
     for image, target in zip(frames, targets):
         size = tuple(pixel_size) if pixel_size is not None else image.pixel_size
         name = stem if image.frames == 1 else f"{stem}_t{image.frame:04d}"
         meta = {"channel_names": image.channel_names} if image.channel_names else {}
+        if target_path is not None:
+            meta["target_source"] = str(target_path)
         out.append(ImageRecord(name=name, image=image.array, target=target, pixel_size=size, source=str(path),
                                group=stem if image.frames > 1 else None, meta=meta))
     return out
@@ -215,5 +217,5 @@ def tiff_pairs(
         frames = read_tiff_frames(path, axes, channels=True)
         target_frames = read_tiff_frames(target_files[stem], target_axes or frames[0].file_axes, channels=True)
         _check_frames(target_files[stem], len(target_frames), path, len(frames))
-        records += _frame_records(stem, path, frames, [t.array for t in target_frames], pixel_size)
+        records += _frame_records(stem, path, frames, [t.array for t in target_frames], pixel_size, target_files[stem])
     return records

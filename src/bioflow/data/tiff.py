@@ -174,12 +174,16 @@ def read_tiff_frames(
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except Exception as exc:
-        raise DataError(f"{path}: not a readable TIFF file ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"{path}: not a readable TIFF file ({type(exc).__name__}: {' '.join(str(exc).split())[:80]})") from exc
     with tif:
-        if not tif.series:
-            raise DataError(f"{path}: the TIFF file holds no image")
-        series = tif.series[0]
-        found = _metadata_axes(tif)
+        try:
+            series = tif.series[0] if tif.series else None
+            found = _metadata_axes(tif)
+        except Exception as exc:  # damaged tags or metadata: tifffile fails in many ways
+            raise DataError(f"{path}: not a readable TIFF file ({type(exc).__name__}: {' '.join(str(exc).split())[:80]})") from exc
+        if series is None or not all(int(n) > 0 for n in series.shape):
+            shape = "" if series is None else f" (shape {tuple(series.shape)})"
+            raise DataError(f"{path}: the TIFF file holds no image{shape}")
         file_axes = found or (axes.upper() if axes else None)
         if file_axes is None:
             if len(series.shape) == 2:
@@ -191,15 +195,21 @@ def read_tiff_frames(
                 )
         if found and axes and axes.upper() != found:
             raise DataError(f"{path}: the file's metadata says axes '{found}' but {axes_option} is '{axes}'")
-        _check_complete(path, tif)
         take, add_channel = layout_plan(file_axes, tuple(series.shape), path, want_channels=channels)
-        pixel_size = _pixel_size(tif, file_axes)
-        names = _channel_names(tif) if channels else None
+        try:
+            _check_complete(path, tif)
+            pixel_size = _pixel_size(tif, file_axes)
+            names = _channel_names(tif) if channels else None
+            dtype = series.dtype
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable TIFF file ({type(exc).__name__}: {' '.join(str(exc).split())[:80]})") from exc
     time_axis = file_axes.find(_TIME)
     n_frames = int(series.shape[time_axis]) if time_axis >= 0 else 1
     return [
         TiffData(
-            array=LazyTiff(path, tuple(series.shape), series.dtype, take, add_channel,
+            array=LazyTiff(path, tuple(series.shape), dtype, take, add_channel,
                            fixed={time_axis: t} if time_axis >= 0 else None),
             file_axes=file_axes, pixel_size=pixel_size, frame=t, frames=n_frames, channel_names=names,
         )

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 
-from bioflow.errors import ConfigError
+from bioflow.errors import ConfigError, did_you_mean
 
 #: Task name -> "module:class"; imported on first use.
 TASKS: dict[str, str] = {
@@ -19,8 +18,6 @@ TASKS: dict[str, str] = {
 def get_task(name: str):
     """The task class called ``name``."""
     if name not in TASKS:
-        close = difflib.get_close_matches(name, list(TASKS), n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"task.name: unknown task '{name}'{hint} (tasks: {', '.join(TASKS)})")
+        raise ConfigError(f"task.name: unknown task '{name}'{did_you_mean(name, TASKS)} (tasks: {', '.join(TASKS)})")
     module, _, cls = TASKS[name].partition(":")
     return getattr(importlib.import_module(module), cls)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 
-from bioflow.errors import ConfigError
+from bioflow.errors import ConfigError, check_range
 from bioflow.inference.outputs import OutputSpec, PredictionSession
 from bioflow.metrics.instance import InstanceMatchingMetric
 from bioflow.metrics.matching import DEFAULT_THRESHOLDS, match_dataset, match_instances
@@ -83,6 +83,13 @@ class StarDistTask(BaseTask):
         s = self.task_settings
         if s["criterion"] not in ("min_area", "iou"):
             raise ConfigError(f"task.criterion: 'min_area' or 'iou', got {s['criterion']!r}")
+        check_range("task.prob_thresh", s["prob_thresh"], low=0.0, high=1.0, low_open=True, high_open=True,
+                    allowed="a probability in (0, 1)")
+        check_range("task.nms_thresh", s["nms_thresh"], low=0.0, high=1.0, allowed="an overlap in [0, 1]")
+        check_range("task.n_rays", s["n_rays"], low=3, allowed="a number of rays >= 3")
+        for key in ("features", "stem_channels"):
+            check_range(f"task.{key}", s[key], low=1, allowed="a number of channels >= 1")
+        check_range("task.head_features", s["head_features"], low=0, allowed="a number of channels >= 0 (0: no head convolution)")
         # Thresholds live in the state dict, so the optimised values travel with the checkpoint.
         self.register_buffer("thresholds", torch.tensor([float(s["prob_thresh"]), float(s["nms_thresh"])]))
         self.metrics = torch.nn.ModuleDict({

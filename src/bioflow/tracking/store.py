@@ -158,9 +158,10 @@ def find_run(run_id: str, store: Store, explicit: bool) -> Store:
     for candidate in candidates:
         if candidate.exists and _has_run(candidate, run_id):
             return candidate
-    searched = ", ".join(str(c.project_dir) if c.embedded else c.tracking_uri for c in candidates if c.exists)
-    where = f"in {searched}" if searched else f"(there is no MLflow store in {store.project_dir})"
-    raise BioflowError(f"run {run_id}: not found {where}; pass --project-dir (or --tracking-uri) of the project it was trained in")
+    searched = [str(c.project_dir) if c.embedded else c.tracking_uri for c in candidates if c.exists]
+    where = f"in {searched[0]}" + (f" or {len(searched) - 1} other store(s)" if len(searched) > 1 else "") if searched \
+        else f"(no MLflow store in {store.project_dir})"
+    raise BioflowError(f"run {run_id}: not found {where}; give the --project-dir it was trained in")
 
 
 def _has_run(store: Store, run_id: str) -> bool:
