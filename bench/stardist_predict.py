@@ -1,47 +1,110 @@
-"""End-to-end StarDist prediction of a large synthetic image: tiles, global NMS, rendering.
+"""End-to-end StarDist prediction of a large image: network, global NMS, rendering; bioflow and the reference.
 
-Needs a trained StarDist model (a checkpoint file or an MLflow run id), e.g. from
-`bioflow train experiment=demo_stardist`. Generates a synthetic nuclei image (default 2048x2048),
-predicts it tile by tile, gathers the candidates of all tiles into one global NMS, renders the
-labels, and prints one JSON object with the time of each stage, the candidate and object counts,
-the matching accuracy against the generated labels, and the peak resident memory.
+Needs a trained bioflow StarDist model (a checkpoint file or an MLflow run id), e.g. from
+`bioflow train experiment=stardist_own_data ...` or the workdir of bench/stardist_real.py. The
+image: by default the real nuclei image of the stardist package tiled 4 x 4 into 2048 x 2048
+(``--image real``, needs ``--reference-python`` or a stardist package here), or a generated one
+(``--image synthetic``). bioflow predicts it tile by tile (tile ``--tile``), gathers the candidates
+of all tiles into one global NMS and renders the labels. With ``--reference-python`` and
+``--reference-model`` (a StarDist2D model folder, e.g. ``<workdir>/reference_s1_500/ref_seed1``)
+the reference's ``predict_instances`` (network + NMS + rendering) predicts the same normalised
+image in the same run, with the same number of threads. Prints one JSON object: seconds per stage,
+candidates, objects, accuracy against the labels, peak memory.
 
-Run: .venv/bin/python bench/stardist_predict.py --model <checkpoint or run id> [--size 2048] [--project-dir bioflow-runs]
+Run: .venv/bin/python bench/stardist_predict.py --model <ckpt or run id> [--project-dir DIR]
+         [--reference-python PY --reference-model DIR] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
-import torch
+
+DATA_SCRIPT = r"""
+import sys, numpy as np
+from stardist.data import test_image_nuclei_2d
+image, labels = test_image_nuclei_2d(return_mask=True)
+np.savez(sys.argv[1], image=image, labels=labels)
+"""
+
+REFERENCE_SCRIPT = r"""
+import json, sys, time
+args = json.loads(sys.argv[1])
+import numpy as np
+import tensorflow as tf
+tf.config.threading.set_intra_op_parallelism_threads(args["threads"])
+tf.config.threading.set_inter_op_parallelism_threads(args["threads"])
+from stardist.models import StarDist2D
+from pathlib import Path
+folder = Path(args["model"])
+model = StarDist2D(None, name=folder.name, basedir=str(folder.parent))
+image = np.load(args["image"])
+model.predict_instances(image[:256, :256])  # warm-up: graph building
+start = time.perf_counter()
+labels, details = model.predict_instances(image)
+seconds = time.perf_counter() - start
+np.save(args["out"], labels.astype(np.int32))
+print(json.dumps({"total_s": seconds, "objects_found": int(labels.max()),
+                  "thresholds": [float(model.thresholds.prob), float(model.thresholds.nms)]}))
+"""
+
+
+def load_image(kind: str, size: int, python: str | None) -> tuple[np.ndarray, np.ndarray]:
+    if kind == "synthetic":
+        from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
+
+        return synthetic_nuclei_image((size, size), seed=123, index=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "nuclei.npz"
+        for py in filter(None, (sys.executable, python)):
+            if subprocess.run([py, "-c", DATA_SCRIPT, str(target)], capture_output=True, cwd=tmp).returncode == 0:
+                data = np.load(target)
+                image, labels = data["image"], data["labels"].astype(np.int64)
+                break
+        else:
+            sys.exit("stardist_predict: --image real needs the stardist package (give --reference-python)")
+    reps = -(-size // image.shape[0])
+    tiled = np.tile(image, (reps, reps))[:size, :size]
+    # tiles of the label image need distinct ids
+    blocks = [[np.where(labels > 0, labels + (i * reps + j) * (labels.max() + 1), 0) for j in range(reps)] for i in range(reps)]
+    return tiled, np.block(blocks)[:size, :size]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
+    parser.add_argument("--image", choices=["real", "synthetic"], default="real")
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--tile", type=int, default=512)
-    parser.add_argument("--project-dir", default="bioflow-runs")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--project-dir", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reference-python")
+    parser.add_argument("--reference-model")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    import torch
 
+    torch.set_num_threads(args.threads)
     from bioflow.checkpoint import load_model
-    from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
     from bioflow.metrics.matching import match_instances
     from bioflow.prediction import choose_device
-    from bioflow.tracking.store import Store
+    from bioflow.tracking.store import Store, default_project_dir
 
-    image, truth = synthetic_nuclei_image((args.size, args.size), seed=123, index=0)
-    task = load_model(args.model, Store.create(args.project_dir)).task
+    image, truth = load_image(args.image, args.size, args.reference_python)
+    task = load_model(args.model, Store.create(args.project_dir or default_project_dir()), inference=True,
+                      explicit_store=args.project_dir is not None).task
     device = choose_device(args.device)
     task.to(device)
+    norm = task.normalizer().norm_for(image[None])
     session = task.prediction_session(image.shape)
     start = time.perf_counter()
     with torch.no_grad():
@@ -54,15 +117,36 @@ def main() -> None:
     labels = session.finish()["labels"]
     nms_render_s = time.perf_counter() - start
     stats = match_instances(truth, labels, [0.5])[0.5]
-    print(json.dumps({
-        "benchmark": "stardist_predict", "size": f"{args.size}x{args.size}", "tile": args.tile, "device": device,
-        "threads": torch.get_num_threads(), "network_and_candidates_s": round(network_s, 2),
-        "nms_and_render_s": round(nms_render_s, 2), "total_s": round(network_s + nms_render_s, 2),
-        "candidates": candidates, "objects_true": stats.n_true, "objects_found": stats.n_pred,
-        "accuracy@0.5": round(stats.accuracy, 4),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "thresholds": [round(float(t), 3) for t in task.thresholds],
-    }, indent=1))
+    report = {
+        "benchmark": "stardist_predict", "image": args.image, "size": f"{args.size}x{args.size}", "tile": args.tile,
+        "device": device, "threads": torch.get_num_threads(),
+        "bioflow": {
+            "network_and_candidates_s": round(network_s, 2), "nms_and_render_s": round(nms_render_s, 2),
+            "total_s": round(network_s + nms_render_s, 2), "candidates": candidates, "objects_true": stats.n_true,
+            "objects_found": stats.n_pred, "accuracy@0.5": round(stats.accuracy, 4),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "thresholds": [round(float(t), 3) for t in task.thresholds],
+        },
+    }
+    if args.reference_python and args.reference_model:
+        with tempfile.TemporaryDirectory() as tmp:
+            normalised = Path(tmp) / "image.npy"
+            np.save(normalised, norm(image[None])[0])  # the same input as bioflow's network saw
+            out = Path(tmp) / "labels.npy"
+            payload = {"model": args.reference_model, "image": str(normalised), "out": str(out), "threads": args.threads}
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
+            done = subprocess.run([args.reference_python, "-c", REFERENCE_SCRIPT, json.dumps(payload)],
+                                  capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                report["reference"] = {"error": done.stderr.strip().splitlines()[-1:]}
+            else:
+                ref = json.loads(done.stdout.strip().splitlines()[-1])
+                ref_stats = match_instances(truth, np.load(out), [0.5])[0.5]
+                ref.update(objects_true=ref_stats.n_true, **{"accuracy@0.5": round(ref_stats.accuracy, 4)})
+                ref["total_s"] = round(ref["total_s"], 2)
+                report["reference"] = ref
+                report["time_ratio_bioflow_over_reference"] = round(report["bioflow"]["total_s"] / max(ref["total_s"], 1e-9), 3)
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

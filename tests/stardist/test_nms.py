@@ -151,3 +151,17 @@ def test_tensor_input_stays_tensor() -> None:
     labels, details = instances_from_prediction(torch.rand(20, 20), torch.rand(20, 20, 8) * 4)
     assert isinstance(labels, torch.Tensor) and labels.dtype == torch.int32
     assert all(isinstance(v, torch.Tensor) for v in details.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors_keep_the_same_polygons_as_the_cpu() -> None:
+    from bioflow.stardist.polygons import polygons_to_labels
+
+    points, dists, probs = random_candidates(120, 12, seed=5)
+    cpu = non_maximum_suppression(torch.as_tensor(points), torch.as_tensor(dists), torch.as_tensor(probs), 0.3, 0.4)
+    cuda = non_maximum_suppression(*(torch.as_tensor(a).cuda() for a in (points, dists, probs)), 0.3, 0.4)
+    assert cuda.device.type == "cuda" and cuda.cpu().tolist() == cpu.tolist()
+    kept = cpu.tolist()
+    labels_cpu = polygons_to_labels(torch.as_tensor(points[kept]), torch.as_tensor(dists[kept]), torch.as_tensor(probs[kept]), (200, 200))
+    labels_cuda = polygons_to_labels(*(torch.as_tensor(a[kept]).cuda() for a in (points, dists, probs)), (200, 200))
+    assert torch.equal(torch.as_tensor(labels_cpu), torch.as_tensor(labels_cuda).cpu())
