@@ -21,8 +21,9 @@ from typing import Callable
 
 import torch
 
-from bioflow.architectures.unet import UNet
-from bioflow.transforms.n2v import N2VMasking, masked_mse
+from bioflow.models.unet import UNet
+from bioflow.losses.restoration import masked_mse
+from bioflow.transforms.n2v import N2VMasking
 
 BATCHES = {"2d": (16, 1, 64, 64), "3d": (4, 1, 32, 64, 64)}
 VARIANTS = {

@@ -42,16 +42,16 @@ def build(overrides: list[str], seed: int, steps: int):
     import lightning as L
 
     from bioflow.data.module import BioflowDataModule
-    from bioflow.tasks import get_task
+    from bioflow.tasks import create_task, get_task, settings_of
     from bioflow.testing import compose_config
 
     config = compose_config(*overrides, *COMMON, f"seed={seed}", f"data.patches_per_epoch={16 * steps}")
     L.seed_everything(seed, verbose=False)
     cls = get_task(config["task"]["name"])
-    settings = {**cls.settings, **{k: v for k, v in config["task"].items() if k != "name"}}
+    settings = settings_of(cls, config["task"])
     data = BioflowDataModule(config["data"], config["sampler"], seed, cls.target_kind, cls.target_transform(settings))
     data.prepare()
-    task = cls(config, {"in_channels": data.in_channels, "spatial_dims": data.spatial_dims, "pixel_size": None,
+    task = create_task(config, {"in_channels": data.in_channels, "spatial_dims": data.spatial_dims, "pixel_size": None,
                         "split": data.split})
     return data, task
 
@@ -86,8 +86,9 @@ class StepTimer:
 
 
 def throughput(steps: int, warmup: int) -> dict:
-    from bioflow.architectures.unet import UNet
-    from bioflow.transforms.n2v import N2VMasking, masked_mse
+    from bioflow.models.unet import UNet
+    from bioflow.losses.restoration import masked_mse
+from bioflow.transforms.n2v import N2VMasking
 
     data_cfg = ["data.source.n_images=4", "data.source.shape=[512,512]", "data.split.val=0.0", "data.split.test=0.0"]
     data, task = build(N2V + data_cfg, 0, steps + warmup)

@@ -94,7 +94,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from bioflow.checkpoint import load_model
+    from bioflow.loading import load_model
     from bioflow.metrics.matching import match_instances
     from bioflow.prediction import choose_device
     from bioflow.tracking.store import Store, default_project_dir

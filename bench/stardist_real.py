@@ -24,7 +24,8 @@ which needs ``stardist`` and ``tensorflow-cpu``; make it with::
     ~/.cache/stardist-ref/bin/pip install stardist==0.9.2 csbdeep==0.8.2 tensorflow-cpu
 
 Without ``--reference-python`` only bioflow runs (the data then come from ``--image``/``--mask``,
-or from a ``stardist`` package importable here). Prints one JSON object.
+or from a ``stardist`` package importable here). Prints one JSON object. With ``--workdir``, each
+finished run is kept there as JSON, and a rerun with the same folder resumes where it stopped.
 
 Example::
 
@@ -207,6 +208,18 @@ def score(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
     return out
 
 
+def cached(path: Path, job, *args) -> dict:
+    """Run ``job`` unless a finished result of it is in ``path`` (a rerun with the same
+    ``--workdir`` resumes an interrupted benchmark); failed runs are run again."""
+    if path.is_file():
+        result = json.loads(path.read_text())
+        if "error" not in result:
+            return result
+    result = job(*args)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def bioflow_job(work: Path, data: Path, steps: int, seed: int, threads: int, core, overrides: list[str]) -> dict:
     job = work / f"bioflow_s{seed}_{steps}"
     job.mkdir(parents=True, exist_ok=True)
@@ -316,11 +329,13 @@ def main() -> None:
                     lane = ours_lanes[turn % len(ours_lanes)]
                     turn += 1
                     jobs.append(((steps, seed, "bioflow"), pools[lane].submit(
+                        cached, work / f"bioflow_s{seed}_{steps}.json",
                         bioflow_job, work, data, steps, seed, args.threads, lane, args.override)))
                 if args.reference_python:
                     lane = lanes[-1]
                     jobs.append(((steps, seed, "reference"), pools[lane].submit(
-                        reference_job, args.reference_python, work, data, steps, seed, args.threads, lane,
+                        cached, work / f"reference_s{seed}_{steps}.json", reference_job,
+                        args.reference_python, work, data, steps, seed, args.threads, lane,
                         args.reference_norm)))
         for (steps, seed, side), future in jobs:
             report["runs"].setdefault(str(steps), {}).setdefault(side, {})[str(seed)] = future.result()

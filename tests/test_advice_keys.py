@@ -28,6 +28,7 @@ CONTEXTS = [
     ["data=tiff_folder"], ["data=tiff_pairs"], ["data=tiff_images"], ["sampler=foreground"], ["sampler=class_weighted"],
     ["scheduler=plateau"], ["scheduler=cosine"], ["scheduler=onecycle"], ["batch_transform=structn2v", "task=n2v"],
     ["postprocessor=connected_components"], ["trainer=ddp"], ["trainer=multinode"], ["optimizer=sgd"],
+    ["task=field_classifier"],  # the example plugin's task (docs/writing-a-task.md), installed with the test set-up
 ]
 
 

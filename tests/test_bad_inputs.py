@@ -339,7 +339,7 @@ def test_corrupted_tiffs_give_a_clean_error_or_a_result(world, tmp_path):
 
 @pytest.mark.skipif(not hasattr(signal, "SIGALRM"), reason="needs SIGALRM")
 def test_corrupted_checkpoints_give_a_clean_error_or_a_model(world, tmp_path):
-    from bioflow.checkpoint import load_model
+    from bioflow.loading import load_model
     from bioflow.errors import BioflowError
     from bioflow.tracking.store import Store
 

@@ -9,7 +9,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from bioflow.config import CONFIG_PACKAGE, PRIMARY_CONFIG, validate, validate_structure
+from bioflow.config import CONFIG_PACKAGE, PRIMARY_CONFIG, validate_structure
+from bioflow.validation import validate
 from bioflow.errors import ConfigError
 from tests.helpers import REPO, run_cli
 
@@ -110,9 +111,9 @@ def test_structure_errors_name_the_key_path(mutate, message):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda c: c["model"].update(dept=2), r"model\.dept: architecture 'unet' has no argument 'dept'; did you mean 'depth'"),
+        (lambda c: c["model"].update(dept=2), r"model\.dept: model 'unet' has no argument 'dept'; did you mean 'depth'"),
         (lambda c: c["model"].update(norm="group"), r"model\.norm: expected one of 'batch', 'instance', 'none', got 'group'"),
-        (lambda c: c["model"].update(name="unett"), r"unknown architecture 'unett'; did you mean 'unet'"),
+        (lambda c: c["model"].update(name="unett"), r"unknown model 'unett'; did you mean 'unet'"),
         (lambda c: c["loss"].update(name="focall"), r"unknown loss 'focall'; did you mean 'focal'"),
         (lambda c: c["task"].update(num_clases=3), r"task\.num_clases: .*did you mean 'num_classes'"),
         (lambda c: c["trainer"].update(max_epoch=3), r"trainer\.max_epoch: .*did you mean 'max_epochs'"),
@@ -137,7 +138,7 @@ def test_component_errors_name_the_key_path(mutate, message):
         ("loss=focall", "did you mean 'focal'?"),
         ("trainer.max_epochs=abc", "trainer.max_epochs"),
         ("model.depth=two", "model.depth"),
-        ("data.source.name=nuclei", "unknown dataset 'nuclei'"),
+        ("data.source.name=nuclei", "unknown data source 'nuclei'"),
         ("data=tiff_folder", "data.source.images"),
     ],
 )

@@ -26,8 +26,8 @@ def _tiff_folders(tmp_path: Path, second: str, second_dtype) -> dict[str, Path]:
 
 #: Arguments for built-in components that read the user's files: the suite writes the files.
 _FILES = {
-    ("datasets", "bioflow:tiff_folder"): lambda tmp: _tiff_folders(tmp, "masks", np.int32),
-    ("datasets", "bioflow:tiff_pairs"): lambda tmp: _tiff_folders(tmp, "targets", np.float32),
+    ("sources", "bioflow:tiff_folder"): lambda tmp: _tiff_folders(tmp, "masks", np.int32),
+    ("sources", "bioflow:tiff_pairs"): lambda tmp: _tiff_folders(tmp, "targets", np.float32),
 }
 
 

@@ -21,6 +21,8 @@ RENAMES = [
     ("tversky", "kidney_tversky"),
     ("distance_split", "kidney_split"),
     ("example_plugin_demo", "kidney_demo"),
+    ("field_classifier", "kidney_fields"),
+    ("FieldClassifierTask", "KidneyFieldTask"),
 ]
 
 
@@ -53,6 +55,7 @@ def test_copy_rename_install_list_train_test_uninstall(tmp_path):
     listing = run_cli("plugins", env=env)
     assert re.search(r"kidney_resnet\s+kidney-lab-models 0\.1\.0", listing.stdout)
     assert "kidney_split" in listing.stdout and "kidney_tversky" in listing.stdout
+    assert re.search(r"kidney_fields\s+kidney-lab-models 0\.1\.0", listing.stdout)  # a task of its own
     assert run_cli("plugins", "--check", env=env).returncode == 0
 
     project = tmp_path / "project"
@@ -77,6 +80,23 @@ def test_copy_rename_install_list_train_test_uninstall(tmp_path):
                         "--no-progress", env=env)
     assert predicted.returncode == 0, predicted.stderr
     assert (tmp_path / "out" / "a_instances.tif").exists()  # the plugin's post-processor ran
+
+    # The plugin's own task: chosen by name, trained and applied like a built-in one.
+    fields = tmp_path / "fields"
+    train = run_cli(
+        "train", "task=kidney_fields", "data=synthetic_nuclei", "data.source.n_images=6",
+        "data.source.shape=[48,48]", "data.patch_size=[32,32]", "data.patches_per_epoch=4", "data.batch_size=2",
+        "model.depth=2", "model.base_channels=4", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+        f"project_dir={fields}", env=env, cwd=tmp_path,
+    )
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert "test/accuracy" in train.stdout
+    field_checkpoint = next(fields.glob("outputs/*/*/checkpoints/best-*.ckpt"))
+    predicted = run_cli("predict", str(field_checkpoint), str(tmp_path / "a.tif"), "--out", str(tmp_path / "out3"),
+                        "--no-progress", env=env)
+    assert predicted.returncode == 0, predicted.stderr
+    evidence = tifffile.imread(tmp_path / "out3" / "a.tif")  # the first output takes the input's name
+    assert evidence.shape == (40, 40) and 0 <= evidence.min() <= evidence.max() <= 1
 
     shutil.rmtree(site)  # uninstalled
     assert run_cli("plugins", "--check").returncode == 0

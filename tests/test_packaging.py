@@ -20,8 +20,8 @@ def test_every_package_is_listed():
 def test_entry_points_point_to_existing_objects():
     from importlib.metadata import entry_points
 
-    for group in ("bioflow.architectures", "bioflow.losses", "bioflow.samplers", "bioflow.postprocessors",
-                  "bioflow.batch_transforms", "bioflow.datasets"):
+    for group in ("bioflow.models", "bioflow.losses", "bioflow.samplers", "bioflow.postprocessors",
+                  "bioflow.batch_transforms", "bioflow.sources"):
         for ep in entry_points(group=group):
             if ep.dist is not None and ep.dist.name == "bioflow":
                 assert ep.load() is not None, ep

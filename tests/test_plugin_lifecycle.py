@@ -31,7 +31,7 @@ def lab_plugin(tmp_path):
     root = tmp_path / "site"
     make_distribution(
         root, "lab-nets", "2.1.0",
-        {"bioflow.architectures": {"labnet": "lab_nets.nets:LabNet"}, "bioflow.configs": {"lab-nets": "lab_nets.configs"}},
+        {"bioflow.models": {"labnet": "lab_nets.nets:LabNet"}, "bioflow.configs": {"lab-nets": "lab_nets.configs"}},
         {"lab_nets/__init__.py": "", "lab_nets/nets.py": LABNET, "lab_nets/configs/__init__.py": "",
          "lab_nets/configs/model/labnet.yaml": "name: labnet\nwidth: 6\n"},
     )
@@ -51,7 +51,7 @@ def test_a_missing_plugin_is_named_with_its_version(lab_plugin, tmp_path):
     assert without.returncode == 2
     message = without.stderr.strip()
     assert message.count("\n") == 0 and "Traceback" not in message
-    assert "architecture 'labnet'" in message and "'lab-nets' 2.1.0" in message
+    assert "model 'labnet'" in message and "'lab-nets' 2.1.0" in message
     assert "pip install 'lab-nets==2.1.0'" in message
     # bioflow itself keeps working without the plugin
     assert run_cli("plugins", "--check").returncode == 0

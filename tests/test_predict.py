@@ -12,7 +12,8 @@ import pytest
 import tifffile
 import torch
 
-from bioflow.checkpoint import load_checkpoint, task_from_checkpoint
+from bioflow.checkpoint import load_checkpoint
+from bioflow.loading import task_from_checkpoint
 from bioflow.data.normalize import PercentileNorm
 from bioflow.testing import make_checkpoint
 from tests.helpers import run_cli
@@ -185,3 +186,26 @@ def test_postprocessor_writes_instances_next_to_the_class_map(tmp_path):
     assert instances.max() == n
     assert np.array_equal(instances > 0, labels > 0)
     assert not list((tmp_path / "o").glob(".bioflow-*"))  # the spooled probabilities are gone
+
+
+def test_a_model_saved_before_the_renames_still_loads_and_predicts(tmp_path, model2d):
+    """Checkpoints written before the registry kinds were renamed (``architectures``, ``datasets``),
+    before tasks were components and before the network was called ``model`` (``net.`` keys)."""
+    new = load_checkpoint(model2d)
+    old = dict(new)
+    old["state_dict"] = {("net." + k[6:] if k.startswith("model.") else k): v for k, v in new["state_dict"].items()}
+    assert any(k.startswith("net.") for k in old["state_dict"])
+    renamed = {"models": "architectures", "sources": "datasets"}
+    old["bioflow"] = {**new["bioflow"], "components": {
+        path: {**comp, "kind": renamed.get(comp["kind"], comp["kind"])}
+        for path, comp in new["bioflow"]["components"].items() if comp["kind"] != "tasks"}}
+    assert {c["kind"] for c in old["bioflow"]["components"].values()} >= {"architectures"}
+    torch.save(old, tmp_path / "old.ckpt")
+    data = image((40, 40), seed=3)
+    tifffile.imwrite(tmp_path / "a.tif", data)
+    for name in ("old", "new"):
+        source = tmp_path / "old.ckpt" if name == "old" else model2d
+        done = run_cli("predict", str(source), str(tmp_path / "a.tif"), "--out", str(tmp_path / name), "--no-progress")
+        assert done.returncode == 0, done.stderr
+    assert np.array_equal(tifffile.imread(tmp_path / "old" / "a.tif"), tifffile.imread(tmp_path / "new" / "a.tif"))
+    assert np.array_equal(tifffile.imread(tmp_path / "old" / "a.tif"), reference_labels(model2d, data))

@@ -34,7 +34,7 @@ def plugin_root(tmp_path, monkeypatch):
     root = tmp_path / "site"
     make_distribution(
         root, "good-plugin", "1.2.0",
-        {"bioflow.architectures": {"tiny": "good_plugin:Tiny"}, "bioflow.losses": {"l1": "good_plugin:L1"}},
+        {"bioflow.models": {"tiny": "good_plugin:Tiny"}, "bioflow.losses": {"l1": "good_plugin:L1"}},
         {"good_plugin.py": """
             IMPORTED = True
             class Tiny:
@@ -46,7 +46,7 @@ def plugin_root(tmp_path, monkeypatch):
     )
     make_distribution(
         root, "clash-plugin", "0.3.1",
-        {"bioflow.architectures": {"unet": "clash_plugin:UNet"}},
+        {"bioflow.models": {"unet": "clash_plugin:UNet"}},
         {"clash_plugin.py": "class UNet:\n    pass\n"},
     )
     make_distribution(
@@ -64,7 +64,7 @@ def plugin_root(tmp_path, monkeypatch):
 
 
 def test_builtins_are_entry_points():
-    assert "unet" in registry.names("architectures")
+    assert "unet" in registry.names("models")
     assert {"cross_entropy", "dice", "ce_dice"} <= set(registry.names("losses"))
     builtin = {c.name for c in registry.components("losses") if c.distribution == "bioflow"}
     assert {"cross_entropy", "dice", "ce_dice"} <= builtin
@@ -86,24 +86,24 @@ def test_listing_imports_no_plugin_code(plugin_root, tmp_path, monkeypatch):
 def test_unknown_name_suggests_close_names_and_the_listing_command(plugin_root):
     reg = registry_with(plugin_root)
     with pytest.raises(RegistryError) as err:
-        reg.resolve("architectures", "tiyn")
+        reg.resolve("models", "tiyn")
     message = str(err.value)
-    assert "unknown architecture 'tiyn'" in message
+    assert "unknown model 'tiyn'" in message
     assert "did you mean 'tiny'" in message
-    assert "bioflow plugins --kind architectures" in message
+    assert "bioflow plugins --kind models" in message
 
 
 def test_clash_names_both_distributions_and_qualified_names_work(plugin_root):
     reg = registry_with(plugin_root)
     with pytest.raises(RegistryError) as err:
-        reg.resolve("architectures", "unet")
+        reg.resolve("models", "unet")
     message = str(err.value)
     assert "'bioflow'" in message and "'clash-plugin' 0.3.1" in message
     assert "clash-plugin:unet" in message and "bioflow:unet" in message
-    assert reg.resolve("architectures", "clash-plugin:unet").distribution == "clash-plugin"
-    assert reg.load("architectures", "bioflow:unet").__name__ == "UNet"
-    assert reg.load("architectures", "clash_plugin:unet").__module__ == "clash_plugin"  # names normalise
-    assert "unet" in reg.clashes("architectures")
+    assert reg.resolve("models", "clash-plugin:unet").distribution == "clash-plugin"
+    assert reg.load("models", "bioflow:unet").__name__ == "UNet"
+    assert reg.load("models", "clash_plugin:unet").__module__ == "clash_plugin"  # names normalise
+    assert "unet" in reg.clashes("models")
 
 
 def test_broken_plugin_is_reported_and_others_still_work(plugin_root):
@@ -121,17 +121,17 @@ def test_broken_plugin_is_reported_and_others_still_work(plugin_root):
 
 def test_create_checks_arguments_against_the_signature(plugin_root):
     reg = registry_with(plugin_root)
-    assert reg.create("architectures", "tiny", in_channels=1, out_channels=2, width=8).width == 8
+    assert reg.create("models", "tiny", in_channels=1, out_channels=2, width=8).width == 8
     with pytest.raises(ConfigError, match=r"model\.widht: .*did you mean 'width'"):
-        reg.create("architectures", "tiny", where="model", in_channels=1, out_channels=2, widht=8)
+        reg.create("models", "tiny", where="model", in_channels=1, out_channels=2, widht=8)
     with pytest.raises(ConfigError, match=r"model\.width: expected int, got 'wide'"):
-        reg.create("architectures", "tiny", where="model", in_channels=1, out_channels=2, width="wide")
+        reg.create("models", "tiny", where="model", in_channels=1, out_channels=2, width="wide")
 
 
 def test_qualified_name_of_wrong_distribution(plugin_root):
     reg = registry_with(plugin_root)
     with pytest.raises(RegistryError, match="not provided by distribution 'good-plugin'"):
-        reg.resolve("architectures", "good-plugin:unet")
+        reg.resolve("models", "good-plugin:unet")
 
 
 def test_unknown_kind():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bioflow.testing import check_architecture, check_batch_transform, check_loss, check_postprocessor, check_sampler
+from bioflow.testing import check_model, check_batch_transform, check_loss, check_postprocessor, check_sampler
 
 
 class WrongShape(torch.nn.Module):
@@ -40,11 +40,11 @@ class Fine(torch.nn.Module):
 
 
 def test_architecture_checks():
-    check_architecture(Fine)
+    check_model(Fine)
     with pytest.raises(AssertionError, match="output shape"):
-        check_architecture(WrongShape)
+        check_model(WrongShape)
     with pytest.raises(AssertionError, match="no gradient reaches"):
-        check_architecture(DeadBranch)
+        check_model(DeadBranch)
 
 
 def test_loss_checks():

@@ -55,13 +55,14 @@ def test_bad_data_stops_before_the_run_with_one_line(folders, tmp_path):
 
 def test_min_foreground_keeps_only_patches_with_objects():
     from bioflow.data.module import BioflowDataModule
+    from bioflow.tasks import default_settings
     from bioflow.tasks.segmentation import SegmentationTask
     from bioflow.testing import compose_config
 
     config = compose_config("data.source.n_images=5", "data.source.shape=[96,96]", "data.patch_size=[32,32]",
                             "data.min_foreground=0.3")
     data = BioflowDataModule(config["data"], config["sampler"], 0, "mask",
-                             SegmentationTask.target_transform(SegmentationTask.settings))
+                             SegmentationTask.target_transform(default_settings(SegmentationTask)))
     data.prepare()
     loader = data.train_dataloader()
     index = loader.dataset.index

@@ -45,7 +45,8 @@ def train(overrides: Sequence[str] | Mapping[str, Any] | None = None, *, job_dir
         ``best_score``, ``test`` (test-split metrics), ``after_fit`` (e.g. StarDist thresholds),
         ``output_dir``, ``predict`` and ``dashboard`` (commands), ``performance``.
     """
-    from bioflow.config import compose, validate
+    from bioflow.config import compose
+    from bioflow.validation import validate
     from bioflow.training import run_training
 
     overrides = _as_overrides(overrides)
@@ -170,7 +171,7 @@ def load_model(model: str, *, project_dir: str | Path | None = None, tracking_ur
     Only what prediction needs is loaded (a missing training-only plugin, such as a loss, is not
     required). ``device``: ``auto`` (a GPU if there is one), ``cpu``, ``cuda``, ``cuda:1``, ...
     """
-    from bioflow.checkpoint import load_model as load
+    from bioflow.loading import load_model as load
     from bioflow.prediction import choose_device
     from bioflow.tracking.store import Store, default_project_dir
 

@@ -48,7 +48,7 @@ def check_arguments(
     where
         Config key path of the component (``model``, ``loss`` ...), used in messages.
     label
-        What the component is, e.g. ``architecture 'unet'``.
+        What the component is, e.g. ``model 'unet'``.
     provided
         Argument names that bioflow supplies itself (they may be absent from ``kwargs``).
     """

@@ -67,7 +67,8 @@ _HYDRA_FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--info", "-i", "--c
 
 def _prevalidate(overrides: list[str]) -> dict:
     """Compose and validate the config before Hydra starts a job, so errors come as one line."""
-    from bioflow.config import compose, validate
+    from bioflow.config import compose
+    from bioflow.validation import validate
 
     config = compose(overrides)
     validate(config)
@@ -221,7 +222,7 @@ def predict_command(args: argparse.Namespace) -> int:
 
 # -- export -------------------------------------------------------------------------------------
 def export_command(args: argparse.Namespace) -> int:
-    from bioflow.export.bioimageio import run_export
+    from bioflow.bioimageio.export import run_export
 
     return run_export(args)
 
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     ex.add_argument("--project-dir", default=_project_dir_default(), help="project folder of the embedded store (for run ids)")
     ex.add_argument("--tracking-uri", default=None, help="MLflow tracking server (for run ids)")
-    pl = sub.add_parser("plugins", help="list installed components (architectures, losses, ...) by kind")
+    pl = sub.add_parser("plugins", help="list installed components (models, losses, ...) by kind")
     pl.add_argument("--kind", help="list one kind only")
     pl.add_argument("--check", action="store_true", help="import every plugin; exit 1 on a clash or a broken plugin")
     db = sub.add_parser("dashboard", help="open the MLflow dashboard on the project's store (127.0.0.1)")

@@ -4,7 +4,7 @@ Hydra composes the config from ``configs/`` (shipped as the package ``bioflow.co
 the config packages that plugins register (entry-point group ``bioflow.configs``). The composed
 config is then checked here: every key must be known, every value of the right type, and every
 component (registry name plus keyword arguments) must exist and accept its arguments. Errors name
-the config key path, e.g. ``model.dept: architecture 'unet' has no argument 'dept'; did you mean
+the config key path, e.g. ``model.dept: model 'unet' has no argument 'dept'; did you mean
 'depth'?``.
 """
 
@@ -116,6 +116,42 @@ def component(section: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return kwargs.pop("name"), kwargs
 
 
+#: Config sections that name registry components, with their kinds.
+COMPONENT_SECTIONS: dict[str, str] = {
+    "task": "tasks",
+    "model": "models",
+    "loss": "losses",
+    "sampler": "samplers",
+    "data.source": "sources",
+    "postprocessor": "postprocessors",
+    "batch_transform": "batch_transforms",
+}
+
+
+def section(config: Mapping[str, Any], path: str) -> Mapping[str, Any] | None:
+    """The config section at a dotted ``path``, or None if it is absent or null."""
+    node: Any = config
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or node.get(part) is None:
+            return None
+        node = node[part]
+    return node
+
+
+def used_components(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Name, arguments, distribution and version of every component the config uses."""
+    from bioflow.registry import registry
+
+    out: dict[str, dict[str, Any]] = {}
+    for path, kind in COMPONENT_SECTIONS.items():
+        node = section(config, path)
+        if node is None:
+            continue
+        name, kwargs = component(node)
+        out[path] = {"kind": kind, "kwargs": kwargs, **registry.describe(kind, name)}
+    return out
+
+
 def _check(value: Any, annotation: Any, path: str) -> None:
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, Mapping):
@@ -194,77 +230,6 @@ def check_ranges(config: Mapping[str, Any]) -> None:
     top_k = config.get("checkpoint", {}).get("save_top_k", 1)
     if top_k != -1:
         check_range("checkpoint.save_top_k", top_k, low=1, allowed="a number >= 1, or -1 (keep all)")
-
-
-def validate_components(config: Mapping[str, Any]) -> None:
-    """Resolve every component and check its arguments (imports the components' modules)."""
-    import lightning as L
-
-    from bioflow.arguments import check_arguments
-    from bioflow.optim import check_optimization
-    from bioflow.registry import SINGULAR, registry
-    from bioflow.tasks import get_task
-
-    task_name, settings = component(config["task"])
-    task_cls = get_task(task_name)
-    for key, value in settings.items():
-        if key not in task_cls.settings:
-            raise ConfigError(f"task.{key}: task '{task_name}' has no setting '{key}'{did_you_mean(key, task_cls.settings)}")
-    provided = {
-        "model": ("architectures", frozenset({"in_channels", "out_channels", "spatial_dims"})),
-        "loss": ("losses", frozenset()),
-        "sampler": ("samplers", frozenset({"index", "num_samples", "seed"})),
-    }
-    if config.get("postprocessor") is not None:
-        provided["postprocessor"] = ("postprocessors", frozenset())
-    if config.get("batch_transform") is not None:
-        provided["batch_transform"] = ("batch_transforms", frozenset())
-    for path, (kind, given) in provided.items():
-        name, kwargs = component(config[path])
-        factory = registry.load(kind, name)
-        check_arguments(factory, kwargs, where=path, label=f"{SINGULAR[kind]} '{name}'", provided=given)
-    name, kwargs = component(config["data"]["source"])
-    check_arguments(registry.load("datasets", name), kwargs, where="data.source", label=f"dataset '{name}'")
-    check_arguments(L.Trainer, config["trainer"], where="trainer", label="the Lightning Trainer")
-    check_optimization(config)
-    check_compatibility(config, task_name, task_cls)
-
-
-#: What a task's loss target is, in words, and losses that take it (for messages).
-_LOSS_TARGETS = {
-    "classes": ("class masks", "ce_dice, cross_entropy, dice, focal"),
-    "stardist": ("StarDist targets", "stardist"),
-    "image": ("target images", "mae, mse"),
-    "masked_image": ("blind-spot masked images", "masked_mse"),
-}
-
-
-def check_compatibility(config: Mapping[str, Any], task_name: str, task_cls: Any) -> None:
-    """Refuse components that do not fit the task, or that the task would not use."""
-    from bioflow.registry import registry
-
-    loss_name, _ = component(config["loss"])
-    takes = tuple(getattr(registry.load("losses", loss_name), "bioflow_targets", ("classes",)))
-    wanted = task_cls.loss_targets
-    if wanted not in takes:
-        what, fits = _LOSS_TARGETS.get(wanted, (wanted, ""))
-        given = " or ".join(_LOSS_TARGETS.get(t, (t,))[0] for t in takes)
-        hint = f"; use loss={fits.split(',')[0]}" + (f" (losses for it: {fits})" if "," in fits else "") if fits else ""
-        raise ConfigError(f"loss={loss_name}: task '{task_name}' trains on {what}, this loss on {given}{hint}")
-    for section in ("batch_transform", "postprocessor"):
-        node = config.get(section)
-        if node is not None and section not in task_cls.uses:
-            users = {"batch_transform": "n2v", "postprocessor": "segmentation"}[section]
-            raise ConfigError(
-                f"{section}={node['name']}: task '{task_name}' does not use a {section.replace('_', ' ')} "
-                f"(task '{users}' does); remove it with {section}=null"
-            )
-
-
-def validate(config: Mapping[str, Any]) -> None:
-    """Full validation of a resolved training config; raises :class:`ConfigError`."""
-    validate_structure(config)
-    validate_components(config)
 
 
 # -- composition ----------------------------------------------------------------------------------

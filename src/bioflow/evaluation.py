@@ -21,8 +21,8 @@ def evaluate(
     """Evaluate a checkpoint (or a run's best checkpoint) on the recorded ``split`` of its data."""
     import lightning as L
 
-    from bioflow.checkpoint import load_model
-    from bioflow.inference.bioimageio import evaluation_model, is_package
+    from bioflow.loading import load_model
+    from bioflow.bioimageio.runtime import evaluation_model, is_package
 
     explicit = project_dir is not None or tracking_uri is not None
     store = Store.create(project_dir or default_project_dir(), tracking_uri)

@@ -1,62 +1,81 @@
-"""Optimizers and learning-rate schedules, chosen by name in the ``optimizer`` and ``scheduler`` sections."""
+"""Optimizers and learning-rate schedules, chosen by name in the ``optimizer`` and ``scheduler`` sections.
+
+``optimizer.name`` is any optimizer class of ``torch.optim`` by name (case-insensitive: ``adam``,
+``adamw``, ``sgd``, ...), its other keys the class's arguments. ``scheduler.name`` is ``none``, one
+of the schedules whose arguments bioflow fills in from the run (``cosine``: cosine decay over the
+epochs; ``onecycle``: warm-up and annealing over the steps; ``plateau``: lower the rate when the
+monitored score stalls), or any class of ``torch.optim.lr_scheduler`` by name with its own
+arguments (stepped once per epoch). Arguments are checked against the classes' signatures.
+"""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 from bioflow.arguments import check_arguments
 from bioflow.config import component
-from bioflow.errors import ConfigError, check_range
+from bioflow.errors import ConfigError, check_range, did_you_mean
 
-
-def _optimizers() -> dict[str, Any]:
-    import torch
-
-    return {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
-
-
-def _schedulers() -> dict[str, Any]:
-    import torch
-
-    return {
-        "none": None,
-        "cosine": torch.optim.lr_scheduler.CosineAnnealingLR,
-        "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau,
-        "onecycle": torch.optim.lr_scheduler.OneCycleLR,
-    }
-
-
-# Arguments bioflow fills in for each scheduler.
-_SCHEDULER_PROVIDED = {
-    "cosine": {"optimizer", "T_max"},
-    "plateau": {"optimizer", "mode"},
-    "onecycle": {"optimizer", "max_lr", "total_steps", "epochs", "steps_per_epoch"},
+#: The schedules bioflow configures itself: torch class, and the arguments it fills in.
+_MANAGED = {
+    "cosine": ("CosineAnnealingLR", {"optimizer", "T_max"}),
+    "plateau": ("ReduceLROnPlateau", {"optimizer", "mode"}),
+    "onecycle": ("OneCycleLR", {"optimizer", "max_lr", "total_steps", "epochs", "steps_per_epoch"}),
 }
+
+
+def _classes(module, base) -> dict[str, type]:
+    """Public subclasses of ``base`` in ``module``, by lower-case name."""
+    return {name.lower(): obj for name, obj in vars(module).items()
+            if inspect.isclass(obj) and issubclass(obj, base) and obj is not base and not name.startswith("_")}
+
+
+def optimizer_class(name: str) -> type:
+    import torch
+
+    optimizers = _classes(torch.optim, torch.optim.Optimizer)
+    if name.lower() not in optimizers:
+        raise ConfigError(f"optimizer.name: unknown optimizer '{name}'{did_you_mean(name.lower(), optimizers)} "
+                          f"(optimizers of torch.optim: {', '.join(sorted(optimizers))})")
+    return optimizers[name.lower()]
+
+
+def scheduler_class(name: str) -> tuple[type | None, set[str]]:
+    """The schedule's torch class (None for ``none``) and the arguments bioflow provides."""
+    import torch
+
+    if name == "none":
+        return None, set()
+    schedulers = _classes(torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler)
+    schedulers["reducelronplateau"] = torch.optim.lr_scheduler.ReduceLROnPlateau
+    if name in _MANAGED:
+        cls_name, provided = _MANAGED[name]
+        return schedulers[cls_name.lower()], provided
+    if name.lower() not in schedulers:
+        known = ["none", *_MANAGED, *sorted(schedulers)]
+        raise ConfigError(f"scheduler.name: unknown scheduler '{name}'{did_you_mean(name.lower(), known)} "
+                          f"(none, {', '.join(_MANAGED)}, or a class of torch.optim.lr_scheduler)")
+    return schedulers[name.lower()], {"optimizer"}
 
 
 def check_optimization(config: Mapping[str, Any]) -> None:
     """Check the ``optimizer`` and ``scheduler`` sections (names and arguments)."""
     name, kwargs = component(config["optimizer"])
-    optimizers = _optimizers()
-    if name.lower() not in optimizers:
-        raise ConfigError(f"optimizer.name: unknown optimizer '{name}' (choose from {', '.join(optimizers)})")
-    check_arguments(optimizers[name.lower()], kwargs, where="optimizer", label=f"optimizer '{name}'",
+    check_arguments(optimizer_class(name), kwargs, where="optimizer", label=f"optimizer '{name}'",
                     provided=frozenset({"params"}))
     if kwargs.get("lr") is not None:
         check_range("optimizer.lr", kwargs["lr"], low=0.0, low_open=True, allowed="a learning rate > 0")
     name, kwargs = component(config["scheduler"])
-    schedulers = _schedulers()
-    if name not in schedulers:
-        raise ConfigError(f"scheduler.name: unknown scheduler '{name}' (choose from {', '.join(schedulers)})")
-    if schedulers[name] is None:
+    cls, provided = scheduler_class(name)
+    if cls is None:
         if kwargs:
             raise ConfigError(f"scheduler: scheduler 'none' takes no arguments, got {', '.join(kwargs)}")
         return
-    given = _SCHEDULER_PROVIDED[name]
     for key in kwargs:
-        if key in given:
+        if key in provided:
             raise ConfigError(f"scheduler.{key}: set by bioflow; remove it")
-    check_arguments(schedulers[name], kwargs, where="scheduler", label=f"scheduler '{name}'", provided=frozenset(given))
+    check_arguments(cls, kwargs, where="scheduler", label=f"scheduler '{name}'", provided=frozenset(provided))
 
 
 def configure_optimization(parameters, config: Mapping[str, Any], max_epochs: int | None, monitor: str, mode: str,
@@ -67,17 +86,20 @@ def configure_optimization(parameters, config: Mapping[str, Any], max_epochs: in
     """
     check_optimization(config)
     name, kwargs = component(config["optimizer"])
-    optimizer = _optimizers()[name.lower()](parameters, **kwargs)
+    optimizer = optimizer_class(name)(parameters, **kwargs)
     sched_name, sched_kwargs = component(config["scheduler"])
-    if sched_name == "none":
+    cls, _ = scheduler_class(sched_name)
+    if cls is None:
         return optimizer
     if sched_name == "onecycle":  # warm up to optimizer.lr, then anneal, step by step
         lr = optimizer.param_groups[0]["lr"]
-        scheduler = _schedulers()["onecycle"](optimizer, max_lr=lr, total_steps=max(1, int(total_steps or 1)), **sched_kwargs)
+        scheduler = cls(optimizer, max_lr=lr, total_steps=max(1, int(total_steps or 1)), **sched_kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
     if sched_name == "cosine":
         epochs = max_epochs if max_epochs and max_epochs > 0 else 100
-        scheduler = _schedulers()["cosine"](optimizer, T_max=epochs, **sched_kwargs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-    scheduler = _schedulers()["plateau"](optimizer, mode=mode, **sched_kwargs)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": monitor, "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cls(optimizer, T_max=epochs, **sched_kwargs),
+                                                          "interval": "epoch"}}
+    if sched_name == "plateau":
+        scheduler = cls(optimizer, mode=mode, **sched_kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": monitor, "interval": "epoch"}}
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cls(optimizer, **sched_kwargs), "interval": "epoch"}}

@@ -13,7 +13,6 @@ size, as OME-TIFF metadata.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -51,7 +50,7 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
 
 def output_paths(files: Sequence[Path], out_dir: Path, specs: Sequence[OutputSpec], overwrite: bool) -> list[dict[str, Path]]:
     """The output files of every input; refuses to overwrite inputs (always) or other files."""
-    from bioflow.data.sources import _stem
+    from bioflow.data.tiff import file_stem
 
     inputs = {f.resolve() for f in files}
     seen: dict[Path, Path] = {}
@@ -59,7 +58,7 @@ def output_paths(files: Sequence[Path], out_dir: Path, specs: Sequence[OutputSpe
     for f in files:
         targets = {}
         for i, spec in enumerate(specs):
-            name = _stem(f) + ("" if i == 0 else f"_{spec.name}") + ".tif"
+            name = file_stem(f) + ("" if i == 0 else f"_{spec.name}") + ".tif"
             target = (out_dir / name).resolve()
             if target in inputs:
                 raise DataError(
@@ -209,8 +208,8 @@ def predict(
 
     Returns, for each input predicted, the output files written (by output name).
     """
-    from bioflow.checkpoint import load_model
-    from bioflow.inference.bioimageio import is_package, load_package
+    from bioflow.loading import load_model
+    from bioflow.bioimageio.runtime import is_package, load_package
     from bioflow.tracking.store import Store, default_project_dir
 
     out_dir = Path(out)
@@ -219,7 +218,7 @@ def predict(
     check_options(tile_size=tile_size, overlap=overlap, batch_size=batch_size, axes=axes)
     device = choose_device(device)
     files = collect_inputs(inputs)
-    if is_package(model):  # run through bioimage.io's runtime (see bioflow.inference.bioimageio)
+    if is_package(model):  # run through bioimage.io's runtime (see bioflow.bioimageio.runtime)
         task = load_package(model)
     else:
         explicit = project_dir is not None or tracking_uri is not None
@@ -421,60 +420,3 @@ def _predict_rescaled(task, array, factor, sink, options) -> None:
         pad = [(0, 0)] + [(0, s - r) for s, r in zip(shape, restored.shape[1:])]
         restored = np.pad(restored, pad, mode="edge")
     sink(0, torch.from_numpy(np.ascontiguousarray(restored)))
-
-
-def auto_tile_size(task, device: str, batch_size: int, fraction: float = 0.25) -> list[int]:
-    """A tile size whose activations fit in a fraction of the free memory of ``device``.
-
-    The network's memory per pixel is measured once on a small probe tile (sum of every layer's
-    output size, an upper bound for inference), then scaled to the memory budget.
-    """
-    import torch
-
-    dims = task.data_info.spatial_dims
-    multiple = task.size_multiple
-    probe_edge = max(32 if dims == 2 else 16, multiple * 2)
-    probe_edge = int(math.ceil(probe_edge / multiple) * multiple)
-    probe = torch.zeros((1, task.data_info.in_channels) + (probe_edge,) * dims, device=device)
-    total = [0]
-
-    def count(_m, _i, output) -> None:
-        if isinstance(output, torch.Tensor):
-            total[0] += output.numel() * output.element_size()
-
-    hooks = [m.register_forward_hook(count) for m in task.net.modules()]
-    try:
-        with torch.no_grad():
-            task.net(probe)
-    finally:
-        for h in hooks:
-            h.remove()
-    per_pixel = max(total[0] / probe_edge**dims, 1.0)
-    budget = _free_memory(device) * fraction / max(1, batch_size)
-    edge = (budget / per_pixel) ** (1 / dims)
-    limit = 2048 if dims == 2 else 256
-    edge = int(min(max(edge, 2 * multiple), limit) // multiple * multiple)
-    floor = minimum_tile(task)
-    return [max(edge, floor)] * dims
-
-
-def minimum_tile(task) -> int:
-    from bioflow.inference.tiling import minimum_overlap, padded_size
-
-    return padded_size(2 * minimum_overlap(task.receptive_field()), task.size_multiple)
-
-
-def _free_memory(device: str) -> float:
-    import torch
-
-    if device.startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return float(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4.0 * 2**30

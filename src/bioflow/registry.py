@@ -16,6 +16,7 @@ Names are resolved strictly:
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from importlib import metadata
@@ -23,27 +24,36 @@ from typing import Any, Callable, Iterable
 
 from bioflow.errors import RegistryError, did_you_mean
 
+log = logging.getLogger(__name__)
+
 #: Component kinds: short name -> entry-point group.
 KINDS: dict[str, str] = {
-    "architectures": "bioflow.architectures",
+    "tasks": "bioflow.tasks",
+    "models": "bioflow.models",
     "losses": "bioflow.losses",
     "samplers": "bioflow.samplers",
     "postprocessors": "bioflow.postprocessors",
     "batch_transforms": "bioflow.batch_transforms",
-    "datasets": "bioflow.datasets",
+    "sources": "bioflow.sources",
     "configs": "bioflow.configs",
 }
 
 #: How one component of each kind is called in messages.
 SINGULAR: dict[str, str] = {
-    "architectures": "architecture",
+    "tasks": "task",
+    "models": "model",
     "losses": "loss",
     "samplers": "sampler",
     "postprocessors": "postprocessor",
     "batch_transforms": "batch transform",
-    "datasets": "dataset",
+    "sources": "data source",
     "configs": "config package",
 }
+
+#: Earlier names of kinds (in checkpoints and plugins written for them) and their entry-point
+#: groups, still read for one release with a deprecation warning.
+RENAMED_KINDS: dict[str, str] = {"architectures": "models", "datasets": "sources"}
+LEGACY_GROUPS: dict[str, str] = {"models": "bioflow.architectures", "sources": "bioflow.datasets"}
 
 QUALIFIER = ":"
 
@@ -99,10 +109,16 @@ class Registry:
     # -- discovery (metadata only) -------------------------------------------------------
     def components(self, kind: str) -> list[Component]:
         """Every component of ``kind``, clashing names included, sorted by name."""
+        kind = RENAMED_KINDS.get(kind, kind)
         group = _group(kind)
         if kind not in self._components:
             found: dict[tuple[str, str], Component] = {}
-            for ep in self._entry_points(group):
+            legacy = list(self._entry_points(LEGACY_GROUPS[kind])) if kind in LEGACY_GROUPS else []
+            for ep in legacy:
+                log.warning("%s registers '%s' under the entry-point group '%s', renamed '%s'; the old group is "
+                            "read until the next release", ep.dist.name if ep.dist else "a plugin", ep.name,
+                            LEGACY_GROUPS[kind], group)
+            for ep in [*self._entry_points(group), *legacy]:
                 dist = ep.dist
                 dist_name = canonical_distribution(dist.name) if dist is not None else "unknown"
                 version = dist.version if dist is not None else "unknown"
@@ -126,6 +142,7 @@ class Registry:
 
     def resolve(self, kind: str, name: str) -> Component:
         """The component called ``name`` (plain or qualified ``distribution:name``)."""
+        kind = RENAMED_KINDS.get(kind, kind)
         comps = self.components(kind)
         what = SINGULAR[kind]
         if QUALIFIER in name:
@@ -165,6 +182,7 @@ class Registry:
     # -- loading (imports plugin code) ---------------------------------------------------
     def load(self, kind: str, name: str) -> Any:
         """Import and return the object behind component ``name`` of ``kind``."""
+        kind = RENAMED_KINDS.get(kind, kind)
         comp = self.resolve(kind, name)
         key = (kind, comp.qualified_name)
         if key not in self._loaded:
@@ -184,10 +202,20 @@ class Registry:
         """
         from bioflow.arguments import check_arguments
 
+        kind = RENAMED_KINDS.get(kind, kind)
         factory = self.load(kind, name)
         label = f"{SINGULAR[kind]} '{name}'"
         check_arguments(factory, kwargs, where=where or label, label=label)
         return factory(**kwargs)
+
+    def parameters(self, kind: str, name: str) -> list[str]:
+        """The names of the arguments component ``name`` of ``kind`` takes (none known: [])."""
+        import inspect
+
+        try:
+            return list(inspect.signature(self.load(kind, name)).parameters)
+        except (TypeError, ValueError):
+            return []
 
     def describe(self, kind: str, name: str) -> dict[str, str]:
         """Name, distribution and version of a component, for checkpoints and run tags."""

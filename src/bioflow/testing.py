@@ -8,22 +8,22 @@ run the same checks on their components that bioflow runs on its own::
     def test_contract(bioflow_component):          # parametrised by bioflow's pytest plugin
         check_component(*bioflow_component)
 
-or call a check directly: ``check_architecture(MyNet)``. Failed checks raise ``AssertionError``
+or call a check directly: ``check_model(MyNet)``. Failed checks raise ``AssertionError``
 with the reason.
 
 Components describe themselves with optional attributes (on the class or factory function):
 
 ``bioflow_spatial_dims``
-    the spatial dimensionalities supported, e.g. ``(2, 3)``. Default for architectures: ``(2, 3)``
+    the spatial dimensionalities supported, e.g. ``(2, 3)``. Default for models: ``(2, 3)``
     if the factory takes ``spatial_dims``, else ``(2,)``; for losses and post-processors ``(2, 3)``.
 ``bioflow_exports``
-    architectures: export formats that must work, from ``"torchscript"`` and ``"onnx"``.
+    models: export formats that must work, from ``"torchscript"`` and ``"onnx"``.
 ``example_inputs(spatial_dims)``
     losses: returns ``(prediction, target)`` the loss is meant for (default: class logits and
     class indices); post-processors: ``example_input(spatial_dims)`` returns the network output they
     take (default: two-class probabilities).
 ``bioflow_example_kwargs``
-    datasets (and any component with required arguments): keyword arguments for a small example.
+    data sources (and any component with required arguments): keyword arguments for a small example.
 
 Besides the contracts, :func:`compose_config` and :func:`make_checkpoint` build configs and
 untrained checkpoints for testing prediction and evaluation code.
@@ -59,8 +59,8 @@ def _kwargs(factory: Factory, extra: dict[str, Any]) -> dict[str, Any]:
     return {**dict(getattr(factory, "bioflow_example_kwargs", {}) or {}), **extra}
 
 
-# -- architectures ----------------------------------------------------------------------------------
-def check_architecture(factory: Factory, in_channels: int = 2, out_channels: int = 3, **kwargs: Any) -> None:
+# -- models ----------------------------------------------------------------------------------
+def check_model(factory: Factory, in_channels: int = 2, out_channels: int = 3, **kwargs: Any) -> None:
     """Output shape for every declared dimensionality, gradients to every parameter, exports claimed."""
     import torch
 
@@ -206,8 +206,8 @@ def check_batch_transform(factory: Factory, **kwargs: Any) -> None:
         assert torch.equal(first, second) and torch.equal(mask, mask2), f"{dims}D: not reproducible with a seeded generator"
 
 
-# -- datasets ---------------------------------------------------------------------------------------------------------
-def check_dataset(factory: Factory, **kwargs: Any) -> None:
+# -- data sources ---------------------------------------------------------------------------------------------------------
+def check_source(factory: Factory, **kwargs: Any) -> None:
     """A list of image records that pass bioflow's data checks."""
     from bioflow.data.records import ImageRecord, check_records
 
@@ -226,18 +226,98 @@ def check_dataset(factory: Factory, **kwargs: Any) -> None:
     check_records(records, needs_target=False, allow_empty_targets=True)
 
 
+# -- tasks -----------------------------------------------------------------------------------------------------------
+def _task_batch(target_kind: str, n: int, shape: tuple[int, ...], seed: int, target_fn=None) -> dict[str, Any]:
+    """A batch of normalised images with the targets a task of ``target_kind`` trains on (label
+    images through the task's ``target_fn``, as the data loader applies it)."""
+    import torch
+
+    from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
+
+    images, labels = zip(*(synthetic_nuclei_image(shape, seed=seed, index=i) for i in range(n)))
+    batch: dict[str, Any] = {
+        "image": torch.from_numpy(np.stack(images)[:, None].astype(np.float32)),
+        "name": [f"image{i}" for i in range(n)],
+        "norm": torch.tensor([[[0.0], [1.0]]] * n),
+    }
+    if target_kind == "mask":
+        batch["target"] = torch.from_numpy(np.stack([target_fn(t) if target_fn else t for t in labels]).astype(np.int64))
+    elif target_kind == "image":
+        batch["target"] = batch["image"].clone()
+    return batch
+
+
+def check_task(factory: Factory, name: str | None = None, overrides: tuple[str, ...] = (), **kwargs: Any) -> None:
+    """A task trains a step, evaluates a whole image, and predicts an image into its outputs.
+
+    The task is built from its own config (``task=<name>``, which brings its loss and model) with
+    ``overrides``; a task declares the spatial dimensionalities it supports in
+    ``bioflow_spatial_dims`` (default 2D).
+    """
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from bioflow.prediction import predict_array
+    from bioflow.tasks import CONTEXT_ARGUMENTS, create_task
+
+    params = [p for n, p in inspect.signature(factory.__init__).parameters.items() if n not in CONTEXT_ARGUMENTS | {"self"}]
+    for p in params:
+        assert p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty, (
+            f"setting '{p.name}' must be a keyword-only argument with a default")
+    assert {"monitor", "monitor_mode"} <= {p.name for p in params}, "a task needs the settings monitor and monitor_mode"
+    name = name or getattr(factory, "bioflow_name", None)
+    assert name, "check_task needs the task's registered name"
+    for dims in getattr(factory, "bioflow_spatial_dims", (2,)):
+        shape = (48, 48) if dims == 2 else (16, 32, 32)
+        config = compose_config(f"task={name}", *overrides)
+        info = {"in_channels": 1, "spatial_dims": dims, "pixel_size": None, "split": {}}
+        task = create_task(config, info)
+        batch = _task_batch(factory.target_kind, 2, shape, seed=1, target_fn=factory.target_transform(task.task_settings))
+        task.train()
+        inputs, target = task.training_pair(batch)
+        loss = task.loss_fn(task.loss_input(task(inputs)), target)
+        assert loss.dim() == 0 and torch.isfinite(loss), f"{dims}D: the training loss must be a finite scalar"
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.parameters()), f"{dims}D: no gradient"
+        one = _task_batch(factory.target_kind, 1, shape, seed=2, target_fn=factory.target_transform(task.task_settings))
+        loader = DataLoader([{k: v[0] if isinstance(v, (list, torch.Tensor)) else v for k, v in one.items()}], batch_size=1)
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.validate(task, dataloaders=loader, verbose=False)
+        task.eval()
+        outputs = task.prediction_outputs()
+        assert outputs, f"{dims}D: prediction_outputs() names no output"
+        predicted = predict_array(task, one["image"][0].numpy(), tile_size=[32 if dims == 2 else 16])
+        for spec in outputs:
+            assert spec.name in predicted, f"{dims}D: output '{spec.name}' was not produced"
+            assert tuple(predicted[spec.name].shape[-dims:]) == shape, (
+                f"{dims}D: output '{spec.name}' has shape {predicted[spec.name].shape}, not the image's {shape}")
+
+
 CHECKS: dict[str, Callable[..., None]] = {
-    "architectures": check_architecture,
+    "tasks": check_task,
+    "models": check_model,
     "losses": check_loss,
     "postprocessors": check_postprocessor,
     "samplers": check_sampler,
     "batch_transforms": check_batch_transform,
-    "datasets": check_dataset,
+    "sources": check_source,
 }
 
 #: Small arguments for built-in components whose defaults would make the checks slow.
-_SMALL = {("architectures", "bioflow:unet"): {"depth": 2, "base_channels": 4},
-          ("datasets", "bioflow:synthetic_nuclei"): {"n_images": 2, "shape": (48, 48)}}
+_SMALL = {("models", "bioflow:unet"): {"depth": 2, "base_channels": 4},
+          **{("tasks", f"bioflow:{t}"): {"overrides": ("model.base_channels=4", "model.depth=1")}
+             for t in ("segmentation", "care", "n2v")},
+          **{("tasks", f"bioflow:{t}"): {"overrides": ("model.base_channels=4", "model.depth=1", "task.head_features=8",
+                                                     "task.stem_channels=4", "task.n_rays=16")}
+             for t in ("stardist", "stardist3d")},
+          ("sources", "bioflow:synthetic_nuclei"): {"n_images": 2, "shape": (48, 48)}}
+
+
+#: The names these checks had before the registry's kinds were renamed (kept for one release).
+check_architecture = check_model
+check_dataset = check_source
 
 
 def registered(distribution: str | None = None) -> list[tuple[str, str]]:
@@ -258,8 +338,9 @@ def check_component(kind: str, name: str, **kwargs: Any) -> None:
     from bioflow.registry import registry
 
     factory = registry.load(kind, name)
-    qualified = registry.resolve(kind, name).qualified_name
-    CHECKS[kind](factory, **{**_SMALL.get((kind, qualified), {}), **kwargs})
+    component = registry.resolve(kind, name)
+    extra = {"name": component.name} if kind == "tasks" else {}
+    CHECKS[kind](factory, **{**_SMALL.get((kind, component.qualified_name), {}), **extra, **kwargs})
 
 
 # -- configs and checkpoints for tests ---------------------------------------------------------------------------------
@@ -276,13 +357,13 @@ def make_checkpoint(path: Path, *overrides: str, in_channels: int = 1, spatial_d
     """An untrained but complete bioflow checkpoint (random weights), without running training."""
     import torch
 
-    from bioflow.tasks import get_task
+    from bioflow.tasks import create_task
 
     config = compose_config(*overrides)
     torch.manual_seed(seed)
     data_info = {"in_channels": in_channels, "spatial_dims": spatial_dims, "pixel_size": pixel_size,
                  "split": {"train": [], "val": [], "test": []}}
-    task = get_task(config["task"]["name"])(config, data_info)
+    task = create_task(config, data_info)
     checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": {"config": config, "data_info": data_info}}
     task.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)

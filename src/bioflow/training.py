@@ -13,11 +13,12 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from bioflow.config import component, validate
+from bioflow.config import component
+from bioflow.validation import validate
 from bioflow.errors import ConfigError
 from bioflow.data.module import BioflowDataModule
 from bioflow.resume import find_resume_point, requested_resume, resumed_config
-from bioflow.tasks import get_task
+from bioflow.tasks import create_task, get_task, settings_of
 from bioflow.tasks.base import used_components
 from bioflow.tracking.run import (
     ValidationFigures, log_checkpoint, log_run_start, make_logger, mark_resumed, publish_runs_view, runs_page,
@@ -123,7 +124,7 @@ def with_absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
     config = dict(config)
     config["project_dir"] = str(Path(config["project_dir"]).expanduser().resolve())
     name, kwargs = component(config["data"]["source"])
-    factory = registry.load("datasets", name)
+    factory = registry.load("sources", name)
     config["data"] = {**config["data"], "source": {"name": name, **absolute_path_arguments(factory, kwargs, Path.cwd())}}
     split = dict(config["data"]["split"])
     for key in ("train", "val", "test"):
@@ -161,7 +162,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] 
     L.seed_everything(config["seed"], workers=True, verbose=False)
 
     task_cls = get_task(config["task"]["name"])
-    settings = {**task_cls.settings, **component(config["task"])[1]}
+    settings = settings_of(task_cls, config["task"])
     data = BioflowDataModule(
         config["data"], config["sampler"], seed=config["seed"],
         target_kind=task_cls.target_kind, target_fn=task_cls.target_transform(settings),
@@ -175,7 +176,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] 
         "split": data.split,
         "normalization": data.normalizer.as_dict(),
     }
-    task = task_cls(config, data_info)
+    task = create_task(config, data_info)
     check_patch_size(config["data"]["patch_size"], task.size_multiple)
     has_val = bool(data.splits["val"])
     if not has_val and component(config["scheduler"])[0] == "plateau":
@@ -255,11 +256,13 @@ def init_weights(task, source: str, store: Store) -> None:
     The network must be the same (architecture and its settings, channels, task outputs); a
     mismatch is a one-line error naming the first weights that differ.
     """
-    from bioflow.checkpoint import fetch_checkpoint
+    from bioflow.loading import fetch_checkpoint
 
     checkpoint = fetch_checkpoint(str(source), store, explicit_store=False).checkpoint
-    weights = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    own = {k: v for k, v in task.state_dict().items() if k.startswith("net.")}
+    # models saved before the network was called ``model`` hold it under ``net.``
+    weights = {("model." + k[4:] if k.startswith("net.") else k): v for k, v in checkpoint["state_dict"].items()}
+    weights = {k: v for k, v in weights.items() if k.startswith("model.")}
+    own = {k: v for k, v in task.state_dict().items() if k.startswith("model.")}
     missing = sorted(set(own) - set(weights))
     mismatched = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
     if not weights or missing or mismatched:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bioflow.architectures.unet import UNet
+from bioflow.models.unet import UNet
 from torch.nn import functional as F
 
 from bioflow.inference.tiling import TilePlan, minimum_overlap, predict_tiled

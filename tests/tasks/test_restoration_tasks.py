@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bioflow.data.module import BioflowDataModule
-from bioflow.tasks import get_task
+from bioflow.tasks import create_task, get_task
 from bioflow.tasks.restoration import N2VTask, _ImageQuality, to_units
 from bioflow.testing import compose_config
 
@@ -20,7 +20,7 @@ def build(experiment: str, *extra: str):
     data = BioflowDataModule(config["data"], config["sampler"], 0, cls.target_kind, None)
     data.prepare()
     info = {"in_channels": 1, "spatial_dims": 2, "pixel_size": None, "split": data.split}
-    return cls(config, info), data
+    return create_task(config, info), data
 
 
 def test_to_units_inverts_the_normalisation():
@@ -55,7 +55,7 @@ def test_n2v_training_uses_no_target_and_the_loss_sees_only_blind_spots():
         output.retain_grad()
         seen["output"] = output
 
-    handles = [task.masking.register_forward_hook(keep_mask), task.net.register_forward_hook(keep_output)]
+    handles = [task.masking.register_forward_hook(keep_mask), task.model.register_forward_hook(keep_output)]
     task.training_step(batch, 0).backward()
     for handle in handles:
         handle.remove()

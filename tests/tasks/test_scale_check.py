@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from bioflow.data.module import BioflowDataModule
+from bioflow.tasks import create_task, default_settings
 from bioflow.tasks.segmentation import SegmentationTask
 from bioflow.training import scale_check
 from bioflow.testing import compose_config
@@ -14,10 +15,10 @@ def setup(depth: int, radius: str = "[6,12]"):
     config = compose_config(f"model.depth={depth}", "model.base_channels=2", "data.source.n_images=5",
                             "data.source.shape=[128,128]", f"data.source.radius={radius}")
     data = BioflowDataModule(config["data"], config["sampler"], 0, "mask",
-                             SegmentationTask.target_transform(SegmentationTask.settings))
+                             SegmentationTask.target_transform(default_settings(SegmentationTask)))
     data.prepare()
     info = {"in_channels": 1, "spatial_dims": 2, "pixel_size": None, "split": data.split}
-    return SegmentationTask(config, info), data
+    return create_task(config, info), data
 
 
 def test_warns_when_objects_exceed_the_receptive_field(caplog):

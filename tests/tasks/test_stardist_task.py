@@ -11,6 +11,7 @@ from bioflow.metrics.matching import match_instances
 from bioflow.stardist.loss import StarDistLoss
 from bioflow.stardist.nms import instances_from_prediction
 from bioflow.stardist.targets import object_probabilities, star_distances
+from bioflow.tasks import create_task
 from bioflow.tasks.stardist import StarDistTask, _ray_permutation_map
 from bioflow.testing import compose_config
 
@@ -19,7 +20,7 @@ def make_task(**settings) -> StarDistTask:
     overrides = ["task=stardist", "loss=stardist", "model.depth=2", "model.base_channels=4", "task.features=8"]
     overrides += [f"task.{k}={v}" for k, v in settings.items()]
     info = {"in_channels": 1, "spatial_dims": 2, "pixel_size": None, "split": {}}
-    return StarDistTask(compose_config(*overrides), info)
+    return create_task(compose_config(*overrides), info)
 
 
 def labels_image(shape=(96, 96), index=0) -> np.ndarray:
@@ -44,7 +45,7 @@ def test_network_output_is_on_the_grid_and_tiling_with_a_stride_matches_whole_im
     torch.manual_seed(0)
     task = make_task(grid="[2,2]", pool_first=pool_first, stem_channels=4, head_features=8).eval()
     assert task.size_multiple == multiple
-    assert (task.net.stem is not None) == pool_first
+    assert (task.model.stem is not None) == pool_first
     x = torch.randn(1, 100, 84)
     with torch.no_grad():
         padded = torch.nn.functional.pad(x[None], (0, -84 % multiple, 0, -100 % multiple), mode="reflect")
@@ -108,7 +109,7 @@ def test_global_nms_over_strips_equals_nms_of_the_whole_output(grid):
 def test_postprocess_of_exact_targets_gives_the_labels_back():
     task = make_task(grid="[2,2]")
     labels = labels_image((128, 128), index=3)
-    predicted = task.postprocess(exact_output(labels, (2, 2)), labels.shape).numpy()
+    predicted = task.decode(exact_output(labels, (2, 2)), labels.shape).numpy()
     assert match_instances(labels, predicted, [0.5])[0.5].accuracy >= 0.9
 
 
@@ -136,4 +137,4 @@ def test_stardist_refuses_3d_data():
 
     info = {"in_channels": 1, "spatial_dims": 3, "pixel_size": None, "split": {}}
     with pytest.raises(ConfigError, match="2D"):
-        StarDistTask(compose_config("task=stardist", "loss=stardist"), info)
+        create_task(compose_config("task=stardist", "loss=stardist"), info)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from scipy import stats
 
-from bioflow.transforms.n2v import N2VMasking, masked_mse
+from bioflow.losses.restoration import masked_mse
+from bioflow.transforms.n2v import N2VMasking
 
 P_MIN = 1e-3
 

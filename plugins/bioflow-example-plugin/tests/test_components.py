@@ -55,3 +55,19 @@ def test_receptive_field_matches_a_gradient_probe():
 
     net = DilatedResNet(1, 1, width=4, blocks=3, max_dilation=4)
     assert probe_receptive_field(net, 1, 2) == net.receptive_field()
+
+
+def test_field_classifier_reads_occupancy_from_masks_and_pools_the_evidence():
+    from bioflow.tasks import create_task
+    from bioflow.testing import compose_config
+
+    config = compose_config("task=field_classifier", "task.min_pixels=3", "model.depth=1", "model.base_channels=4")
+    task = create_task(config, {"in_channels": 1, "spatial_dims": 2})
+    labels = torch.zeros(3, 8, 8, dtype=torch.long)
+    labels[1, :1, :2] = 5  # two pixels: not enough
+    labels[2, 2:4, 2:4] = 1  # four pixels: occupied
+    assert task.occupied(labels).tolist() == [0, 0, 1]
+    maps = torch.zeros(1, 2, 4, 4)
+    maps[0, 1, 3, 0] = 7.0
+    maps[0, 0] = -1.0
+    assert task.field_logits(maps).tolist() == [[-1.0, 7.0]]

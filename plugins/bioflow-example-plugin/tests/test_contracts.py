@@ -12,6 +12,7 @@ def test_all_components_are_covered(request):
 
     names = {name for _, name in registered("bioflow-example-plugin")}
     assert names == {
+        "bioflow-example-plugin:field_classifier",
         "bioflow-example-plugin:dilated_resnet",
         "bioflow-example-plugin:tversky",
         "bioflow-example-plugin:distance_split",

@@ -77,7 +77,7 @@ class BioflowDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         name, kwargs = component(self.cfg["source"])
-        records = registry.create("datasets", name, where="data.source", **kwargs)
+        records = registry.create("sources", name, where="data.source", **kwargs)
         if self.cfg.get("channels"):
             records = [select_channels(r, self.cfg["channels"]) for r in records]
         if self.task_name is not None:

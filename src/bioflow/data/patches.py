@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from bioflow.data.augment import Augmenter
 from bioflow.data.normalize import PercentileNorm
 from bioflow.data.records import ImageRecord
-from bioflow.losses.segmentation import IGNORE_INDEX
+from bioflow.conventions import IGNORE_INDEX
 
 TargetFn = Callable[[np.ndarray], np.ndarray]
 

@@ -1,4 +1,4 @@
-"""Built-in data sources (registry kind ``datasets``): callables that return image records."""
+"""Built-in data sources (registry kind ``sources``): callables that return image records."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 
 from bioflow.data.records import ImageRecord
-from bioflow.data.tiff import TIFF_SUFFIXES, read_tiff_frames
+from bioflow.data.tiff import TIFF_SUFFIXES, file_stem, read_tiff_frames
 from bioflow.errors import DataError
 
 
@@ -51,20 +51,12 @@ def synthetic_nuclei(
     return records
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
 def _tiff_files(folder: Path, what: str) -> dict[str, Path]:
     """The TIFF files of a folder (or the one file given) by stem."""
     if folder.is_file():
         if not folder.name.lower().endswith(TIFF_SUFFIXES):
             raise DataError(f"{folder}: not a .tif/.tiff file; give a TIFF file or a folder of them")
-        return {_stem(folder): folder}
+        return {file_stem(folder): folder}
     if not folder.is_dir():
         raise DataError(f"{folder}: {what} folder not found")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(TIFF_SUFFIXES))
@@ -72,9 +64,9 @@ def _tiff_files(folder: Path, what: str) -> dict[str, Path]:
         raise DataError(f"{folder}: no .tif/.tiff files in the {what} folder")
     by_stem: dict[str, Path] = {}
     for p in files:
-        if _stem(p) in by_stem:
-            raise DataError(f"{p}: same name as {by_stem[_stem(p)]}; names must be unique in a folder")
-        by_stem[_stem(p)] = p
+        if file_stem(p) in by_stem:
+            raise DataError(f"{p}: same name as {by_stem[file_stem(p)]}; names must be unique in a folder")
+        by_stem[file_stem(p)] = p
     return by_stem
 
 

@@ -43,6 +43,15 @@ class TiffData:
     channel_names: list[str] | None = None
 
 
+def file_stem(path: Path) -> str:
+    """A TIFF file's name without its extension (``a.ome.tif`` -> ``a``): how files pair and are named."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
 def _metadata_axes(tif) -> str | None:
     """Axes recorded by OME or ImageJ metadata (others are tifffile's guesses and not trusted)."""
     if tif.is_ome or tif.is_imagej:

@@ -39,8 +39,6 @@ class MaskedMSELoss(nn.Module):
     bioflow_targets = ("masked_image",)
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        from bioflow.transforms.n2v import masked_mse
-
         channels = prediction.shape[1]
         return masked_mse(prediction, target[:, :channels], target[:, channels:] > 0.5)
 
@@ -50,3 +48,33 @@ class MaskedMSELoss(nn.Module):
         shape = (2, 1) + (16,) * spatial_dims
         mask = (torch.rand(shape, generator=g) < 0.1).float()
         return torch.randn(shape, generator=g), torch.cat([torch.randn(shape, generator=g), mask], dim=1)
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked pixels only (the Noise2Void loss).
+
+    Parameters
+    ----------
+    prediction
+        Network output, same shape as ``target``.
+    target
+        Original (unmasked) noisy batch.
+    mask
+        Boolean tensor of the same shape, True at the blind spots.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar ``sum(mask * (prediction - target)**2) / sum(mask)``; 0 (still attached to the
+        graph of ``prediction``) when the mask is empty.
+    """
+    if prediction.shape != target.shape or mask.shape != target.shape:
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)}, target {tuple(target.shape)} and mask "
+            f"{tuple(mask.shape)} must have the same shape"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    squared = torch.where(mask, (prediction - target).square(), 0.0)
+    # clamping the count keeps an empty mask at 0 without a data-dependent branch (no device sync)
+    return squared.sum() / mask.sum().clamp(min=1)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-IGNORE_INDEX = -1
+from bioflow.conventions import IGNORE_INDEX
 
 
 class CrossEntropyLoss(nn.Module):

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from bioflow.losses.segmentation import IGNORE_INDEX
+from bioflow.conventions import IGNORE_INDEX
 
 
 def scores_from_confusion(confusion: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -12,9 +12,9 @@ from torch.nn import functional as F
 class StarDistLoss(nn.Module):
     """``prob_weight * BCE(prob) + dist_weight * weighted MAE(distances) + background_reg * |d| off objects``.
 
-    Predictions are ``(N, 1 + R, H, W)``: a probability logit and R distances. Targets are
-    ``(N, 2 + R, H, W)``: the object probability ``p``, R distances, and a validity mask (0 where
-    the patch was padded or the labels are unknown).
+    Predictions are ``(N, 1 + R, *spatial)`` (2D or 3D): a probability logit and R distances.
+    Targets are ``(N, 2 + R, *spatial)``: the object probability ``p``, R distances, and a validity
+    mask (0 where the patch was padded or the labels are unknown).
 
     * probability: mean binary cross-entropy over the valid pixels;
     * distances: ``sum(p * |d - d*|) / (R * sum(p))`` with ``dist_norm="prob"`` (the reference
@@ -34,7 +34,7 @@ class StarDistLoss(nn.Module):
         Weight of the background term (0: off).
     """
 
-    bioflow_spatial_dims = (2,)
+    bioflow_spatial_dims = (2, 3)
     bioflow_targets = ("stardist",)
 
     def __init__(self, prob_weight: float = 1.0, dist_weight: float = 0.2,
@@ -67,9 +67,10 @@ class StarDistLoss(nn.Module):
 
     @staticmethod
     def example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A prediction and a target of the right shapes (2D; StarDist is 2D)."""
+        """A prediction and a target of the right shapes (8 rays)."""
         g = torch.Generator().manual_seed(0)
-        prediction = torch.randn(2, 9, 12, 12, generator=g)
-        target = torch.cat([torch.rand(2, 1, 12, 12, generator=g), 5 * torch.rand(2, 8, 12, 12, generator=g),
-                            torch.ones(2, 1, 12, 12)], dim=1)
+        spatial = (12,) * spatial_dims
+        prediction = torch.randn(2, 9, *spatial, generator=g)
+        target = torch.cat([torch.rand(2, 1, *spatial, generator=g), 5 * torch.rand(2, 8, *spatial, generator=g),
+                            torch.ones(2, 1, *spatial)], dim=1)
         return prediction, target

@@ -1,4 +1,5 @@
-"""The StarDist network: any registered backbone plus a head for object probability and ray distances."""
+"""The StarDist network (2D and 3D): any registered backbone plus a head for object probability and
+ray distances; the dimensionality is the grid's length."""
 
 from __future__ import annotations
 
@@ -24,20 +25,27 @@ def grid_stages(grid: Sequence[int]) -> list[tuple[int, ...]]:
     return stages
 
 
+def _layers(dims: int):
+    if dims not in (2, 3):
+        raise ValueError(f"StarDist networks are 2D or 3D; a grid of {dims} values was given")
+    return (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d) if dims == 2 else (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d)
+
+
 class GridStem(nn.Sequential):
-    """Full resolution to the output grid before the backbone: per stage, two 3×3 convolutions
-    with ReLU and a max-pooling by the stage's factors.
+    """Full resolution to the output grid before the backbone: per stage, two 3×3 (3×3×3)
+    convolutions with ReLU and a max-pooling by the stage's factors.
 
     With ``grid = (2, 2)`` the backbone then works on a quarter of the pixels, which is where most
     of a StarDist network's cost lies; the objects are still covered by several grid points each.
     """
 
     def __init__(self, in_channels: int, channels: int, grid: Sequence[int]) -> None:
+        conv, max_pool, _ = _layers(len(grid))
         layers: list[nn.Module] = []
         self.stages = grid_stages(grid)
         for factors in self.stages:
-            layers += [nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU(inplace=True),
-                       nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(factors)]
+            layers += [conv(in_channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+                       conv(channels, channels, 3, padding=1), nn.ReLU(inplace=True), max_pool(factors)]
             in_channels = channels
         super().__init__(*layers)
 
@@ -54,7 +62,7 @@ class StarDistNet(nn.Module):
     Parameters
     ----------
     backbone
-        A network mapping ``(N, C, H, W)`` to ``(N, features, H, W)`` (e.g. a U-Net from the
+        A network mapping ``(N, C, *spatial)`` to ``(N, features, *spatial)`` (e.g. a U-Net from the
         registry built with ``out_channels = features``). With a ``stem`` its input channels are
         the stem's, otherwise the image's.
     features
@@ -62,7 +70,8 @@ class StarDistNet(nn.Module):
     n_rays
         Number of ray distances predicted per pixel.
     grid
-        Output subsampling ``(gy, gx)``: the head predicts for pixels ``(i * gy, j * gx)``.
+        Output subsampling ``(gy, gx)`` (2D) or ``(gz, gy, gx)`` (3D): the head predicts for pixels
+        ``(i * gy, j * gx)``.
     head_features
         Channels of the 3×3 convolution (with ReLU) between backbone and outputs (0: none).
     stem
@@ -70,7 +79,7 @@ class StarDistNet(nn.Module):
         the grid's resolution); without one the backbone runs at full resolution and its output
         and the head's features are average-pooled to the grid.
 
-    The output is ``(N, 1 + n_rays, H / gy, W / gx)``: channel 0 is the object probability as a
+    The output is ``(N, 1 + n_rays, H / gy, W / gx)`` (likewise in 3D): channel 0 is the object probability as a
     logit (a sigmoid gives the probability), channels 1.. are distances in full-resolution pixels.
     """
 
@@ -81,15 +90,16 @@ class StarDistNet(nn.Module):
         self.backbone = backbone
         self.grid = tuple(int(g) for g in grid)
         self.n_rays = n_rays
+        conv, _, avg_pool = _layers(len(self.grid))
         pooled = stem is None and any(g > 1 for g in self.grid)
-        self.pool = nn.AvgPool2d(self.grid) if pooled else nn.Identity()
+        self.pool = avg_pool(self.grid) if pooled else nn.Identity()
         if head_features:
-            self.features = nn.Sequential(nn.Conv2d(features, head_features, 3, padding=1), nn.ReLU(inplace=True))
+            self.features = nn.Sequential(conv(features, head_features, 3, padding=1), nn.ReLU(inplace=True))
         else:
             self.features = nn.Identity()
         width = head_features or features
-        self.prob = nn.Conv2d(width, 1, 1)
-        self.dist = nn.Conv2d(width, n_rays, 1)
+        self.prob = conv(width, 1, 1)
+        self.dist = conv(width, n_rays, 1)
 
     @property
     def size_multiple(self) -> int:

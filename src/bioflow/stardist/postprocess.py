@@ -1,4 +1,5 @@
-"""StarDist's post-processor: candidates above a probability threshold, polygon NMS, rendering."""
+"""StarDist's post-processors: candidates above a probability threshold, NMS of polygons (2D) or
+polyhedra (3D), rendering to labels."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from bioflow.stardist.nms import instances_from_prediction
+from bioflow.stardist.nms import instances_from_prediction, non_maximum_suppression
+from bioflow.stardist.nms3d import instances_from_prediction_3d, non_maximum_suppression_3d
+from bioflow.stardist.polygons import polygons_to_labels
+from bioflow.stardist.polyhedra import polyhedra_to_labels
+from bioflow.stardist.rays3d import golden_spiral_rays
 
 
 class StarDistNMS:
@@ -45,6 +50,14 @@ class StarDistNMS:
         )
         return labels.cpu().numpy()
 
+    def from_candidates(self, points: torch.Tensor, dists: torch.Tensor, probs: torch.Tensor) -> np.ndarray:
+        """The label image from sparse candidates (full-resolution centres ``(K, 2)``, distances
+        ``(K, R)``, probabilities ``(K,)``), e.g. those of every tile of a large image at once."""
+        if self.shape is None:
+            raise ValueError("from_candidates needs the label image's shape")
+        kept = non_maximum_suppression(points, dists, probs, self.prob_thresh, self.nms_thresh, self.criterion)
+        return polygons_to_labels(points[kept], dists[kept], probs[kept], self.shape).cpu().numpy()
+
     @staticmethod
     def example_input(spatial_dims: int) -> np.ndarray:
         """Exact targets of two discs (probability and 16 distances), for contract checks (2D only)."""
@@ -55,3 +68,63 @@ class StarDistNMS:
         labels[(yy - 28) ** 2 + (xx - 27) ** 2 < 64] = 2
         dists = star_distances(labels, 16)
         return np.concatenate([object_probabilities(labels)[None], np.moveaxis(dists, -1, 0)]).astype(np.float32)
+
+
+class StarDistNMS3D:
+    """Label volume from a StarDist 3D prediction ``(1 + R, Z', Y', X')`` (probability, then distances).
+
+    Parameters
+    ----------
+    prob_thresh, nms_thresh, criterion
+        As for :class:`StarDistNMS` (overlaps of polyhedra, by volume).
+    n_rays
+        Number of rays (golden-spiral directions, as the model was trained with).
+    anisotropy
+        ``(a_z, a_y, a_x)`` the rays were made for (None: isotropic).
+    grid
+        Subsampling ``(gz, gy, gx)`` of the prediction.
+    shape
+        Full-resolution shape of the label volume (default ``Z' gz, Y' gy, X' gx``).
+    """
+
+    bioflow_spatial_dims = (3,)
+
+    def __init__(self, prob_thresh: float = 0.5, nms_thresh: float = 0.4, criterion: Literal["min_area", "iou"] = "min_area",
+                 n_rays: int = 32, anisotropy: Sequence[float] | None = None, grid: Sequence[int] = (1, 1, 1),
+                 shape: Sequence[int] | None = None) -> None:
+        self.prob_thresh = prob_thresh
+        self.nms_thresh = nms_thresh
+        self.criterion = criterion
+        self.rays = golden_spiral_rays(int(n_rays), anisotropy=None if anisotropy is None else list(anisotropy))
+        self.grid = tuple(int(g) for g in grid)
+        self.shape = None if shape is None else tuple(int(s) for s in shape)
+
+    def __call__(self, output: np.ndarray | torch.Tensor) -> np.ndarray:
+        output = torch.as_tensor(np.asarray(output) if not isinstance(output, torch.Tensor) else output)
+        if output.ndim != 4 or output.shape[0] != len(self.rays) + 1:
+            raise ValueError(f"expected a prediction (1 + {len(self.rays)}, Z, Y, X), got {tuple(output.shape)}")
+        prob, dists = output[0], output[1:].clamp(min=0).permute(1, 2, 3, 0)
+        labels, _ = instances_from_prediction_3d(
+            prob, dists, self.rays, self.prob_thresh, self.nms_thresh, self.grid, self.shape, self.criterion,
+        )
+        return labels.cpu().numpy()
+
+    def from_candidates(self, points: torch.Tensor, dists: torch.Tensor, probs: torch.Tensor) -> np.ndarray:
+        """The label volume from sparse candidates (full-resolution centres ``(K, 3)``, distances
+        ``(K, R)``, probabilities ``(K,)``), e.g. those of every tile of a large stack at once."""
+        if self.shape is None:
+            raise ValueError("from_candidates needs the label volume's shape")
+        kept = non_maximum_suppression_3d(points, dists, probs, self.rays, self.prob_thresh, self.nms_thresh,
+                                          self.criterion)
+        return polyhedra_to_labels(points[kept], dists[kept], probs[kept], self.shape, self.rays).cpu().numpy()
+
+    @staticmethod
+    def example_input(spatial_dims: int) -> np.ndarray:
+        """Exact targets of two balls (probability and 32 distances), for contract checks."""
+        from bioflow.stardist.targets3d import object_probabilities_3d, star_distances_3d
+
+        zz, yy, xx = np.mgrid[:24, :32, :32]
+        labels = ((zz - 8) ** 2 + (yy - 10) ** 2 + (xx - 10) ** 2 < 36).astype(np.int64)
+        labels[(zz - 15) ** 2 + (yy - 21) ** 2 + (xx - 22) ** 2 < 49] = 2
+        dists = star_distances_3d(labels, golden_spiral_rays(32))
+        return np.concatenate([object_probabilities_3d(labels)[None], np.moveaxis(dists, -1, 0)]).astype(np.float32)

@@ -1,23 +1,40 @@
-"""Tasks: one LightningModule per kind of bioimage analysis, looked up by the ``task.name`` setting."""
+"""Tasks: one LightningModule per kind of analysis, a registry kind (``bioflow.tasks``) like any other.
+
+A task's settings are the keyword arguments of its constructor; the ``task`` config section names
+the task (``name``) and gives them.
+"""
 
 from __future__ import annotations
 
-import importlib
+import inspect
+from typing import Any, Mapping
 
-from bioflow.errors import ConfigError, did_you_mean
+from bioflow.config import component
+from bioflow.registry import registry
 
-#: Task name -> "module:class"; imported on first use.
-TASKS: dict[str, str] = {
-    "segmentation": "bioflow.tasks.segmentation:SegmentationTask",
-    "stardist": "bioflow.tasks.stardist:StarDistTask",
-    "care": "bioflow.tasks.restoration:CARETask",
-    "n2v": "bioflow.tasks.restoration:N2VTask",
-}
+#: Constructor arguments every task takes before its settings.
+CONTEXT_ARGUMENTS = frozenset({"config", "data_info", "inference"})
 
 
 def get_task(name: str):
-    """The task class called ``name``."""
-    if name not in TASKS:
-        raise ConfigError(f"task.name: unknown task '{name}'{did_you_mean(name, TASKS)} (tasks: {', '.join(TASKS)})")
-    module, _, cls = TASKS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    """The task class registered as ``name`` (a one-line error with close names if none is)."""
+    return registry.load("tasks", name)
+
+
+def default_settings(task_cls) -> dict[str, Any]:
+    """The task's settings with their defaults (from its constructor's signature)."""
+    parameters = inspect.signature(task_cls.__init__).parameters.values()
+    return {p.name: p.default for p in parameters if p.name not in CONTEXT_ARGUMENTS and p.name != "self"
+            and p.default is not inspect.Parameter.empty}
+
+
+def settings_of(task_cls, section: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a ``task`` config section gives, the task's defaults filled in."""
+    return {**default_settings(task_cls), **component(section)[1]}
+
+
+def create_task(config: Mapping[str, Any], data_info: Mapping[str, Any], inference: bool = False):
+    """The task of ``config`` (its ``task`` section) for data described by ``data_info``."""
+    name, settings = component(config["task"])
+    return registry.create("tasks", name, where="task", config=config, data_info=dict(data_info), inference=inference,
+                           **settings)

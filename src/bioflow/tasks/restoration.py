@@ -10,7 +10,7 @@ as the target's maximum minus minimum.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -61,15 +61,12 @@ class RestorationTask(BaseTask):
     """What CARE and Noise2Void share: image outputs, quality metrics, prediction of float images."""
 
     headline_metrics: ClassVar[tuple[str, ...]] = ("test/psnr", "test/ssim")
-    settings: ClassVar[dict[str, Any]] = {
-        "data_range": None,
-        "monitor": "val/loss",
-        "monitor_mode": "min",
-    }
     caveat: ClassVar[str] = ""
     loss_targets: ClassVar[str] = "image"
 
-    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False) -> None:
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,
+                 data_range: Optional[float] = None, monitor: str = "val/loss",
+                 monitor_mode: Literal["max", "min"] = "min") -> None:
         super().__init__(config, data_info, inference)
         self.quality = torch.nn.ModuleDict({stage: _ImageQuality() for stage in ("val", "test")})
 
@@ -106,9 +103,6 @@ class RestorationTask(BaseTask):
         if self.quality[stage].psnr.update_count:
             self.log_scores(stage, self.quality[stage].compute())
         self.quality[stage].reset()
-
-    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
-        return output
 
     # -- prediction ---------------------------------------------------------------------------------
     def prediction_outputs(self) -> list[OutputSpec]:
@@ -149,7 +143,7 @@ class CARETask(RestorationTask):
         "raw data before quantifying"
     )
 
-    def _evaluate_step(self, batch: dict[str, Any], stage: str) -> None:
+    def evaluate_image(self, stage: str, batch: dict[str, Any]) -> None:
         image, target, norm = batch["image"][0], batch["target"][0], batch["norm"][0]
         output = self.predict_image(image)
         self.mean_loss[stage].update(self.loss_fn(output[None], target[None]))
@@ -174,8 +168,10 @@ class N2VTask(RestorationTask):
         "(e.g. stripes, scan lines, camera patterns) stays and can leave artefacts (try structN2V)"
     )
 
-    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False) -> None:
-        super().__init__(config, data_info, inference)
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,
+                 data_range: Optional[float] = None, monitor: str = "val/loss",
+                 monitor_mode: Literal["max", "min"] = "min") -> None:
+        super().__init__(config, data_info, inference, data_range=data_range, monitor=monitor, monitor_mode=monitor_mode)
         node = config.get("batch_transform")
         if node is None:
             raise ConfigError("batch_transform: Noise2Void needs a blind-spot batch transform, e.g. batch_transform=n2v")
@@ -196,16 +192,13 @@ class N2VTask(RestorationTask):
         super().on_validation_epoch_start()
         self._generators.pop("val", None)  # the same validation masks every epoch
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_pair(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blind-spot masked patches, and the original values with the mask as the target."""
         image = batch["image"]
         masked, mask = self.masking(image, generator=self._generator("train"))
-        loss = self.loss_fn(self(masked), torch.cat([image, mask.to(image.dtype)], dim=1))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}; lower optimizer.lr")
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=image.shape[0])
-        return loss
+        return masked, torch.cat([image, mask.to(image.dtype)], dim=1)
 
-    def _evaluate_step(self, batch: dict[str, Any], stage: str) -> None:
+    def evaluate_image(self, stage: str, batch: dict[str, Any]) -> None:
         image, norm = batch["image"][0], batch["norm"][0]
         masked, mask = self.masking(image[None], generator=self._generator("val"))
         blind = self.predict_image(masked[0])

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Literal, Mapping, Optional
 
 import numpy as np
 import torch
 
+from bioflow.config import component, section
 from bioflow.errors import ConfigError
 from bioflow.inference.outputs import OutputSpec, PredictionSession, SpooledArray
-from bioflow.losses.segmentation import IGNORE_INDEX
+from bioflow.conventions import IGNORE_INDEX
 from bioflow.metrics.segmentation import SegmentationScores
+from bioflow.registry import registry
 from bioflow.tasks.base import BaseTask
 
 
@@ -34,33 +36,28 @@ def labels_to_classes(target: np.ndarray, mode: str, num_classes: int) -> np.nda
 
 
 class SegmentationTask(BaseTask):
-    """U-Net-style semantic segmentation with Dice and IoU per class.
+    """Semantic segmentation (U-Net style): a class for every pixel, Dice and IoU per class.
 
-    Settings (``task`` section): ``target`` (``binary`` or ``classes``), ``num_classes``,
-    ``class_names``, ``monitor`` and ``monitor_mode`` (the validation score that picks the best
-    checkpoint).
+    Settings: ``target`` (``binary``: every label > 0 is foreground; ``classes``: mask values are
+    class indices), ``num_classes``, ``class_names``, ``monitor`` and ``monitor_mode`` (the
+    validation score that picks the best checkpoint). A ``postprocessor`` (e.g.
+    ``connected_components``) turns the class map into instances at prediction time.
     """
 
     target_kind: ClassVar[str] = "mask"
     uses: ClassVar[tuple[str, ...]] = ("postprocessor",)
     headline_metrics: ClassVar[tuple[str, ...]] = ("test/dice_fg_mean", "test/iou_fg_mean")
-    settings: ClassVar[dict[str, Any]] = {
-        "target": "binary",
-        "num_classes": 2,
-        "class_names": None,
-        "monitor": "val/dice_fg_mean",
-        "monitor_mode": "max",
-    }
 
-    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False) -> None:
-        super().__init__(config, data_info, inference)
-        settings = self.task_settings
-        if settings["target"] == "binary" and settings["num_classes"] != 2:
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,
+                 target: Literal["binary", "classes"] = "binary", num_classes: int = 2,
+                 class_names: Optional[list[str]] = None, monitor: str = "val/dice_fg_mean",
+                 monitor_mode: Literal["max", "min"] = "max") -> None:
+        if target == "binary" and num_classes != 2:
             raise ConfigError("task.num_classes: binary targets have exactly 2 classes")
-        names = settings["class_names"]
+        super().__init__(config, data_info, inference)
         self.postprocessor = self.build_postprocessor()
         self.metrics = torch.nn.ModuleDict(
-            {stage: SegmentationScores(settings["num_classes"], names) for stage in ("val", "test")}
+            {stage: SegmentationScores(num_classes, class_names) for stage in ("val", "test")}
         )
 
     @classmethod
@@ -70,8 +67,37 @@ class SegmentationTask(BaseTask):
     def out_channels(self) -> int:
         return int(self.task_settings["num_classes"])
 
-    def postprocess(self, output: torch.Tensor) -> torch.Tensor:
+    def build_postprocessor(self):
+        """The configured post-processor (``postprocessor`` section), or None."""
+        node = section(self.config, "postprocessor")
+        if node is None:
+            return None
+        name, kwargs = component(node)
+        return registry.create("postprocessors", name, where="postprocessor", **kwargs)
+
+    def decode(self, output: torch.Tensor) -> torch.Tensor:
         return output.argmax(dim=0)
+
+    def evaluate_image(self, stage: str, batch: dict[str, Any]) -> None:
+        image, target = batch["image"][0], batch["target"][0]
+        output = self.predict_image(image)
+        self.mean_loss[stage].update(self.loss_fn(output[None], self.loss_target(target[None])))
+        prediction = self.decode(output)
+        self.metrics[stage].update(prediction[None], target[None])
+        if self.wants_figure_sample(stage):
+            self.collect_figure_sample(stage, batch, image, target, prediction, self.image_scores(prediction, target))
+
+    def log_metrics(self, stage: str) -> None:
+        self.log_scores(stage, self.metrics[stage].compute())
+        self.metrics[stage].reset()
+
+    @staticmethod
+    def image_scores(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """Dice of the foreground (all classes but background) of one image."""
+        valid = target != IGNORE_INDEX
+        pred, true = (prediction > 0) & valid, (target > 0) & valid
+        total = int(pred.sum() + true.sum())
+        return {"Dice": 2.0 * int((pred & true).sum()) / total if total else 1.0}
 
     def prediction_outputs(self) -> list[OutputSpec]:
         classes = self.out_channels()
@@ -82,20 +108,6 @@ class SegmentationTask(BaseTask):
 
     def prediction_session(self, shape, workdir=None) -> PredictionSession:
         return _SegmentationSession(self, shape, workdir)
-
-    def update_metrics(self, stage: str, prediction: torch.Tensor, target: torch.Tensor) -> None:
-        self.metrics[stage].update(prediction[None], target[None])
-
-    def log_metrics(self, stage: str) -> None:
-        self.log_scores(stage, self.metrics[stage].compute())
-        self.metrics[stage].reset()
-
-    def image_scores(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        """Dice of the foreground (all classes but background) of one image."""
-        valid = target != IGNORE_INDEX
-        pred, true = (prediction > 0) & valid, (target > 0) & valid
-        total = int(pred.sum() + true.sum())
-        return {"Dice": 2.0 * int((pred & true).sum()) / total if total else 1.0}
 
 
 class _SegmentationSession(PredictionSession):

@@ -15,7 +15,7 @@ in the model.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +26,6 @@ from bioflow.metrics.instance import InstanceMatchingMetric
 from bioflow.metrics.matching import DEFAULT_THRESHOLDS, match_dataset, match_instances
 from bioflow.registry import registry
 from bioflow.stardist.model import GridStem, StarDistNet
-from bioflow.stardist.nms import non_maximum_suppression
-from bioflow.stardist.polygons import polygons_to_labels
 from bioflow.stardist.targets import object_probabilities, star_distances_batch
 from bioflow.tasks.base import BaseTask
 
@@ -57,53 +55,51 @@ class StarDistTask(BaseTask):
 
     target_kind: ClassVar[str] = "mask"
     loss_targets: ClassVar[str] = "stardist"
-    headline_metrics: ClassVar[tuple[str, ...]] = ("test/accuracy_0.5", "test/accuracy_0.7", "test/f1_0.5", "test/panoptic_quality_0.5")
-    settings: ClassVar[dict[str, Any]] = {
-        "n_rays": 32,
-        "grid": [2, 2],
-        "pool_first": True,
-        "stem_channels": 32,
-        "features": 32,
-        "head_features": 128,
-        "prob_thresh": 0.5,
-        "nms_thresh": 0.4,
-        "criterion": "min_area",
-        "optimize_thresholds": True,
-        "monitor": "val/mean_accuracy",
-        "monitor_mode": "max",
-    }
+    #: The data this task takes (2D images; :class:`~bioflow.tasks.stardist3d.StarDist3DTask` takes volumes).
+    bioflow_spatial_dims: ClassVar[tuple[int, ...]] = (2,)
+    #: The registered post-processor that turns predictions into labels.
+    postprocessor_name: ClassVar[str] = "stardist_nms"
+    headline_metrics: ClassVar[tuple[str, ...]] = ("test/accuracy_0.5", "test/accuracy_0.7", "test/f1_0.5",
+                                                   "test/panoptic_quality_0.5")
     #: Values of settings added later, for models saved before they existed (the network then
     #: is rebuilt as it was trained).
     legacy_settings: ClassVar[dict[str, Any]] = {"pool_first": False, "head_features": 32}
 
-    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False) -> None:
-        if data_info["spatial_dims"] != 2:
-            raise ConfigError("task: StarDist in bioflow is 2D; the data are 3D (use the segmentation task)")
-        super().__init__(config, data_info, inference)
-        s = self.task_settings
-        if s["criterion"] not in ("min_area", "iou"):
-            raise ConfigError(f"task.criterion: 'min_area' or 'iou', got {s['criterion']!r}")
-        check_range("task.prob_thresh", s["prob_thresh"], low=0.0, high=1.0, low_open=True, high_open=True,
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,
+                 n_rays: int = 32, grid: Sequence[int] = (2, 2), pool_first: bool = True, stem_channels: int = 32,
+                 features: int = 32, head_features: int = 128, prob_thresh: float = 0.5, nms_thresh: float = 0.4,
+                 criterion: Literal["min_area", "iou"] = "min_area", optimize_thresholds: bool = True,
+                 monitor: str = "val/mean_accuracy", monitor_mode: Literal["max", "min"] = "max") -> None:
+        self.check_dimensions(data_info, grid)
+        check_range("task.prob_thresh", prob_thresh, low=0.0, high=1.0, low_open=True, high_open=True,
                     allowed="a probability in (0, 1)")
-        check_range("task.nms_thresh", s["nms_thresh"], low=0.0, high=1.0, allowed="an overlap in [0, 1]")
-        check_range("task.n_rays", s["n_rays"], low=3, allowed="a number of rays >= 3")
-        for key in ("features", "stem_channels"):
-            check_range(f"task.{key}", s[key], low=1, allowed="a number of channels >= 1")
-        check_range("task.head_features", s["head_features"], low=0, allowed="a number of channels >= 0 (0: no head convolution)")
+        check_range("task.nms_thresh", nms_thresh, low=0.0, high=1.0, allowed="an overlap in [0, 1]")
+        check_range("task.n_rays", n_rays, low=3, allowed="a number of rays >= 3")
+        for key, value in (("features", features), ("stem_channels", stem_channels)):
+            check_range(f"task.{key}", value, low=1, allowed="a number of channels >= 1")
+        check_range("task.head_features", head_features, low=0, allowed="a number of channels >= 0 (0: no head convolution)")
+        super().__init__(config, data_info, inference)
         # Thresholds live in the state dict, so the optimised values travel with the checkpoint.
-        self.register_buffer("thresholds", torch.tensor([float(s["prob_thresh"]), float(s["nms_thresh"])]))
+        self.register_buffer("thresholds", torch.tensor([float(prob_thresh), float(nms_thresh)]))
         self.metrics = torch.nn.ModuleDict({
             "val": InstanceMatchingMetric(SELECTION_TAUS),
             "test": InstanceMatchingMetric(DEFAULT_THRESHOLDS),
         })
 
+    @classmethod
+    def check_dimensions(cls, data_info: Mapping[str, Any], grid: Sequence[int]) -> None:
+        dims = cls.bioflow_spatial_dims[0]
+        if data_info["spatial_dims"] != dims:
+            other = "task=stardist3d" if dims == 2 else "task=stardist"
+            raise ConfigError(f"task: this StarDist task is {dims}D and the data are {data_info['spatial_dims']}D "
+                              f"(use {other})")
+        if len(grid) != dims or min(int(g) for g in grid) < 1:
+            raise ConfigError(f"task.grid: {dims} positive integers, got {list(grid)}")
+
     # -- network ------------------------------------------------------------------------------
     @property
-    def grid(self) -> tuple[int, int]:
-        grid = tuple(int(g) for g in self.task_settings["grid"])
-        if len(grid) != 2 or min(grid) < 1:
-            raise ConfigError(f"task.grid: two positive integers, got {self.task_settings['grid']}")
-        return grid  # type: ignore[return-value]
+    def grid(self) -> tuple[int, ...]:
+        return tuple(int(g) for g in self.task_settings["grid"])  # type: ignore[return-value]
 
     @property
     def n_rays(self) -> int:
@@ -112,13 +108,13 @@ class StarDistTask(BaseTask):
     def out_channels(self) -> int:
         return int(self.task_settings["features"])
 
-    def build_network(self) -> torch.nn.Module:
+    def build_model(self) -> torch.nn.Module:
         s = self.task_settings
         stem = None
         if s["pool_first"] and any(g > 1 for g in self.grid):
             stem = GridStem(self.data_info.in_channels, int(s["stem_channels"]), self.grid)
         in_channels = int(s["stem_channels"]) if stem is not None else self.data_info.in_channels
-        backbone = self.build_architecture(in_channels, self.out_channels())
+        backbone = super().build_model(in_channels, self.out_channels())
         return StarDistNet(backbone, self.out_channels(), self.n_rays, self.grid, int(s["head_features"]), stem)
 
     def output_stride(self) -> tuple[int, ...]:
@@ -135,14 +131,18 @@ class StarDistTask(BaseTask):
         return torch.cat([prob[:, None], dists, valid[:, None].to(dists.dtype)], dim=1)
 
     # -- predictions -------------------------------------------------------------------------------
+    def nms_arguments(self) -> dict[str, Any]:
+        """Arguments of the post-processor besides thresholds, grid and shape."""
+        return {}
+
     def nms(self, shape: Sequence[int] | None = None, prob_thresh: float | None = None, nms_thresh: float | None = None):
-        """The registered ``stardist_nms`` post-processor with this model's thresholds."""
+        """The registered post-processor (``stardist_nms``) with this model's thresholds."""
         return registry.create(
-            "postprocessors", "stardist_nms", where="task",
+            "postprocessors", self.postprocessor_name, where="task",
             prob_thresh=float(self.thresholds[0]) if prob_thresh is None else prob_thresh,
             nms_thresh=float(self.thresholds[1]) if nms_thresh is None else nms_thresh,
             criterion=self.task_settings["criterion"], grid=list(self.grid),
-            shape=None if shape is None else list(shape),
+            shape=None if shape is None else list(shape), **self.nms_arguments(),
         )
 
     @staticmethod
@@ -150,15 +150,15 @@ class StarDistTask(BaseTask):
         """Raw output -> (probability, non-negative distances)."""
         return torch.cat([torch.sigmoid(output[:1]), output[1:].clamp(min=0)])
 
-    def postprocess(self, output: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
-        labels = self.nms(shape)(self.activate(output).detach().cpu())
-        return torch.from_numpy(labels)
+    def decode(self, output: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """The label image of one raw output, by the ``stardist_nms`` post-processor."""
+        return torch.from_numpy(self.nms(shape)(self.activate(output).detach().cpu()))
 
-    def _evaluate_step(self, batch: dict[str, Any], stage: str) -> None:
+    def evaluate_image(self, stage: str, batch: dict[str, Any]) -> None:
         image, labels = batch["image"][0], batch["target"][0]
         output = self.predict_image(image)
         self.mean_loss[stage].update(self.loss_fn(output[None], self.loss_target(labels[None])))
-        prediction = self.postprocess(output, labels.shape)
+        prediction = self.decode(output, labels.shape)
         self.metrics[stage].update(labels.cpu().numpy(), prediction.numpy())
         if self.wants_figure_sample(stage):
             stats = match_instances(labels.cpu().numpy(), prediction.numpy(), [0.5])[0.5]
@@ -261,20 +261,23 @@ class _StarDistSession(PredictionSession):
         self.dists: list[torch.Tensor] = []
 
     def block(self, start: int, raw: torch.Tensor) -> dict[str, np.ndarray]:
-        gy, gx = self.task.grid
+        """Candidates of one strip (``start``: its first row, or plane in 3D, on the output grid)."""
         act = self.task.activate(raw)
-        rows, cols = torch.nonzero(act[0] > float(self.task.thresholds[0]), as_tuple=True)
-        self.points.append(torch.stack([(rows + start) * gy, cols * gx], dim=1).cpu())
-        self.probs.append(act[0, rows, cols].cpu())
-        self.dists.append(act[1:, rows, cols].T.cpu())
+        where = torch.nonzero(act[0] > float(self.task.thresholds[0]))
+        index = tuple(where.T)
+        offset = torch.zeros(where.shape[1], dtype=where.dtype, device=where.device)
+        offset[0] = start
+        step = torch.tensor(self.task.grid, dtype=where.dtype, device=where.device)
+        self.points.append(((where + offset) * step).cpu())
+        self.probs.append(act[0][index].cpu())
+        self.dists.append(act[1:][(slice(None), *index)].T.cpu())
         return {}
 
     def finish(self) -> dict[str, np.ndarray]:
+        if not self.points:  # nothing predicted (an image of no rows)
+            return {"labels": np.zeros(self.shape, np.int32)}
         points, probs, dists = torch.cat(self.points), torch.cat(self.probs), torch.cat(self.dists)
-        prob_thresh, nms_thresh = (float(t) for t in self.task.thresholds)
-        kept = non_maximum_suppression(points, dists, probs, prob_thresh, nms_thresh, self.task.task_settings["criterion"])
-        labels = polygons_to_labels(points[kept], dists[kept], probs[kept], self.shape)
-        return {"labels": labels.numpy()}
+        return {"labels": self.task.nms(self.shape).from_candidates(points, dists, probs)}
 
 
 def _ray_permutation_map(n_rays: int):

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("bioimageio.core")
 
 from bioflow.cli import main  # noqa: E402
-from bioflow.inference.bioimageio import is_package  # noqa: E402
+from bioflow.bioimageio.runtime import is_package  # noqa: E402
 
 NET = '''
 import torch

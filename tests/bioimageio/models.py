@@ -47,13 +47,13 @@ def _spread_stardist_head(checkpoint: dict) -> None:
     """Rescale the head of a random StarDist network so that its probabilities spread over (0, 1)
     and its distances are a few pixels, as a trained model's are: candidates then have distinct
     scores and polygons of several pixels (random weights give near-constant output)."""
-    from bioflow.checkpoint import task_from_checkpoint
+    from bioflow.loading import task_from_checkpoint
 
     task = task_from_checkpoint(checkpoint, "model")
     image = nuclei((96, 96), seed=1)
     x = torch.from_numpy(task.normalizer().norm_for(image[None])(image[None]))[None]
     with torch.no_grad():
-        out = task.net(x)
+        out = task.model(x)
     state = checkpoint["state_dict"]
     for head, channels, spread, centre in (("prob", out[:, :1], 3.0, 0.0), ("dist", out[:, 1:], 1.5, 4.0)):
         mean = channels.mean(dim=(0, 2, 3))

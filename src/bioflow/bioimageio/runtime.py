@@ -679,12 +679,12 @@ def evaluation_model(model: str):
     """A bioflow task whose network is the package's (run by bioimageio.core), for ``bioflow evaluate``.
 
     The task, its metrics and its data come from ``config.bioflow`` (packages bioflow wrote); the data
-    are read and normalised as in training. Returns a :class:`bioflow.checkpoint.LoadedModel`.
+    are read and normalised as in training. Returns a :class:`bioflow.loading.LoadedModel`.
     """
     import torch
 
-    from bioflow.checkpoint import LoadedModel
-    from bioflow.tasks import get_task
+    from bioflow.loading import LoadedModel
+    from bioflow.tasks import create_task
 
     descr = open_package(model)
     section = bioflow_section(descr)
@@ -697,8 +697,8 @@ def evaluation_model(model: str):
     # stand-in lets the task be built where the plugin that provided it is not installed.
     config["model"] = {"name": "unet", "depth": 0, "base_channels": 1, "norm": "none"}
     config["predict"] = {**config["predict"], "tile_size": config["predict"].get("tile_size") or [_DEFAULT_TILE[dims]]}
-    task = get_task(config["task"]["name"])(config, section["data_info"])
-    task.net = PackageNetwork(descr, model, int(section["receptive_field"]), int(section["size_multiple"]))
+    task = create_task(config, section["data_info"])
+    task.model = PackageNetwork(descr, model, int(section["receptive_field"]), int(section["size_multiple"]))
     if config["task"]["name"] == "stardist":
         task.thresholds.copy_(_StarDistSettings.of(descr, section).thresholds)
     task.eval()

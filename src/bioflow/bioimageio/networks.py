@@ -1,6 +1,6 @@
 """A trained network as files that run without bioflow: PyTorch source + state dict, TorchScript, ONNX.
 
-bioflow's U-Net (``bioflow.architectures.unet``) and StarDist network (``bioflow.stardist.model``)
+bioflow's U-Net (``bioflow.models.unet``) and StarDist network (``bioflow.stardist.model``)
 import nothing but torch, so their source files, joined into one, are the architecture of a
 ``pytorch_state_dict`` package entry: a consumer rebuilds the very same module from that file and
 loads the very same state dict. The export checks that the joined source still imports only torch
@@ -80,12 +80,12 @@ def _module_text(module: types.ModuleType) -> str:
 
 
 def torch_source(task) -> TorchSource | None:
-    """A torch-only source of ``task.net`` (bioflow's U-Net, alone or as StarDist's backbone), or None."""
-    import bioflow.architectures.unet as unet_module
+    """A torch-only source of ``task.model`` (bioflow's U-Net, alone or as StarDist's backbone), or None."""
+    import bioflow.models.unet as unet_module
     import bioflow.stardist.model as stardist_module
     from bioflow.config import component
 
-    net = task.net
+    net = task.model
     backbone = getattr(net, "backbone", None) if isinstance(net, stardist_module.StarDistNet) else net
     if type(backbone) is not unet_module.UNet:
         return None

@@ -16,13 +16,14 @@ import yaml
 
 pytest.importorskip("bioimageio.core")
 
-from bioflow.checkpoint import load_checkpoint, task_from_checkpoint  # noqa: E402
+from bioflow.checkpoint import load_checkpoint  # noqa: E402
+from bioflow.loading import task_from_checkpoint  # noqa: E402
 from bioflow.cli import main  # noqa: E402
-from bioflow.export import networks  # noqa: E402
-from bioflow.export.bioimageio import check_package  # noqa: E402
-from bioflow.inference.bioimageio import load_package  # noqa: E402
+from bioflow.bioimageio import networks  # noqa: E402
+from bioflow.bioimageio.export import check_package  # noqa: E402
+from bioflow.bioimageio.runtime import load_package  # noqa: E402
 from bioflow.prediction import predict  # noqa: E402
-from tests.export.models import data_checkpoint, nuclei  # noqa: E402
+from tests.bioimageio.models import data_checkpoint, nuclei  # noqa: E402
 
 
 def export(checkpoint: Path, out: Path, *extra: str) -> Path:

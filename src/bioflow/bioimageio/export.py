@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bioflow.errors import BioflowError
-from bioflow.inference.bioimageio import first_error, require_core
+from bioflow.bioimageio.runtime import first_error, require_core
 
 #: The papers of the methods (cited by every package of that task).
 METHOD_CITATIONS: dict[str, list[dict[str, str]]] = {
@@ -247,7 +247,7 @@ def reference_outputs(task, image: np.ndarray, lay: Layout) -> list[np.ndarray]:
 
     x = task.normalizer().norm_for(image)(image)
     with torch.no_grad():
-        raw = task.net(torch.from_numpy(x)[None]).float().numpy()
+        raw = task.model(torch.from_numpy(x)[None]).float().numpy()
     bounds = np.cumsum([0] + lay.output_channels)
     return [apply_ops(raw[:, bounds[i]:bounds[i + 1]], out.postprocessing) for i, out in enumerate(lay.outputs)]
 
@@ -423,9 +423,9 @@ def write_weights(task, folder: Path, lay: Layout, example: np.ndarray) -> tuple
     """The weights entries of the package (files written into ``folder``) and notes on them."""
     import torch
 
-    from bioflow.export import networks
+    from bioflow.bioimageio import networks
 
-    net = task.net.eval()
+    net = task.model.eval()
     weights: dict[str, Any] = {}
     notes: list[str] = []
     version = _torch_version()
@@ -519,7 +519,7 @@ def export_model(
         raise ExportError(f"{target}: is a folder")
     require_core()
     citations = [parse_cite(c) for c in cites]
-    from bioflow.checkpoint import load_model
+    from bioflow.loading import load_model
     from bioflow.tracking.store import Store
 
     store = Store.create(project_dir, tracking_uri)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from bioflow.architectures.unet import UNet
+from bioflow.models.unet import UNet
 
 OPTIONS = list(
     itertools.product(["batch", "instance", "none"], ["relu", "leaky_relu", "sigmoid", "maxout"], ["max", "avg", "blur"], ["transpose", "interpolate", "nearest"])
@@ -71,7 +71,7 @@ def test_without_the_top_skip_the_output_does_not_see_full_resolution_input_dire
 
 
 def test_max_blur_pool_blurs_before_subsampling():
-    from bioflow.architectures.unet import MaxBlurPool
+    from bioflow.models.unet import MaxBlurPool
 
     x = torch.zeros(1, 1, 8, 8)
     x[0, 0, 3, 3] = 1.0
@@ -82,7 +82,7 @@ def test_max_blur_pool_blurs_before_subsampling():
 
 
 def test_maxout_takes_the_maximum_over_pieces():
-    from bioflow.architectures.unet import Maxout
+    from bioflow.models.unet import Maxout
 
     x = torch.tensor([[1.0, 5.0, -2.0, -3.0]]).view(1, 4, 1, 1)
     assert Maxout(2)(x).flatten().tolist() == [5.0, -2.0]

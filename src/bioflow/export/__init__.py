@@ -1,1 +1,0 @@
-"""Export of trained models into exchange formats (the BioImage Model Zoo's, see :mod:`.bioimageio`)."""

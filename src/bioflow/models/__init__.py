@@ -1,0 +1,1 @@
+"""Models: the network architectures of the registry kind ``models`` (config section ``model``)."""

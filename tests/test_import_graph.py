@@ -1,0 +1,132 @@
+"""bioflow's import graph runs one way: no cycles, and no layer imports one above it.
+
+Every import statement of every module is read from the source (top level and inside functions
+alike), so a lazy import that goes upward counts as much as an eager one.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+PACKAGE = REPO / "src" / "bioflow"
+
+#: Layers from the bottom up; a module may import its own layer and the ones below.
+LAYERS = [
+    {"bioflow", "bioflow.errors", "bioflow.registry", "bioflow.arguments", "bioflow.conventions"},
+    {"bioflow.config"},
+    {"bioflow.models", "bioflow.losses", "bioflow.samplers", "bioflow.transforms", "bioflow.postprocessors",
+     "bioflow.metrics", "bioflow.stardist", "bioflow.optim"},
+    {"bioflow.data"},
+    {"bioflow.inference", "bioflow.checkpoint"},
+    {"bioflow.tasks"},
+    {"bioflow.validation", "bioflow.loading", "bioflow.tracking", "bioflow.resume"},
+    {"bioflow.training", "bioflow.prediction", "bioflow.evaluation", "bioflow.bioimageio", "bioflow.testing",
+     "bioflow.pytest_plugin"},
+    {"bioflow.api", "bioflow.cli", "bioflow.__main__"},
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, name: str) -> set[str]:
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("bioflow")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("bioflow"):
+                found.add(target)
+                found |= {f"{target}.{a.name}" for a in node.names}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py") if "configs" not in p.parts}
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in imports_of(path, name):
+            while imported and imported not in modules:  # `from bioflow.x import y` names a module or an object
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                targets.add(imported)
+        edges[name] = targets
+    # The root package is a lazy facade over bioflow.api (its __getattr__); that import happens on
+    # first attribute access, after everything below is loaded, so it is no edge of the graph.
+    edges["bioflow"] = set()
+    return edges
+
+
+def layer_of(module: str) -> int:
+    best = None
+    for index, layer in enumerate(LAYERS):
+        for prefix in layer:
+            if module == prefix or module.startswith(prefix + "."):
+                if best is None or len(prefix) > best[1]:
+                    best = (index, len(prefix))
+    assert best is not None, f"{module} is in no layer: add it to LAYERS"
+    return best[0]
+
+
+def test_no_import_cycles():
+    edges = graph()
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+@pytest.mark.parametrize("module", sorted(graph()))
+def test_no_upward_imports(module):
+    upward = sorted(t for t in graph()[module] if layer_of(t) > layer_of(module) and t != "bioflow")
+    assert not upward, f"{module} (layer {layer_of(module)}) imports {upward} from above"
+
+
+def test_components_and_data_never_reach_tasks_cli_tracking_or_training():
+    edges = graph()
+    forbidden = ("bioflow.tasks", "bioflow.cli", "bioflow.tracking", "bioflow.training")
+    for module, targets in edges.items():
+        if layer_of(module) <= layer_of("bioflow.data"):
+            bad = [t for t in targets if t.startswith(forbidden)]
+            assert not bad, f"{module} imports {bad}"
