@@ -16,6 +16,7 @@ Run: .venv/bin/python bench/n2v_single_image.py [--steps 200] [--seeds 0 1] [--s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -65,13 +66,16 @@ def run(content: str, clean: np.ndarray, steps: int, seed: int, work: Path) -> d
     folder.mkdir(parents=True)
     tifffile.imwrite(folder / "noisy.tif", noisy)
     start = time.perf_counter()
-    summary = bioflow.train([
-        "experiment=n2v_own_data", f"data.source.images={folder / 'noisy.tif'}", f"seed={seed}",
-        f"trainer.max_epochs={max(1, steps // 100)}", "data.patches_per_epoch=1600", "data.num_workers=0",
-        f"project_dir={work / 'project'}", "trainer.enable_progress_bar=false",
-    ])
+    with contextlib.redirect_stdout(sys.stderr):  # the training's own report; stdout is for the JSON
+        summary = bioflow.train([
+            "experiment=n2v_own_data", f"data.source.images={folder / 'noisy.tif'}", f"seed={seed}",
+            f"trainer.max_epochs={max(1, steps // 100)}", "data.patches_per_epoch=1600", "data.num_workers=0",
+            f"project_dir={work / 'project'}", "trainer.enable_progress_bar=false",
+        ])
     train_s = time.perf_counter() - start
-    written = bioflow.predict(summary["run_id"], [folder / "noisy.tif"], folder / "denoised", project_dir=work / "project")
+    with contextlib.redirect_stdout(sys.stderr):
+        written = bioflow.predict(summary["run_id"], [folder / "noisy.tif"], folder / "denoised",
+                                  project_dir=work / "project")
     denoised = tifffile.imread(written[0]["restored"])
     return {"noisy_psnr": psnr(noisy, clean), "denoised_psnr": psnr(denoised, clean),
             "gain_db": psnr(denoised, clean) - psnr(noisy, clean), "train_s": train_s,

@@ -4,7 +4,7 @@ Needs a trained bioflow StarDist model (a checkpoint file or an MLflow run id), 
 `bioflow train experiment=stardist_own_data ...` or the workdir of bench/stardist_real.py. The
 image: by default the real nuclei image of the stardist package tiled 4 x 4 into 2048 x 2048
 (``--image real``, needs ``--reference-python`` or a stardist package here), or a generated one
-(``--image synthetic``). bioflow predicts it tile by tile (tile ``--tile``), gathers the candidates
+(``--image synthetic``). bioflow predicts it tile by tile (tile ``--tile``, default automatic), gathers the candidates
 of all tiles into one global NMS and renders the labels. With ``--reference-python`` and
 ``--reference-model`` (a StarDist2D model folder, e.g. ``<workdir>/reference_s1_500/ref_seed1``)
 the reference's ``predict_instances`` (network + NMS + rendering) predicts the same normalised
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--image", choices=["real", "synthetic"], default="real")
     parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--tile", type=int, default=0, help="tile size (default 0: automatic, as bioflow predict)")
     parser.add_argument("--project-dir", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -108,7 +108,7 @@ def main() -> None:
     session = task.prediction_session(image.shape)
     start = time.perf_counter()
     with torch.no_grad():
-        task.predict_array(image[None], sink=session.block, tile_size=[args.tile])
+        task.predict_array(image[None], sink=session.block, tile_size=[args.tile] if args.tile else None)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     network_s = time.perf_counter() - start
@@ -118,7 +118,7 @@ def main() -> None:
     nms_render_s = time.perf_counter() - start
     stats = match_instances(truth, labels, [0.5])[0.5]
     report = {
-        "benchmark": "stardist_predict", "image": args.image, "size": f"{args.size}x{args.size}", "tile": args.tile,
+        "benchmark": "stardist_predict", "image": args.image, "size": f"{args.size}x{args.size}", "tile": args.tile or f"automatic ({task.tiling()[0]})",
         "device": device, "threads": torch.get_num_threads(),
         "bioflow": {
             "network_and_candidates_s": round(network_s, 2), "nms_and_render_s": round(nms_render_s, 2),

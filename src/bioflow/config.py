@@ -76,7 +76,7 @@ class Logger:
 class Predict:
     tile_size: Optional[list[int]]
     overlap: Optional[list[int]]
-    batch_size: int
+    batch_size: Optional[int]
 
 
 @dataclass
@@ -223,7 +223,8 @@ def check_ranges(config: Mapping[str, Any]) -> None:
     for key, low in (("tile_size", 1), ("overlap", 0)):
         for i, v in enumerate(predict[key] or []):
             check_range(f"predict.{key}[{i}]", v, low=low, allowed=f"a number of pixels >= {low}")
-    check_range("predict.batch_size", predict["batch_size"], low=1, allowed="a number of tiles >= 1")
+    if predict["batch_size"] is not None:
+        check_range("predict.batch_size", predict["batch_size"], low=1, allowed="a number of tiles >= 1 (or null)")
     figures = config["logger"]["figures"]
     check_range("logger.figures.every_n_epochs", figures["every_n_epochs"], low=1, allowed="a number of epochs >= 1")
     check_range("logger.figures.n_samples", figures["n_samples"], low=0, allowed="a number of images >= 0")

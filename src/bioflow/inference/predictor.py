@@ -90,7 +90,8 @@ class TiledPredictor:
         """
         dims = self.data_info.spatial_dims
         cfg = self.config["predict"]
-        batch = int(batch_size or cfg["batch_size"])
+        on_gpu = str(self.device).startswith("cuda")
+        batch = int(batch_size or cfg["batch_size"] or (4 if on_gpu else 1))
         tile = tile_size or cfg["tile_size"]
         if tile is None:
             if self._auto_tile is None:
@@ -154,12 +155,16 @@ def per_axis(values: Sequence[int], dims: int, what: str) -> list[int]:
     return values
 
 
-def auto_tile_size(task, device: str, batch_size: int, fraction: float = 0.25) -> list[int]:
+def auto_tile_size(task, device: str, batch_size: int, fraction: float | None = None) -> list[int]:
     """A tile size whose activations fit in a fraction of the free memory of ``device``.
 
     The network's memory per pixel is measured once on a small probe tile (sum of every layer's
-    output size, an upper bound for inference), then scaled to the memory budget.
+    output size, an upper bound for inference: about 6 times the peak measured on a StarDist
+    U-Net), then scaled to the memory budget: a quarter of the free memory on a GPU, half on the
+    CPU, where fewer and larger tiles are faster (less overlap computed twice).
     """
+    if fraction is None:
+        fraction = 0.25 if device.startswith("cuda") else 0.5
     dims = task.data_info.spatial_dims
     multiple = task.size_multiple
     probe_edge = max(32 if dims == 2 else 16, multiple * 2)
