@@ -9,6 +9,8 @@ Measures, on the first CUDA device:
 * ``stardist_nms``: greedy polygon NMS of the dense 1024x1024 scene of ``bench/stardist_nms.py``
   (about 900 objects, about 150,000 candidates) on the GPU and on the CPU (one thread), with the
   number of polygons kept by each (they must agree);
+* ``stardist3d_train``: StarDist 3D training patches/s (``experiment=demo_stardist3d`` with the
+  default U-Net width, 64 rays, patch 32x128x128, batch 4) in float32 and bf16 autocast;
 * ``n2v_train``: Noise2Void training patches/s (U-Net depth 2, 32 channels, patch 64, batch 128).
 
 Without a CUDA GPU it says so in its JSON and exits 0. Prints one JSON object. ``bench/gpu.sh``
@@ -32,18 +34,18 @@ def _train_throughput(overrides: list[str], steps: int, warmup: int, precision: 
     from lightning.pytorch.callbacks import Callback
 
     from bioflow.data.module import BioflowDataModule
-    from bioflow.tasks import get_task
+    from bioflow.tasks import create_task, get_task, settings_of
     from bioflow.testing import compose_config
 
     config = compose_config(*overrides, f"data.patches_per_epoch={10**6}", "seed=0")
     L.seed_everything(0, verbose=False)
     cls = get_task(config["task"]["name"])
-    settings = {**cls.settings, **{k: v for k, v in config["task"].items() if k != "name"}}
+    settings = settings_of(cls, config["task"])
     data = BioflowDataModule(config["data"], config["sampler"], 0, cls.target_kind, cls.target_transform(settings))
     data.prepare()
     info = {"in_channels": data.in_channels, "spatial_dims": data.spatial_dims, "pixel_size": None,
             "split": data.split, "normalization": data.normalizer.as_dict()}
-    task = cls(config, info)
+    task = create_task(config, info)
     marks: dict[str, float] = {}
     losses: list[float] = []
 
@@ -77,6 +79,13 @@ def stardist_train(quick: bool) -> dict:
     close = abs(runs[1]["mean_loss_last_steps"] - runs[0]["mean_loss_last_steps"]) <= 0.05 * abs(runs[0]["mean_loss_last_steps"])
     return {"runs": runs, "bf16_faster": faster, "bf16_loss_within_5_percent": close,
             "recommended_precision": "bf16-mixed" if faster and close else "32-true"}
+
+
+def stardist3d_train(quick: bool) -> dict:
+    overrides = ["experiment=demo_stardist3d", "model.depth=3", "model.base_channels=32", "data.patch_size=[32,128,128]",
+                 "data.batch_size=4", "data.num_workers=4", "data.source.n_images=8", "data.source.shape=[48,192,192]"]
+    steps, warmup = (20, 5) if quick else (120, 20)
+    return {"runs": [_train_throughput(overrides, steps, warmup, p) for p in ("32-true", "bf16-mixed")]}
 
 
 def stardist_nms(quick: bool) -> dict:
@@ -132,7 +141,9 @@ def main() -> None:
         print(json.dumps(report))
         return
     report["device"] = torch.cuda.get_device_name(0)
-    for name, fn in (("stardist_train", stardist_train), ("stardist_nms", stardist_nms), ("n2v_train", n2v_train)):
+    parts = (("stardist_train", stardist_train), ("stardist3d_train", stardist3d_train), ("stardist_nms", stardist_nms),
+             ("n2v_train", n2v_train))
+    for name, fn in parts:
         start = time.perf_counter()
         try:
             report[name] = fn(args.quick)

@@ -134,3 +134,31 @@ def test_unreachable_server_fails_before_training(tmp_path):
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("bioflow: error")]
     assert len(lines) == 1 and "unreachable" in lines[0]
     assert "Epoch" not in result.stdout + result.stderr and time.time() - start < 60
+
+
+def test_ddp_stardist3d_is_one_run_with_metrics_equal_to_a_single_process_evaluation(tmp_path):
+    project = tmp_path / "project"
+    tiny = ["experiment=demo_stardist3d", "data.source.n_images=7", "data.source.shape=[16,40,40]",
+            "data.patch_size=[16,32,32]", "data.patches_per_epoch=8", "data.batch_size=2", "model.depth=1",
+            "model.base_channels=4", "task.n_rays=16", "task.stem_channels=4", "task.head_features=8",
+            "task.optimize_thresholds=false", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+            "test_after_training=false", "data.split.val=0.3", "data.split.test=0.15"]
+    result = run_cli("train", *DDP, *tiny, "logger.experiment_name=ddp3d", f"project_dir={project}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("bioflow: training finished") == 1
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ddp3d").experiment_id])
+    for key, steps in histories(client, run.info.run_id).items():
+        assert len(steps) == len(set(steps)), f"{key} logged twice for a step: {steps}"
+    ckpt = next((project / "outputs").glob("*/*/checkpoints/best-*.ckpt"))
+    evaluated = run_cli("evaluate", str(ckpt), "--split", "val", "--no-log", "--project-dir", str(project))
+    assert evaluated.returncode == 0, evaluated.stderr
+    single = {line.split(" = ")[0].strip().replace("eval_val/", "val/"): float(line.split(" = ")[1])
+              for line in evaluated.stdout.splitlines() if " = " in line}
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/loss")}
+    best_step = int(ckpt.stem.split("=")[1])  # best-epoch=NNN
+    steps = sorted(history)
+    # one value per epoch, each over both validation volumes (one on each rank)
+    assert len(steps) == 2
+    logged = history[steps[best_step]]
+    assert logged == pytest.approx(single["val/loss"], abs=1e-4)
