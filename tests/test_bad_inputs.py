@@ -11,13 +11,15 @@ console script runs) on inputs made here, and checks that
 
 A few cases run the real console script in a subprocess as well. The fuzz tests corrupt a valid
 TIFF and a valid checkpoint at random (fixed seeds) and require a clean error or a correct result,
-never a traceback or a hang.
+never a traceback or a hang. With ``BIOFLOW_CATALOGUE=<file>`` set, each case's message is appended
+to that file (case id, tab, the line), to read the whole catalogue at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import os
 import signal
 from pathlib import Path
 from typing import Callable
@@ -260,6 +262,11 @@ def check_failure(result: tuple[int, str, str], named: str) -> None:
     assert len(lines) == 1, err[-2000:]
     assert len(lines[0]) < 200, f"{len(lines[0])} characters: {lines[0]}"
     assert named in lines[0], lines[0]
+    catalogue = os.environ.get("BIOFLOW_CATALOGUE")  # a file to collect the messages in, for reading them all
+    if catalogue:
+        case = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
+        with open(catalogue, "a") as fh:
+            fh.write(f"{case}\t{lines[0]}\n")
 
 
 def test_a_folder_with_one_bad_file_predicts_the_others(predict_world):
