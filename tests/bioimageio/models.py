@@ -58,8 +58,8 @@ def _spread_stardist_head(checkpoint: dict) -> None:
     for head, channels, spread, centre in (("prob", out[:, :1], 3.0, 0.0), ("dist", out[:, 1:], 1.5, 4.0)):
         mean = channels.mean(dim=(0, 2, 3))
         gain = spread / channels.std(dim=(0, 2, 3)).clamp(min=1e-8)
-        state[f"net.{head}.weight"] = state[f"net.{head}.weight"] * gain.reshape(-1, 1, 1, 1)
-        state[f"net.{head}.bias"] = (state[f"net.{head}.bias"] - mean) * gain + centre
+        state[f"model.{head}.weight"] = state[f"model.{head}.weight"] * gain.reshape(-1, 1, 1, 1)
+        state[f"model.{head}.bias"] = (state[f"model.{head}.bias"] - mean) * gain + centre
     # Candidates well above the background's score (a uniform background gives equal, hence
     # arbitrarily ordered, scores)
     prob = torch.sigmoid((out[:, 0] - out[:, 0].mean()) * 3.0 / out[:, 0].std())

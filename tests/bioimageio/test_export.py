@@ -192,8 +192,9 @@ def test_a_missing_extra_is_one_line(segmentation, tmp_path, capsys, monkeypatch
     assert "bioflow[bioimageio]" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["stardist", "care", "n2v", "segmentation_3d", "plugin"])
+# StarDist runs by default (its package predicts through a session of its own); the others are slow.
+@pytest.mark.parametrize("kind", ["stardist", *(pytest.param(k, marks=pytest.mark.slow)
+                                                for k in ("care", "n2v", "segmentation_3d", "plugin"))])
 def test_every_task_exports_a_package_that_predicts_like_its_checkpoint(kind, tmp_path):
     if kind == "plugin":
         pytest.importorskip("bioflow_example_plugin")

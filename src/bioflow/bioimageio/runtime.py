@@ -662,6 +662,14 @@ class _StarDistSettings:
     def activate(raw):
         return raw  # the package's post-processing (sigmoid, clip) did it
 
+    def nms(self, shape=None):
+        """The registered ``stardist_nms`` post-processor with the package's thresholds, as the task's."""
+        from bioflow.registry import registry
+
+        return registry.create("postprocessors", "stardist_nms", where="package", prob_thresh=float(self.thresholds[0]),
+                               nms_thresh=float(self.thresholds[1]), criterion=self.task_settings["criterion"],
+                               grid=list(self.grid), shape=None if shape is None else list(shape))
+
     @staticmethod
     def prediction_outputs():
         from bioflow.inference.outputs import OutputSpec
