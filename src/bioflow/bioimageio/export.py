@@ -304,7 +304,8 @@ def readme(task, config, lay: Layout, geo: Geometry, *, name: str, origin: str, 
         f"- split (images): {', '.join(f'{k} {v}' for k, v in split.items()) or 'not recorded'}",
         f"- pixel size: {pixel}",
         f"- patches of {config['data']['patch_size']}, {config['trainer'].get('max_epochs')} epoch(s); seed {config['seed']}",
-        "", "## Held-out test figures", "",
+        "", "## Validation", "",
+        "Scores on the held-out test split, which took no part in training or in choosing checkpoints and thresholds.", "",
     ]
     if metrics:
         lines += [f"From {metrics_origin}:", "", "| metric | value |", "|---|---|"]
