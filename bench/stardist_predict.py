@@ -29,12 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA_SCRIPT = r"""
-import sys, numpy as np
-from stardist.data import test_image_nuclei_2d
-image, labels = test_image_nuclei_2d(return_mask=True)
-np.savez(sys.argv[1], image=image, labels=labels)
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/stardist_real.py
 
 REFERENCE_SCRIPT = r"""
 import json, sys, time
@@ -63,15 +58,12 @@ def load_image(kind: str, size: int, python: str | None) -> tuple[np.ndarray, np
         from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
 
         return synthetic_nuclei_image((size, size), seed=123, index=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "nuclei.npz"
-        for py in filter(None, (sys.executable, python)):
-            if subprocess.run([py, "-c", DATA_SCRIPT, str(target)], capture_output=True, cwd=tmp).returncode == 0:
-                data = np.load(target)
-                image, labels = data["image"], data["labels"].astype(np.int64)
-                break
-        else:
-            sys.exit("stardist_predict: --image real needs the stardist package (give --reference-python)")
+    from stardist_real import stardist_nuclei  # bench/stardist_real.py
+
+    found = stardist_nuclei(python)
+    if found is None:
+        sys.exit("stardist_predict: --image real needs the stardist package (give --reference-python)")
+    image, labels = found[0], found[1].astype(np.int64)
     reps = -(-size // image.shape[0])
     tiled = np.tile(image, (reps, reps))[:size, :size]
     # tiles of the label image need distinct ids

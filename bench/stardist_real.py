@@ -152,13 +152,22 @@ def load_data(args) -> tuple[np.ndarray, np.ndarray, str]:
 
     if args.image:
         return tifffile.imread(args.image), tifffile.imread(args.mask), f"{args.image} + {args.mask}"
+    found = stardist_nuclei(args.reference_python)
+    if found is None:
+        sys.exit("stardist_real: give --image/--mask, or --reference-python with the stardist package")
+    return (*found, "stardist.data.test_image_nuclei_2d (DSB2018 crop)")
+
+
+def stardist_nuclei(reference_python: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The real nuclei image and labels of the stardist package, read by this interpreter or the
+    reference one (whichever has the package); None when neither has it."""
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "data.npz"
-        for python in filter(None, (sys.executable, args.reference_python)):
+        for python in filter(None, (sys.executable, reference_python)):
             if subprocess.run([python, "-c", DATA_SCRIPT, str(target)], capture_output=True, cwd=tmp).returncode == 0:
                 data = np.load(target)
-                return data["image"], data["labels"], "stardist.data.test_image_nuclei_2d (DSB2018 crop)"
-    sys.exit("stardist_real: give --image/--mask, or --reference-python with the stardist package")
+                return data["image"], data["labels"]
+    return None
 
 
 def write_regions(image: np.ndarray, labels: np.ndarray, folder: Path) -> dict[str, int]:
