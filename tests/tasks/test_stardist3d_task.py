@@ -60,7 +60,9 @@ def exact_output(labels: np.ndarray, task) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([np.log(prob / (1 - prob))[None], dists]).astype(np.float32))
 
 
-def test_exact_targets_decode_to_the_labels_and_strips_equal_the_whole_volume():
+def test_exact_targets_decode_to_the_labels_and_strips_equal_the_whole_volume(monkeypatch):
+    import bioflow.stardist.postprocess as postprocess
+
     task = make_task(grid="[1,2,2]", n_rays=64)
     _, labels = volume((20, 64, 64), index=1)
     raw = exact_output(labels, task)
@@ -70,10 +72,30 @@ def test_exact_targets_decode_to_the_labels_and_strips_equal_the_whole_volume():
     session = task.prediction_session(labels.shape)
     for start in range(0, raw.shape[1], 3):  # uneven slabs along z, one global NMS at the end
         session.block(start, raw[:, start:start + 3])
-    assert np.array_equal(session.finish()["labels"], whole)
+    monkeypatch.setattr(postprocess, "RENDER_BLOCK_PIXELS", 5 * 64 * 64)  # rendered in slabs of 5 planes
+    rendered = session.finish()["labels"]
+    assert [start for start, _ in rendered] == [0, 5, 10, 15]
+    assert np.array_equal(rendered, whole)
     direct, _ = instances_from_prediction_3d(torch.sigmoid(raw[0]), raw[1:].permute(1, 2, 3, 0), task.rays,
                                              0.5, 0.4, (1, 2, 2), labels.shape)
     assert np.array_equal(direct.numpy(), whole)
+
+
+def test_validation_and_test_scores_match_whole_volumes():
+    task = make_task(grid="[1,2,2]", n_rays=64)
+    _, labels = volume((20, 64, 64), index=2)
+    raw = exact_output(labels, task)
+    task.predict_image = lambda image: raw  # a perfect network
+    batch = {"image": torch.zeros(1, 1, *labels.shape), "target": torch.from_numpy(labels)[None], "name": ["v"]}
+    task.on_validation_epoch_start()
+    expected = match_instances(labels, task.decode(raw, labels.shape).numpy(), [0.5, 0.7])
+    for stage in ("val", "test"):
+        task.evaluate_image(stage, batch)
+        scores = task.metrics[stage].compute()
+        for tau in (0.5, 0.7):
+            # Objects are counted once per volume, not once per plane they cross.
+            assert int(task.metrics[stage].n_true[list(task.metrics[stage].thresholds).index(tau)]) == len(np.unique(labels)) - 1
+            assert float(scores[f"accuracy@{tau:g}"]) == pytest.approx(expected[tau].accuracy)
 
 
 def test_dimensions_are_checked_both_ways():

@@ -15,6 +15,8 @@ in the model.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
@@ -81,9 +83,10 @@ class StarDistTask(BaseTask):
         super().__init__(config, data_info, inference)
         # Thresholds live in the state dict, so the optimised values travel with the checkpoint.
         self.register_buffer("thresholds", torch.tensor([float(prob_thresh), float(nms_thresh)]))
+        dims = self.bioflow_spatial_dims[0]  # volumes are matched as a whole, never plane by plane
         self.metrics = torch.nn.ModuleDict({
-            "val": InstanceMatchingMetric(SELECTION_TAUS),
-            "test": InstanceMatchingMetric(DEFAULT_THRESHOLDS),
+            "val": InstanceMatchingMetric(SELECTION_TAUS, spatial_dims=dims),
+            "test": InstanceMatchingMetric(DEFAULT_THRESHOLDS, spatial_dims=dims),
         })
 
     @classmethod
@@ -177,7 +180,7 @@ class StarDistTask(BaseTask):
         return [OutputSpec("labels", None, np.int32, streamed=False)]
 
     def prediction_session(self, shape, workdir=None) -> PredictionSession:
-        return _StarDistSession(self, tuple(shape))
+        return _StarDistSession(self, tuple(shape), workdir)
 
     # -- after training ------------------------------------------------------------------------------
     def after_fit(self, data) -> dict[str, float]:
@@ -248,17 +251,23 @@ class StarDistTask(BaseTask):
 class _StarDistSession(PredictionSession):
     """Collects candidates from every strip; one global NMS over all of them at the end.
 
-    Memory grows with the number of candidates above ``prob_thresh`` (4 × (3 + R) bytes each), not
-    with the image; the label image is rendered at the end.
+    The candidates above ``prob_thresh`` (4 × (1 + D + R) bytes each: probability, centre,
+    distances) are appended to a temporary file as they come, so that nothing accumulates in
+    memory while the image streams through; they are read back for the NMS. The label image is
+    rendered at the end, strip by strip as it is written.
     """
 
-    def __init__(self, task: StarDistTask, shape: tuple[int, ...]) -> None:
+    def __init__(self, task: StarDistTask, shape: tuple[int, ...], workdir=None) -> None:
+        import tempfile
+
         super().__init__(task.prediction_outputs(), lambda raw: {})
         self.task = task
         self.shape = shape
-        self.points: list[torch.Tensor] = []
-        self.probs: list[torch.Tensor] = []
-        self.dists: list[torch.Tensor] = []
+        self.columns = 1 + len(shape) + task.n_rays
+        fd, name = tempfile.mkstemp(prefix=".bioflow-", suffix=".candidates", dir=workdir)
+        self.path = Path(name)
+        self.file = os.fdopen(fd, "wb")
+        self.count = 0
 
     def block(self, start: int, raw: torch.Tensor) -> dict[str, np.ndarray]:
         """Candidates of one strip (``start``: its first row, or plane in 3D, on the output grid)."""
@@ -268,16 +277,27 @@ class _StarDistSession(PredictionSession):
         offset = torch.zeros(where.shape[1], dtype=where.dtype, device=where.device)
         offset[0] = start
         step = torch.tensor(self.task.grid, dtype=where.dtype, device=where.device)
-        self.points.append(((where + offset) * step).cpu())
-        self.probs.append(act[0][index].cpu())
-        self.dists.append(act[1:][(slice(None), *index)].T.cpu())
+        rows = torch.cat([act[0][index][:, None].float(), ((where + offset) * step).float(),
+                          act[1:][(slice(None), *index)].T.float()], dim=1)  # centres < 2**24: exact
+        rows.cpu().numpy().tofile(self.file)
+        self.count += rows.shape[0]
         return {}
 
     def finish(self) -> dict[str, np.ndarray]:
-        if not self.points:  # nothing predicted (an image of no rows)
+        self.file.close()
+        if not self.count:
             return {"labels": np.zeros(self.shape, np.int32)}
-        points, probs, dists = torch.cat(self.points), torch.cat(self.probs), torch.cat(self.dists)
-        return {"labels": self.task.nms(self.shape).from_candidates(points, dists, probs)}
+        table = torch.from_numpy(np.fromfile(self.path, dtype=np.float32).reshape(self.count, self.columns))
+        self.path.unlink(missing_ok=True)
+        dims = len(self.shape)
+        probs, points, dists = table[:, 0].clone(), table[:, 1:1 + dims].to(torch.int64), table[:, 1 + dims:]
+        nms = self.task.nms(self.shape)
+        render = getattr(nms, "blocks_from_candidates", nms.from_candidates)  # blocks: bounded memory
+        return {"labels": render(points, dists, probs)}
+
+    def close(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _ray_permutation_map(n_rays: int):
