@@ -22,7 +22,7 @@ import numpy as np
 
 from bioflow.data.records import check_finite
 from bioflow.errors import BioflowError, DataError
-from bioflow.inference.outputs import OutputSpec
+from bioflow.inference.outputs import OutputSpec, output_blocks
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,8 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, axes, 
                 finished = session.finish()
                 for spec in session.outputs:
                     if not spec.streamed:
-                        writer(spec).write(0, finished[spec.name], frame=t)
+                        for start, block in output_blocks(finished[spec.name]):
+                            writer(spec).write(start, block, frame=t)
             finally:
                 session.close()
         for w in writers.values():

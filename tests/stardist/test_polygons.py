@@ -114,6 +114,19 @@ def test_rendering_matches_point_in_polygon(geometry) -> None:
         assert labels.dtype == np.int32 and set(np.unique(labels)) <= {0, 1}
 
 
+def test_rendering_by_strips_equals_the_whole_image() -> None:
+    rng = np.random.default_rng(5)
+    points = rng.uniform(2, 38, (15, 2))
+    dists = rng.uniform(2, 8, (15, 16))
+    probs = rng.uniform(0.3, 1.0, 15)
+    whole = polygons_to_labels(points, dists, probs, (40, 37))
+    assert len(np.unique(whole)) > 8
+    strips = [polygons_to_labels(points, dists, probs, (40, 37), rows) for rows in ((0, 13), (13, 14), (14, 40))]
+    np.testing.assert_array_equal(np.concatenate(strips), whole)
+    with pytest.raises(ValueError, match="range to render"):
+        polygons_to_labels(points, dists, probs, (40, 37), (-1, 3))
+
+
 def test_rendering_degenerate_triangles(geometry) -> None:
     # Zero-length rays: the triangles next to them are segments, which must not reach beyond
     # their vertex along the ray.

@@ -142,6 +142,21 @@ def test_rendering() -> None:
     assert empty.shape == shape and not empty.any()
 
 
+def test_rendering_by_slabs_equals_the_whole_volume() -> None:
+    rng = np.random.default_rng(7)
+    d = ellipsoid_dists(RAYS, (3, 8, 6), 10, seed=7, jitter=0.2)
+    points = rng.uniform([1, 4, 4], [13, 30, 30], (10, 3))
+    probs = rng.uniform(0.3, 1.0, 10)
+    shape = (14, 34, 34)
+    whole = polyhedra_to_labels(points, d, probs, shape, RAYS)
+    assert len(np.unique(whole)) > 5
+    slabs = [polyhedra_to_labels(points, d, probs, shape, RAYS, planes) for planes in ((0, 5), (5, 6), (6, 6), (6, 14))]
+    assert [s.shape[0] for s in slabs] == [5, 1, 0, 8]
+    np.testing.assert_array_equal(np.concatenate(slabs), whole)
+    with pytest.raises(ValueError, match="range to render"):
+        polyhedra_to_labels(points, d, probs, shape, RAYS, (3, 15))
+
+
 def test_rendering_same_as_reference() -> None:
     rng = np.random.default_rng(4)
     d = ellipsoid_dists(RAYS, (3, 8, 6), 12, seed=4, jitter=0.2).astype(np.float32)

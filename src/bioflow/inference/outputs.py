@@ -5,7 +5,9 @@ hands each finished strip of raw network output to the task's :class:`Prediction
 turns it into output blocks (e.g. a class map) that are written at once. Outputs that need the
 whole image (instances after a post-processor, StarDist's polygons after non-maximum suppression)
 are produced by :meth:`PredictionSession.finish` once all strips were seen; the session keeps
-what it needs for that in temporary files, not in memory.
+what it needs for that in temporary files, not in memory. ``finish`` may return such an output as
+:class:`Blocks` (made strip by strip as it is written), so that not even the finished output has to
+fit in memory.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+
+from bioflow.conventions import Blocks, output_blocks  # noqa: F401 (part of this module's interface)
 
 
 @dataclass

@@ -158,10 +158,10 @@ def per_axis(values: Sequence[int], dims: int, what: str) -> list[int]:
 def auto_tile_size(task, device: str, batch_size: int, fraction: float | None = None) -> list[int]:
     """A tile size whose activations fit in a fraction of the free memory of ``device``.
 
-    The network's memory per pixel is measured once on a small probe tile (sum of every layer's
-    output size, an upper bound for inference: about 6 times the peak measured on a StarDist
-    U-Net), then scaled to the memory budget: a quarter of the free memory on a GPU, half on the
-    CPU, where fewer and larger tiles are faster (less overlap computed twice).
+    The network's memory per pixel is measured once on a small probe tile (the peak of the layer
+    outputs alive at once, :func:`activation_peak_bytes`, doubled for the temporaries inside layers
+    and the allocator), then scaled to the memory budget: a quarter of the free memory on a GPU,
+    half on the CPU, where fewer and larger tiles are faster (less overlap computed twice).
     """
     if fraction is None:
         fraction = 0.25 if device.startswith("cuda") else 0.5
@@ -170,25 +170,51 @@ def auto_tile_size(task, device: str, batch_size: int, fraction: float | None = 
     probe_edge = max(32 if dims == 2 else 16, multiple * 2)
     probe_edge = int(math.ceil(probe_edge / multiple) * multiple)
     probe = torch.zeros((1, task.data_info.in_channels) + (probe_edge,) * dims, device=device)
-    total = [0]
-
-    def count(_m, _i, output) -> None:
-        if isinstance(output, torch.Tensor):
-            total[0] += output.numel() * output.element_size()
-
-    hooks = [m.register_forward_hook(count) for m in task.model.modules()]
-    try:
-        with torch.no_grad():
-            task.model(probe)
-    finally:
-        for h in hooks:
-            h.remove()
-    per_pixel = max(total[0] / probe_edge**dims, 1.0)
+    per_pixel = max(2.0 * activation_peak_bytes(task.model, probe) / probe_edge**dims, 1.0)
     budget = _free_memory(device) * fraction / max(1, batch_size)
     edge = (budget / per_pixel) ** (1 / dims)
     limit = 2048 if dims == 2 else 256
     edge = int(min(max(edge, 2 * multiple), limit) // multiple * multiple)
     return [max(edge, minimum_tile(task))] * dims
+
+
+def activation_peak_bytes(model: torch.nn.Module, probe: torch.Tensor) -> int:
+    """Peak bytes of the tensors alive at once while ``model`` predicts ``probe`` (no gradients).
+
+    The input and every module's output are counted from their creation until they are freed
+    (skip connections of a U-Net stay alive until the decoder has used them); outputs that share
+    storage (in-place activations, views) count once.
+    """
+    import weakref
+
+    live = {probe.untyped_storage().data_ptr(): probe.untyped_storage().nbytes()}
+    state = {"now": sum(live.values()), "peak": sum(live.values())}
+
+    def release(pointer: int) -> None:
+        state["now"] -= live.pop(pointer, 0)
+
+    def count(_module, _inputs, output) -> None:
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            pointer = storage.data_ptr()
+            if pointer in live:
+                continue
+            live[pointer] = storage.nbytes()
+            state["now"] += live[pointer]
+            state["peak"] = max(state["peak"], state["now"])
+            weakref.finalize(tensor, release, pointer)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            result = model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    del result
+    return int(state["peak"])
 
 
 def minimum_tile(task) -> int:

@@ -315,8 +315,31 @@ def stream_predict(
                 bar.update(len(chunk))
         stop = row_starts[row + 1] if row + 1 < len(row_starts) else row_starts[row] + out_plan.tile[0]
         emit(stop)
+        release_freed_memory()
     if bar is not None:
         bar.close()
+
+
+_malloc_trim: Any = None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed on the heap back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Between strips, the temporaries of the last one are freed but the C allocator keeps their
+    pages; with small long-lived allocations in between it can never reuse them all, and the
+    resident memory of a long stream would creep up strip by strip.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 def predict_tiled(

@@ -416,7 +416,8 @@ _RENDER_BATCH = 1 << 22
 
 
 def polygons_to_labels(
-    points: ArrayOrTensor, dists: ArrayOrTensor, probs: ArrayOrTensor, shape: tuple[int, int]
+    points: ArrayOrTensor, dists: ArrayOrTensor, probs: ArrayOrTensor, shape: tuple[int, int],
+    rows: tuple[int, int] | None = None,
 ) -> ArrayOrTensor:
     """Render polygons into a label image, higher probabilities on top.
 
@@ -435,12 +436,16 @@ def polygons_to_labels(
         (K,) probabilities.
     shape : tuple of int
         ``(H, W)`` of the label image.
+    rows : (start, stop), optional
+        Render only these rows (a strip of a large image, rendered strip by strip with bounded
+        memory); the strip equals the same rows of the whole rendering.
 
     Returns
     -------
     np.ndarray or torch.Tensor
-        int32 (H, W) label image, of the same kind as ``dists``: 0 is background and polygon
-        ``k`` gets the label ``1 + `` its rank in order of decreasing probability (ties by index).
+        int32 (H, W) label image (``(stop - start, W)`` with ``rows``), of the same kind as
+        ``dists``: 0 is background and polygon ``k`` gets the label ``1 + `` its rank in order of
+        decreasing probability (ties by index).
     """
     d = _as_tensor(dists, torch.float64)
     device = d.device
@@ -450,6 +455,7 @@ def polygons_to_labels(
     if p.shape != (c.shape[0],):
         raise ValueError(f"probs must have shape ({c.shape[0]},), got {tuple(p.shape)}")
     height, width = (int(s) for s in shape)
+    first, stop = render_range(rows, height)
     n_rays = d.shape[1]
     rank = torch.empty(c.shape[0], dtype=torch.int64, device=device)
     rank[torch.sort(p, descending=True, stable=True).indices] = torch.arange(c.shape[0], device=device)
@@ -458,10 +464,12 @@ def polygons_to_labels(
     vertices = c[:, None, :] + d[:, :, None] * u
     lo = torch.ceil(vertices.amin(dim=1)).to(torch.int64).clamp(min=0)
     hi = torch.floor(vertices.amax(dim=1)).to(torch.int64)
-    hi[:, 0].clamp_(max=height - 1)
+    lo[:, 0].clamp_(min=first)
+    hi[:, 0].clamp_(max=stop - 1)
     hi[:, 1].clamp_(max=width - 1)
     extent = (hi - lo + 1).clamp(min=0)
     counts = extent[:, 0] * extent[:, 1]
+    height = stop - first
 
     winner = torch.full((height * width,), c.shape[0], dtype=torch.int64, device=device)
     batches = torch.div(torch.cumsum(counts, 0) - counts, _RENDER_BATCH, rounding_mode="floor")
@@ -473,7 +481,7 @@ def polygons_to_labels(
         row = lo[poly, 0] + torch.div(local, extent[poly, 1], rounding_mode="floor")
         col = lo[poly, 1] + local % extent[poly, 1]
         inside = _contains(c.index_select(0, poly), d, poly, row.to(torch.float64), col.to(torch.float64), u)
-        winner.scatter_reduce_(0, (row * width + col)[inside], rank[poly[inside]], "amin")
+        winner.scatter_reduce_(0, ((row - first) * width + col)[inside], rank[poly[inside]], "amin")
     labels = torch.where(winner < c.shape[0], winner + 1, 0).to(torch.int32).reshape(height, width)
     return _like(labels, dists)
 
@@ -508,3 +516,13 @@ def _contains(
     slack = 1e-9 * (d0 + d1 + 1.0)
     inside = (a * d1 + b * d0 <= bound + slack * (d0 + d1)) & (a <= d0 * sin + slack) & (b <= d1 * sin + slack)
     return inside & (torch.maximum(d0, d1) > 0)
+
+
+def render_range(planes: tuple[int, int] | None, size: int) -> tuple[int, int]:
+    """``(start, stop)`` of the first axis to render (all of it for None)."""
+    if planes is None:
+        return 0, size
+    start, stop = (int(v) for v in planes)
+    if not 0 <= start <= stop <= size:
+        raise ValueError(f"the range to render must satisfy 0 <= start <= stop <= {size}, got {tuple(planes)}")
+    return start, stop

@@ -33,6 +33,7 @@ from typing import Sequence, TypeVar
 import numpy as np
 import torch
 
+from bioflow.stardist.polygons import render_range
 from bioflow.stardist.rays3d import Rays3D
 
 ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
@@ -411,6 +412,7 @@ def polyhedra_to_labels(
     probs: ArrayOrTensor,
     shape: Sequence[int],
     rays: Rays3D,
+    planes: tuple[int, int] | None = None,
 ) -> ArrayOrTensor:
     """Render polyhedra into a label volume, higher probabilities on top.
 
@@ -427,11 +429,15 @@ def polyhedra_to_labels(
     shape : tuple of int
         ``(Z, Y, X)`` of the label volume.
     rays : Rays3D
+    planes : (start, stop), optional
+        Render only these planes of the volume (a slab of a large volume, rendered slab by slab
+        with bounded memory); the slab equals the same planes of the whole rendering.
 
     Returns
     -------
-    int32 (Z, Y, X) label volume, of the same kind as ``dists``: 0 is background and polyhedron
-    ``k`` gets the label ``1 +`` its rank in order of decreasing probability (ties by index).
+    int32 (Z, Y, X) label volume (``(stop - start, Y, X)`` with ``planes``), of the same kind as
+    ``dists``: 0 is background and polyhedron ``k`` gets the label ``1 +`` its rank in order of
+    decreasing probability (ties by index).
     """
     d = _tensor(dists, torch.float64)
     device = d.device
@@ -443,6 +449,7 @@ def polyhedra_to_labels(
     dims = tuple(int(s) for s in shape)
     if len(dims) != 3 or min(dims) < 0:
         raise ValueError(f"shape must be three non-negative sizes (Z, Y, X), got {tuple(shape)}")
+    first, stop = render_range(planes, dims[0])
     n = c.shape[0]
     rank = torch.empty(n, dtype=torch.int64, device=device)
     rank[torch.sort(p, descending=True, stable=True).indices] = torch.arange(n, device=device)
@@ -451,6 +458,9 @@ def polyhedra_to_labels(
     lo = torch.ceil(torch.minimum(vertices.amin(dim=1), c)).to(torch.int64).clamp(min=0)
     hi = torch.floor(torch.maximum(vertices.amax(dim=1), c)).to(torch.int64)
     hi = torch.minimum(hi, torch.tensor(dims, device=device) - 1)
+    lo[:, 0].clamp_(min=first)
+    hi[:, 0].clamp_(max=stop - 1)
+    dims = (stop - first, *dims[1:])
     extent = (hi - lo + 1).clamp(min=0)
     counts = extent.prod(dim=1)
     winner = torch.full((math.prod(dims),), n, dtype=torch.int64, device=device)
@@ -473,7 +483,8 @@ def polyhedra_to_labels(
         ) + lo[poly]
         face, coefficients = locate(cone, voxel.to(torch.float64) - c[poly])
         inside = _inside(cone, face, coefficients, d, poly, 1e-9)
-        flat = (voxel[:, 0] * dims[1] + voxel[:, 1]) * dims[2] + voxel[:, 2]
+        flat = ((voxel[:, 0] - first) * dims[1] + voxel[:, 1]) * dims[2] + voxel[:, 2]
         winner.scatter_reduce_(0, flat[inside], rank[poly[inside]], "amin")
     labels = torch.where(winner < n, winner + 1, 0).to(torch.int32).reshape(dims)
     return _like(labels, dists)
+

@@ -3,16 +3,32 @@ polyhedra (3D), rendering to labels."""
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+import math
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
 
+from bioflow.conventions import Blocks
 from bioflow.stardist.nms import instances_from_prediction, non_maximum_suppression
 from bioflow.stardist.nms3d import instances_from_prediction_3d, non_maximum_suppression_3d
 from bioflow.stardist.polygons import polygons_to_labels
 from bioflow.stardist.polyhedra import polyhedra_to_labels
 from bioflow.stardist.rays3d import golden_spiral_rays
+
+# Label images from candidates are rendered in strips (planes) of about this many pixels (voxels),
+# so that a label volume larger than memory can be written strip by strip.
+RENDER_BLOCK_PIXELS = 1 << 20
+
+
+def _rendered_blocks(shape: Sequence[int], render: Callable[[tuple[int, int]], torch.Tensor]) -> Blocks:
+    step = max(1, RENDER_BLOCK_PIXELS // max(1, math.prod(shape[1:])))
+
+    def blocks():
+        for start in range(0, shape[0], step):
+            yield start, render((start, min(shape[0], start + step))).cpu().numpy()
+
+    return Blocks(shape, np.int32, blocks)
 
 
 class StarDistNMS:
@@ -53,10 +69,15 @@ class StarDistNMS:
     def from_candidates(self, points: torch.Tensor, dists: torch.Tensor, probs: torch.Tensor) -> np.ndarray:
         """The label image from sparse candidates (full-resolution centres ``(K, 2)``, distances
         ``(K, R)``, probabilities ``(K,)``), e.g. those of every tile of a large image at once."""
+        return np.asarray(self.blocks_from_candidates(points, dists, probs))
+
+    def blocks_from_candidates(self, points: torch.Tensor, dists: torch.Tensor, probs: torch.Tensor) -> Blocks:
+        """As :meth:`from_candidates`, the label image rendered strip by strip as it is read."""
         if self.shape is None:
             raise ValueError("from_candidates needs the label image's shape")
         kept = non_maximum_suppression(points, dists, probs, self.prob_thresh, self.nms_thresh, self.criterion)
-        return polygons_to_labels(points[kept], dists[kept], probs[kept], self.shape).cpu().numpy()
+        points, dists, probs = points[kept], dists[kept], probs[kept]
+        return _rendered_blocks(self.shape, lambda rows: polygons_to_labels(points, dists, probs, self.shape, rows))
 
     @staticmethod
     def example_input(spatial_dims: int) -> np.ndarray:
@@ -112,11 +133,17 @@ class StarDistNMS3D:
     def from_candidates(self, points: torch.Tensor, dists: torch.Tensor, probs: torch.Tensor) -> np.ndarray:
         """The label volume from sparse candidates (full-resolution centres ``(K, 3)``, distances
         ``(K, R)``, probabilities ``(K,)``), e.g. those of every tile of a large stack at once."""
+        return np.asarray(self.blocks_from_candidates(points, dists, probs))
+
+    def blocks_from_candidates(self, points: torch.Tensor, dists: torch.Tensor, probs: torch.Tensor) -> Blocks:
+        """As :meth:`from_candidates`, the label volume rendered slab by slab as it is read."""
         if self.shape is None:
             raise ValueError("from_candidates needs the label volume's shape")
         kept = non_maximum_suppression_3d(points, dists, probs, self.rays, self.prob_thresh, self.nms_thresh,
                                           self.criterion)
-        return polyhedra_to_labels(points[kept], dists[kept], probs[kept], self.shape, self.rays).cpu().numpy()
+        points, dists, probs = points[kept], dists[kept], probs[kept]
+        return _rendered_blocks(self.shape,
+                                lambda planes: polyhedra_to_labels(points, dists, probs, self.shape, self.rays, planes))
 
     @staticmethod
     def example_input(spatial_dims: int) -> np.ndarray:
