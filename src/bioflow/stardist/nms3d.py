@@ -113,7 +113,7 @@ def non_maximum_suppression_3d(
         )
     candidates = torch.nonzero(scores > prob_thresh, as_tuple=True)[0]
     order = candidates[torch.sort(scores[candidates], descending=True, stable=True).indices]
-    kept = _Suppressor3D(centres[order], rays_d[order].clamp(min=0.0), rays, float(nms_thresh), criterion).run()
+    kept = _Suppressor3D(centres[order], rays_d[order].clamp_(min=0.0), rays, float(nms_thresh), criterion).run()
     result = order[kept]
     return result if isinstance(probs, torch.Tensor) else result.cpu().numpy()
 
