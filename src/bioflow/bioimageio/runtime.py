@@ -375,7 +375,7 @@ class PackageModel:
         if task == "stardist":
             from bioflow.tasks.stardist import _StarDistSession
 
-            return _StarDistSession(_StarDistSettings.of(self.descr, self.bioflow), tuple(shape))
+            return _StarDistSession(_StarDistSettings.of(self.descr, self.bioflow), tuple(shape), workdir)
         specs = self.prediction_outputs()
         bounds = np.cumsum([0] + [o.channels or 1 for o in self.outputs])
 

@@ -263,7 +263,6 @@ class _StarDistSession(PredictionSession):
         super().__init__(task.prediction_outputs(), lambda raw: {})
         self.task = task
         self.shape = shape
-        self.columns = 1 + len(shape) + task.n_rays
         fd, name = tempfile.mkstemp(prefix=".bioflow-", suffix=".candidates", dir=workdir)
         self.path = Path(name)
         self.file = os.fdopen(fd, "wb")
@@ -287,7 +286,7 @@ class _StarDistSession(PredictionSession):
         self.file.close()
         if not self.count:
             return {"labels": np.zeros(self.shape, np.int32)}
-        table = torch.from_numpy(np.fromfile(self.path, dtype=np.float32).reshape(self.count, self.columns))
+        table = torch.from_numpy(np.fromfile(self.path, dtype=np.float32).reshape(self.count, -1))
         self.path.unlink(missing_ok=True)
         dims = len(self.shape)
         probs, points, dists = table[:, 0].clone(), table[:, 1:1 + dims].to(torch.int64), table[:, 1 + dims:]
