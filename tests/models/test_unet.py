@@ -114,3 +114,27 @@ def test_receptive_field_matches_a_gradient_probe(depth, upsampling, pooling, sk
     rf = net.receptive_field()
     measured = probe(net, 4 * rf)
     assert max(measured) == rf
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pointwise_equals_the_one_by_one_convolution_in_values_and_gradients(dims, channels_last):
+    from bioflow.models.unet import pointwise
+
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 6, *([5] * dims))
+    x = torch.randn(*shape, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+    x.requires_grad_(True)
+    weight = torch.randn(4, 6, *([1] * dims), generator=g, requires_grad=True)
+    bias = torch.randn(4, generator=g, requires_grad=True)
+    conv = torch.nn.functional.conv2d if dims == 2 else torch.nn.functional.conv3d
+    grad = torch.randn(2, 4, *([5] * dims), generator=g)
+    out = pointwise(x, weight, bias)
+    expected = conv(x.detach().contiguous(), weight.detach(), bias.detach())
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out, (x, weight, bias), grad)
+    x2, w2, b2 = (t.detach().contiguous().requires_grad_(True) for t in (x, weight, bias))
+    for got, want in zip(grads, torch.autograd.grad(conv(x2, w2, b2), (x2, w2, b2), grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

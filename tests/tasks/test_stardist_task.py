@@ -138,3 +138,19 @@ def test_stardist_refuses_3d_data():
     info = {"in_channels": 1, "spatial_dims": 3, "pixel_size": None, "split": {}}
     with pytest.raises(ConfigError, match="2D"):
         create_task(compose_config("task=stardist", "loss=stardist"), info)
+
+
+def test_the_stem_pools_before_its_second_relu_with_the_same_values_and_gradients():
+    from bioflow.stardist.model import GridStem
+
+    stem = GridStem(1, 3, (2, 2))
+    conv1, conv2 = stem[0], stem[2]
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    reference = torch.nn.functional.max_pool2d(torch.relu(conv2(torch.relu(conv1(x)))), 2)
+    out = stem(x)
+    torch.testing.assert_close(out, reference)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, conv1.weight, conv2.weight], grad)
+    want = torch.autograd.grad(reference, [x, conv1.weight, conv2.weight], grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

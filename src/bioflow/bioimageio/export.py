@@ -441,7 +441,10 @@ def write_weights(task, folder: Path, lay: Layout, example: np.ndarray) -> tuple
         rebuilt.load_state_dict(networks.state_dict(net), strict=True)
         with torch.no_grad():
             again = torch.cat(list(_as_tuple(rebuilt.eval()(x))), dim=1)
-        if not torch.allclose(again, reference, rtol=1e-5, atol=1e-5):
+        # Up to float32 rounding at the output's scale: the training layout (channels-last) and
+        # the rebuilt one may sum the same products in another order.
+        scale = max(1.0, float(reference.abs().max()))
+        if not torch.allclose(again, reference, rtol=1e-5, atol=1e-5 * scale):
             raise ExportError("export: the torch-only source of the network does not reproduce it (a bug: please report it)")
         (folder / "architecture.py").write_text(source.text)
         torch.save(networks.state_dict(net), folder / "weights.pt")

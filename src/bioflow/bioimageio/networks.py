@@ -75,8 +75,10 @@ class SplitOutputs(nn.Module):
 
 
 def _module_text(module: types.ModuleType) -> str:
+    """A module's source for the joined architecture file: without its ``__future__`` import and
+    without imports from bioflow (the joined file holds what they import)."""
     lines = inspect.getsource(module).splitlines()
-    return "\n".join(line for line in lines if not line.startswith("from __future__ import"))
+    return "\n".join(line for line in lines if not line.startswith(("from __future__ import", "from bioflow.")))
 
 
 def torch_source(task) -> TorchSource | None:

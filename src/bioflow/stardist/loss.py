@@ -51,18 +51,20 @@ class StarDistLoss(nn.Module):
         n_rays = prediction.shape[1] - 1
         if target.shape[1] != n_rays + 2:
             raise ValueError(f"target has {target.shape[1]} channels, expected {n_rays + 2} (prob, {n_rays} rays, valid)")
-        prediction = prediction.float()
-        prob_t, dist_t, valid = target[:, 0], target[:, 1:-1], target[:, -1]
+        # One split (its gradient is one concatenation) rather than slices (each a zero-filled
+        # gradient of the whole prediction).
+        logit, dist = prediction.float().split([1, n_rays], dim=1)
+        prob_t, dist_t, valid = target[:, :1], target[:, 1:-1], target[:, -1:]
         count = valid.sum().clamp(min=1.0)
-        bce = F.binary_cross_entropy_with_logits(prediction[:, 0], prob_t, reduction="none")
+        bce = F.binary_cross_entropy_with_logits(logit, prob_t, reduction="none")
         loss = self.prob_weight * (bce * valid).sum() / count
         weight = prob_t * valid
-        error = ((prediction[:, 1:] - dist_t).abs() * weight[:, None]).sum()
+        error = ((dist - dist_t).abs() * weight).sum()
         norm = weight.sum().clamp(min=1e-6) if self.dist_norm == "prob" else count
         loss = loss + self.dist_weight * error / (norm * n_rays)
         if self.background_reg:
-            off = ((1 - prob_t) * valid)[:, None]
-            loss = loss + self.background_reg * (prediction[:, 1:].abs() * off).sum() / (count * n_rays)
+            off = (1 - prob_t) * valid
+            loss = loss + self.background_reg * (dist.abs() * off).sum() / (count * n_rays)
         return loss
 
     @staticmethod

@@ -4,10 +4,12 @@ ray distances; the dimensionality is the grid's length."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
+
+from bioflow.models.unet import pointwise
 
 
 def grid_stages(grid: Sequence[int]) -> list[tuple[int, ...]]:
@@ -44,8 +46,10 @@ class GridStem(nn.Sequential):
         layers: list[nn.Module] = []
         self.stages = grid_stages(grid)
         for factors in self.stages:
+            # Max-pooling before the second ReLU: the two commute (ReLU is monotone), values and
+            # gradients are the same, and the ReLU then runs on the pooled, smaller activation.
             layers += [conv(in_channels, channels, 3, padding=1), nn.ReLU(inplace=True),
-                       conv(channels, channels, 3, padding=1), nn.ReLU(inplace=True), max_pool(factors)]
+                       conv(channels, channels, 3, padding=1), max_pool(factors), nn.ReLU(inplace=True)]
             in_channels = channels
         super().__init__(*layers)
 
@@ -122,4 +126,10 @@ class StarDistNet(nn.Module):
             h = self.features(self.backbone(self.stem(x)))
         else:
             h = self.pool(self.features(self.backbone(x)))
-        return torch.cat([self.prob(h), self.dist(h)], dim=1)
+        # Both outputs in one pointwise product: one pass over the features, no concatenation.
+        weight = torch.cat([self.prob.weight, self.dist.weight])
+        prob_bias, dist_bias = self.prob.bias, self.dist.bias
+        bias: Optional[torch.Tensor] = None
+        if prob_bias is not None and dist_bias is not None:  # (always: both are built with a bias)
+            bias = torch.cat([prob_bias, dist_bias])
+        return pointwise(h, weight, bias)
