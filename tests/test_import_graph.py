@@ -20,7 +20,7 @@ LAYERS = [
     {"bioflow", "bioflow.errors", "bioflow.registry", "bioflow.arguments", "bioflow.conventions"},
     {"bioflow.config"},
     {"bioflow.models", "bioflow.losses", "bioflow.samplers", "bioflow.transforms", "bioflow.postprocessors",
-     "bioflow.metrics", "bioflow.stardist", "bioflow.optim"},
+     "bioflow.metrics", "bioflow.stardist", "bioflow.optim", "bioflow.precision"},
     {"bioflow.data"},
     {"bioflow.inference", "bioflow.checkpoint"},
     {"bioflow.tasks"},

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from bioflow.config import component
 from bioflow.validation import validate
 from bioflow.errors import ConfigError
+from bioflow.precision import resolve_precision
 from bioflow.data.module import BioflowDataModule
 from bioflow.resume import find_resume_point, requested_resume, resumed_config
 from bioflow.tasks import create_task, get_task, settings_of
@@ -208,12 +209,13 @@ def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] 
         checkpoint, ValidationFigures(config["logger"]["figures"]["every_n_epochs"]), LearningRateMonitor(),
         EpochReport(task.monitor), speed,
     ]
-    trainer_args = dict(config["trainer"])
+    trainer_args = resolve_precision(config["trainer"])
     if not has_val:
         trainer_args.update(limit_val_batches=0, num_sanity_val_steps=0)
     trainer = L.Trainer(
         **trainer_args, logger=logger, callbacks=callbacks, default_root_dir=run_dir, use_distributed_sampler=False,
     )
+    set_tag(logger, "bioflow.precision", str(trainer_args.get("precision")))  # what `auto` became here
     trainer.fit(task, datamodule=data, ckpt_path=None if resume is None else str(resume.checkpoint))
     summary: dict[str, Any] = {
         "run_id": logger.run_id,

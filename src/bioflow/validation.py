@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from bioflow.config import component, validate_structure
 from bioflow.errors import ConfigError, did_you_mean
+from bioflow.precision import resolve_precision
 
 
 def validate_components(config: Mapping[str, Any]) -> None:
@@ -37,7 +38,7 @@ def validate_components(config: Mapping[str, Any]) -> None:
         check_arguments(factory, kwargs, where=path, label=f"{SINGULAR[kind]} '{name}'", provided=given)
     name, kwargs = component(config["data"]["source"])
     check_arguments(registry.load("sources", name), kwargs, where="data.source", label=f"data source '{name}'")
-    check_arguments(L.Trainer, config["trainer"], where="trainer", label="the Lightning Trainer")
+    check_arguments(L.Trainer, resolve_precision(config["trainer"]), where="trainer", label="the Lightning Trainer")
     check_optimization(config)
     check_compatibility(config, task_name, task_cls)
 

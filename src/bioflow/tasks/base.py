@@ -34,6 +34,13 @@ from bioflow.registry import registry
 _CONTEXT = ("config", "data_info", "inference")
 
 
+def full_precision(device: torch.device):
+    """No autocast: validation and testing run the network in float32 whatever precision trains it
+    (``trainer.precision``), so their scores are the ones that ``bioflow predict`` and
+    ``bioflow evaluate`` (always float32) reproduce."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 class BaseTask(TiledPredictor, L.LightningModule):
     """Shared training, validation and test logic of a bioflow task (see the module docstring)."""
 
@@ -139,10 +146,12 @@ class BaseTask(TiledPredictor, L.LightningModule):
         return output
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.evaluate_image("val", batch)
+        with full_precision(self.device):
+            self.evaluate_image("val", batch)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.evaluate_image("test", batch)
+        with full_precision(self.device):
+            self.evaluate_image("test", batch)
 
     def on_validation_epoch_start(self) -> None:
         self.figure_samples = []

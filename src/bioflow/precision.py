@@ -1,0 +1,62 @@
+"""``trainer.precision: auto``: mixed precision where the hardware computes it natively, else full.
+
+The training step of a convolutional network is dominated by its convolutions. CPUs with AMX
+(Intel Xeon since Sapphire Rapids) and GPUs since Ampere compute them in bfloat16 several times
+faster than in float32; autocast keeps the weights, the optimizer and the loss in float32, so
+only the convolutions' inputs are rounded. ``auto`` chooses:
+
+* a CUDA device: ``bf16-mixed`` where the GPU supports bfloat16, else ``16-mixed``;
+* a CPU with AMX: ``bf16-mixed`` (a StarDist training step: 0.11 instead of 0.19 s on one thread);
+* any other CPU, or another accelerator: ``32-true`` (bfloat16 without hardware support is slower).
+
+Validation, testing and prediction always run the network in float32 (see
+``BaseTask.validation_step``), so the scores that choose the checkpoint and the thresholds are the
+ones ``bioflow predict`` reproduces.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+AUTO = "auto"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has AMX tiles (matrix units that compute bfloat16 products natively)."""
+    import torch
+
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except Exception:  # an unusual build without the check: be conservative
+        return False
+
+
+def device_type(accelerator: Any) -> str:
+    """The device type the Trainer will use for ``accelerator`` (``cpu``, ``cuda`` or another)."""
+    import torch
+
+    name = str(accelerator).lower()
+    if name in ("auto", "gpu", "cuda"):
+        return "cuda" if torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+    return name
+
+
+def auto_precision(accelerator: Any) -> str:
+    """The precision ``auto`` stands for on ``accelerator``."""
+    import torch
+
+    kind = device_type(accelerator)
+    if kind == "cuda":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if kind == "cpu":
+        return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+    return "32-true"
+
+
+def resolve_precision(trainer: Mapping[str, Any]) -> dict[str, Any]:
+    """The trainer arguments with ``precision: auto`` replaced by what it stands for here."""
+    args = dict(trainer)
+    if str(args.get("precision", "")).lower() == AUTO:
+        args["precision"] = auto_precision(args.get("accelerator", "auto"))
+    return args
