@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -276,6 +277,10 @@ def check_task(factory: Factory, name: str | None = None, overrides: tuple[str, 
         batch = _task_batch(factory.target_kind, 2, shape, seed=1, target_fn=factory.target_transform(task.task_settings))
         task.train()
         inputs, target = task.training_pair(batch)
+        made_in_loader = task.loader_loss_target()
+        if made_in_loader is not None:  # the data loader's workers get a pickled copy
+            made = pickle.loads(pickle.dumps(made_in_loader))(batch["target"])
+            assert torch.allclose(made, target), f"{dims}D: loader_loss_target() makes another target than loss_target()"
         loss = task.loss_fn(task.loss_input(task(inputs)), target)
         assert loss.dim() == 0 and torch.isfinite(loss), f"{dims}D: the training loss must be a finite scalar"
         loss.backward()

@@ -178,6 +178,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] 
         "normalization": data.normalizer.as_dict(),
     }
     task = create_task(config, data_info)
+    data.loader_target = task.loader_loss_target()
     check_patch_size(config["data"]["patch_size"], task.size_multiple)
     has_val = bool(data.splits["val"])
     if not has_val and component(config["scheduler"])[0] == "plateau":

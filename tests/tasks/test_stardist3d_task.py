@@ -51,6 +51,11 @@ def test_loss_target_is_prob_dists_and_validity_on_the_grid():
     dists = star_distances_3d(labels, task.rays, (1, 2, 2))
     assert np.allclose(target[0, 1:-1].numpy(), np.moveaxis(dists, -1, 0), atol=1e-5)
     assert target[0, -1].min() == 1 and target[1, -1, :, :, -4:].max() == 0 and target[1, -1, :, :, :-4].min() == 1
+    # the data loader's workers make the same target (from a pickled copy of the function)
+    import pickle
+
+    in_loader = pickle.loads(pickle.dumps(task.loader_loss_target()))
+    torch.testing.assert_close(in_loader(torch.from_numpy(np.stack([labels, padded]))), target)
 
 
 def exact_output(labels: np.ndarray, task) -> torch.Tensor:

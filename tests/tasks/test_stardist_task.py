@@ -154,3 +154,27 @@ def test_the_stem_pools_before_its_second_relu_with_the_same_values_and_gradient
     want = torch.autograd.grad(reference, [x, conv1.weight, conv2.weight], grad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_training_loader_makes_the_loss_target_that_the_step_would_make(workers):
+    from bioflow.data.module import BioflowDataModule
+    from bioflow.tasks import get_task
+
+    config = compose_config("experiment=demo_stardist", "data.source.n_images=4", "data.source.shape=[64,64]",
+                            "data.patch_size=[32,32]", "data.batch_size=3", f"data.num_workers={workers}",
+                            "model.depth=2", "model.base_channels=4", "task.features=8")
+    cls = get_task(config["task"]["name"])
+    data = BioflowDataModule(config["data"], config["sampler"], 0, cls.target_kind, None)
+    data.prepare()
+    task = create_task(config, {"in_channels": 1, "spatial_dims": 2, "pixel_size": None, "split": data.split})
+    data.loader_target = task.loader_loss_target()
+    batch = next(iter(data.train_dataloader()))
+    expected = task.loss_target(batch["target"])
+    assert batch["loss_target"].shape == expected.shape == (3, 2 + task.n_rays, 16, 16)
+    torch.testing.assert_close(batch["loss_target"], expected)
+    assert float(expected[:, 0].max()) == 1.0  # the patches show nuclei
+    inputs, target = task.training_pair(batch)
+    assert target is batch["loss_target"] and inputs is batch["image"]
+    del batch["loss_target"]
+    torch.testing.assert_close(task.training_pair(batch)[1], expected)  # without it: made in the step

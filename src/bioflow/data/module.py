@@ -6,7 +6,7 @@ import logging
 from typing import Any, Callable, Mapping
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from bioflow.data.augment import Augmenter, TargetKind
 from bioflow.data.normalize import Normalizer, PercentileNorm
@@ -62,6 +62,8 @@ class BioflowDataModule(L.LightningDataModule):
         self.seed = seed
         self.target_kind = target_kind
         self.target_fn = target_fn
+        #: Set by training: the task's loss target function for training batches (None: none).
+        self.loader_target = None
         self.recorded_split = split
         #: The split that ``test_dataloader`` serves (``bioflow evaluate --split`` changes it).
         self.evaluation_split = "test"
@@ -178,7 +180,8 @@ class BioflowDataModule(L.LightningDataModule):
             index, self._norms(records), Augmenter(self.cfg.get("augment"), self.spatial_dims, self.train_target_kind),
             self.target_fn, use_targets=self.train_target_kind != "none",
         )
-        return self._loader(dataset, self.cfg["batch_size"], SeededSampler(sampler, self.seed))
+        collate = None if self.loader_target is None else WithLossTarget(self.loader_target)
+        return self._loader(dataset, self.cfg["batch_size"], SeededSampler(sampler, self.seed), collate)
 
     def _whole(self, split: str) -> DataLoader:
         records = self.splits[split]
@@ -197,12 +200,25 @@ class BioflowDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._whole(self.evaluation_split)
 
-    def _loader(self, dataset, batch_size: int, sampler) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, sampler, collate=None) -> DataLoader:
         workers = int(self.cfg["num_workers"])
         return DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-            persistent_workers=workers > 0, pin_memory=False,
+            persistent_workers=workers > 0, pin_memory=False, collate_fn=collate,
         )
+
+
+class WithLossTarget:
+    """Collate training samples and add ``loss_target``, made from the batch's targets by the task's
+    function (``BaseTask.loader_loss_target``) in the loader, beside the training step."""
+
+    def __init__(self, make_target) -> None:
+        self.make_target = make_target
+
+    def __call__(self, samples):
+        batch = default_collate(samples)
+        batch["loss_target"] = self.make_target(batch["target"])
+        return batch
 
 
 class _RankShard:

@@ -116,9 +116,17 @@ class BaseTask(TiledPredictor, L.LightningModule):
         """What the loss compares the output with, made from a batch of targets (default: as is)."""
         return target
 
+    def loader_loss_target(self):
+        """A picklable function ``targets -> loss target`` that the training data loader applies to
+        each collated batch (in its worker processes when ``data.num_workers > 0``, so off the
+        training step; see ``loss_target``), or None: ``loss_target`` runs in the training step."""
+        return None
+
     def training_pair(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network's input and the loss's target for a training batch."""
-        return batch["image"], self.loss_target(batch["target"])
+        """The network's input and the loss's target for a training batch (the loss target the
+        data loader made, if it made one)."""
+        made = batch.get("loss_target")
+        return batch["image"], self.loss_target(batch["target"]) if made is None else made
 
     def loss_input(self, output: torch.Tensor) -> torch.Tensor:
         """What the loss takes from the network's output for a batch (default: as is)."""

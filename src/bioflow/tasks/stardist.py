@@ -14,6 +14,8 @@ in the model.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 from pathlib import Path
@@ -38,6 +40,17 @@ SELECTION_TAUS = (0.3, 0.5, 0.7)
 #: Probability thresholds tried first (then refined around the best); overlap thresholds tried.
 PROB_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
 NMS_GRID = (0.3, 0.4, 0.5)
+
+
+def stardist_loss_target(labels: torch.Tensor, n_rays: int, grid: Sequence[int]) -> torch.Tensor:
+    """The loss target of a batch of label patches ``(N, H, W)`` (-1: padding): ``(N, 2 + R, H', W')``
+    with the object probability, the ray distances and the validity, on the labels' device."""
+    gy, gx = grid
+    valid = (labels != -1)[:, ::gy, ::gx]
+    labels = labels.clamp(min=0)
+    dists = star_distances_batch(labels, n_rays, grid).permute(0, 3, 1, 2)
+    prob = torch.stack([object_probabilities(lab, grid) for lab in labels])
+    return torch.cat([prob[:, None], dists, valid[:, None].to(dists.dtype)], dim=1)
 
 
 def metric_key(key: str) -> str:
@@ -126,12 +139,12 @@ class StarDistTask(BaseTask):
     # -- targets -------------------------------------------------------------------------------
     def loss_target(self, labels: torch.Tensor) -> torch.Tensor:
         """``(N, 2 + R, H', W')``: object probability, ray distances and validity, on the labels' device."""
-        gy, gx = self.grid
-        valid = (labels != -1)[:, ::gy, ::gx]
-        labels = labels.clamp(min=0)
-        dists = star_distances_batch(labels, self.n_rays, self.grid).permute(0, 3, 1, 2)
-        prob = torch.stack([object_probabilities(lab, self.grid) for lab in labels])
-        return torch.cat([prob[:, None], dists, valid[:, None].to(dists.dtype)], dim=1)
+        return stardist_loss_target(labels, self.n_rays, self.grid)
+
+    def loader_loss_target(self):
+        # The targets (about 15 ms per batch of four 128² patches on one CPU thread, more as many
+        # small kernels on a GPU) are made by the data loader's workers, beside the training step.
+        return functools.partial(stardist_loss_target, n_rays=self.n_rays, grid=self.grid)
 
     # -- predictions -------------------------------------------------------------------------------
     def nms_arguments(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ training data's voxel size (TIFF metadata or ``data.source.pixel_size``); it is 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import torch
@@ -21,6 +22,17 @@ from bioflow.errors import BioflowError, ConfigError
 from bioflow.stardist.rays3d import golden_spiral_rays, normalize_anisotropy
 from bioflow.stardist.targets3d import object_probabilities_3d, star_distances_3d_batch
 from bioflow.tasks.stardist import StarDistTask
+
+
+def stardist3d_loss_target(labels: torch.Tensor, rays, grid: Sequence[int], anisotropy: Sequence[float]) -> torch.Tensor:
+    """The loss target of a batch of label volumes ``(N, Z, Y, X)`` (-1: padding): probability,
+    distances along ``rays`` and validity, ``(N, 2 + R, Z', Y', X')``."""
+    gz, gy, gx = grid
+    valid = (labels != -1)[:, ::gz, ::gy, ::gx]
+    labels = labels.clamp(min=0)
+    dists = star_distances_3d_batch(labels, rays, grid).permute(0, 4, 1, 2, 3)
+    prob = torch.stack([object_probabilities_3d(lab, grid, anisotropy) for lab in labels])
+    return torch.cat([prob[:, None], dists, valid[:, None].to(dists.dtype)], dim=1)
 
 
 class StarDist3DTask(StarDistTask):
@@ -64,12 +76,10 @@ class StarDist3DTask(StarDistTask):
 
     def loss_target(self, labels: torch.Tensor) -> torch.Tensor:
         """``(N, 2 + R, Z', Y', X')``: object probability, ray distances and validity."""
-        gz, gy, gx = self.grid
-        valid = (labels != -1)[:, ::gz, ::gy, ::gx]
-        labels = labels.clamp(min=0)
-        dists = star_distances_3d_batch(labels, self.rays, self.grid).permute(0, 4, 1, 2, 3)
-        prob = torch.stack([object_probabilities_3d(lab, self.grid, self.anisotropy) for lab in labels])
-        return torch.cat([prob[:, None], dists, valid[:, None].to(dists.dtype)], dim=1)
+        return stardist3d_loss_target(labels, self.rays, self.grid, self.anisotropy)
+
+    def loader_loss_target(self):
+        return functools.partial(stardist3d_loss_target, rays=self.rays, grid=self.grid, anisotropy=self.anisotropy)
 
     def nms_arguments(self) -> dict[str, Any]:
         return {"n_rays": self.n_rays, "anisotropy": list(self.anisotropy)}
