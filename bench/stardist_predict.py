@@ -104,10 +104,11 @@ def main() -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     network_s = time.perf_counter() - start
-    candidates = int(sum(len(p) for p in session.probs))
+    candidates = session.count  # rows appended to the session's candidate file
     start = time.perf_counter()
-    labels = session.finish()["labels"]
+    labels = np.asarray(session.finish()["labels"])  # rendered strip by strip (Blocks)
     nms_render_s = time.perf_counter() - start
+    session.close()
     stats = match_instances(truth, labels, [0.5])[0.5]
     report = {
         "benchmark": "stardist_predict", "image": args.image, "size": f"{args.size}x{args.size}", "tile": args.tile or f"automatic ({task.tiling()[0]})",

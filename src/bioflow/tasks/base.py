@@ -28,6 +28,7 @@ from bioflow.config import component, used_components
 from bioflow.data.info import DataInfo
 from bioflow.errors import ConfigError
 from bioflow.inference.predictor import TiledPredictor
+from bioflow.models.folding import fold_batch_norms
 from bioflow.optim import configure_optimization
 from bioflow.registry import registry
 
@@ -68,6 +69,7 @@ class BaseTask(TiledPredictor, L.LightningModule):
         # Channels-last activations: the fast layout of oneDNN (CPU) and cuDNN convolutions.
         self._memory_format = {2: torch.channels_last, 3: torch.channels_last_3d}.get(self.data_info.spatial_dims)
         self.model = self.build_model()
+        self._inference_copy: tuple | None = None  # (weights' identity, folded copy): see inference_network
         if self._memory_format is not None:
             self.model = self.model.to(memory_format=self._memory_format)
         self.loss_fn = None if inference else self.build_loss()
@@ -109,7 +111,19 @@ class BaseTask(TiledPredictor, L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._memory_format is not None and x.dim() == self.data_info.spatial_dims + 2:
             x = x.contiguous(memory_format=self._memory_format)
-        return self.model(x)
+        if self.model.training or torch.is_grad_enabled():
+            return self.model(x)
+        return self.inference_network()(x)
+
+    def inference_network(self) -> torch.nn.Module:
+        """The network for prediction without gradients: a copy with its batch norms folded into the
+        convolutions (``bioflow.models.folding``; same outputs up to rounding, one pass fewer per
+        layer), made again whenever the weights have changed (e.g. between validation epochs)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+        if self._inference_copy is None or self._inference_copy[0] != key:
+            self._inference_copy = (key, fold_batch_norms(self.model))
+        return self._inference_copy[1]
 
     # -- training -----------------------------------------------------------------------------
     def loss_target(self, target: torch.Tensor) -> torch.Tensor:
