@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=0, help="tile size (default 0: automatic, as bioflow predict)")
     parser.add_argument("--project-dir", default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed", "auto"], default=None,
+                        help="bioflow's network precision (as bioflow predict --precision; default: the model's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reference-python")
     parser.add_argument("--reference-model")
@@ -95,6 +97,8 @@ def main() -> None:
     task = load_model(args.model, Store.create(args.project_dir or default_project_dir()), inference=True,
                       explicit_store=args.project_dir is not None).task
     device = choose_device(args.device)
+    if args.precision:
+        task.config["predict"] = {**task.config["predict"], "precision": args.precision}
     task.to(device)
     norm = task.normalizer().norm_for(image[None])
     session = task.prediction_session(image.shape)
@@ -113,6 +117,7 @@ def main() -> None:
     report = {
         "benchmark": "stardist_predict", "image": args.image, "size": f"{args.size}x{args.size}", "tile": args.tile or f"automatic ({task.tiling()[0]})",
         "device": device, "threads": torch.get_num_threads(),
+        "precision": task.config["predict"].get("precision", "32-true"),
         "bioflow": {
             "network_and_candidates_s": round(network_s, 2), "nms_and_render_s": round(nms_render_s, 2),
             "total_s": round(network_s + nms_render_s, 2), "candidates": candidates, "objects_true": stats.n_true,

@@ -13,6 +13,7 @@ import tifffile
 import torch
 
 from bioflow.checkpoint import load_checkpoint
+from bioflow.errors import BioflowError
 from bioflow.loading import task_from_checkpoint
 from bioflow.data.normalize import PercentileNorm
 from bioflow.testing import make_checkpoint
@@ -209,3 +210,23 @@ def test_a_model_saved_before_the_renames_still_loads_and_predicts(tmp_path, mod
         assert done.returncode == 0, done.stderr
     assert np.array_equal(tifffile.imread(tmp_path / "old" / "a.tif"), tifffile.imread(tmp_path / "new" / "a.tif"))
     assert np.array_equal(tifffile.imread(tmp_path / "old" / "a.tif"), reference_labels(model2d, data))
+
+
+def test_precision_bf16_predicts_through_bfloat16_and_close_to_float32(model2d, tmp_path, monkeypatch):
+    from bioflow.prediction import predict
+
+    data = image((96, 96))
+    tifffile.imwrite(tmp_path / "a.tif", data)
+    seen = []
+    original = torch.nn.Conv2d.forward
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x: seen.append(original(self, x).dtype) or original(self, x))
+    outs = {}
+    for precision in ("32-true", "bf16-mixed"):
+        seen.clear()
+        predict(str(model2d), [str(tmp_path / "a.tif")], str(tmp_path / precision), precision=precision, tile_size=[96],
+                progress=False)
+        assert set(seen) == {torch.float32 if precision == "32-true" else torch.bfloat16}
+        outs[precision] = tifffile.imread(tmp_path / precision / "a.tif")
+    assert (outs["32-true"] == outs["bf16-mixed"]).mean() > 0.98
+    with pytest.raises(BioflowError, match="--precision"):
+        predict(str(model2d), [str(tmp_path / "a.tif")], str(tmp_path / "x"), precision="fp8", progress=False)

@@ -215,7 +215,7 @@ def predict_command(args: argparse.Namespace) -> int:
         args.model, args.inputs, args.out, project_dir=args.project_dir, tracking_uri=args.tracking_uri,
         axes=args.axes, tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
         tta=args.tta, blend=args.blend, rescale=args.rescale, device=args.device, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.no_progress, precision=args.precision,
     )
     return 0
 
@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--blend", choices=["cosine", "none"], default="cosine", help="how overlapping tiles are combined")
     pr.add_argument("--rescale", action="store_true", help="resample images whose pixel size differs from training")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    pr.add_argument("--precision", choices=["32-true", "bf16-mixed", "auto"], default=None,
+                    help="the network's precision (default: the model's predict.precision, 32-true unless set); "
+                         "auto: bfloat16 where the CPU (AMX) or GPU computes it natively")
     pr.add_argument("--overwrite", action="store_true", help="replace existing output files (never inputs)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.add_argument("--project-dir", help="project folder of the embedded store, for run ids (default: where the run was trained)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 from bioflow.arguments import describe_type, matches_type
 from bioflow.errors import ConfigError, check_range, did_you_mean
@@ -77,6 +77,7 @@ class Predict:
     tile_size: Optional[list[int]]
     overlap: Optional[list[int]]
     batch_size: Optional[int]
+    precision: Literal["32-true", "bf16-mixed", "auto"] = "32-true"
 
 
 @dataclass

@@ -54,6 +54,29 @@ def auto_precision(accelerator: Any) -> str:
     return "32-true"
 
 
+def inference_precision(setting: Any, device_kind: str) -> str:
+    """What ``predict.precision`` stands for on a device of type ``device_kind``: ``bf16-mixed``
+    or ``32-true`` (``auto``: bfloat16 where the device computes it natively; float16, which can
+    overflow in activations, is never chosen for prediction)."""
+    import torch
+
+    value = str(setting or "32-true").lower()
+    if value == AUTO:
+        if device_kind == "cuda":
+            return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+        return "bf16-mixed" if device_kind == "cpu" and cpu_has_native_bf16() else "32-true"
+    return "bf16-mixed" if value == "bf16-mixed" else "32-true"
+
+
+def inference_autocast(setting: Any, device: Any):
+    """The autocast context for the network in validation, testing and prediction."""
+    import torch
+
+    kind = torch.device(device).type
+    enabled = inference_precision(setting, kind) == "bf16-mixed" and kind in ("cpu", "cuda")
+    return torch.autocast(device_type=kind if kind in ("cpu", "cuda") else "cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
 def resolve_precision(trainer: Mapping[str, Any]) -> dict[str, Any]:
     """The trainer arguments with ``precision: auto`` replaced by what it stands for here."""
     args = dict(trainer)

@@ -198,6 +198,7 @@ def predict(
     device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    precision: str | None = None,
 ) -> list[dict[str, Path]]:
     """Predict every input TIFF with ``model`` (a checkpoint file, an MLflow run id or a bioimage.io package).
 
@@ -226,6 +227,12 @@ def predict(
         task = load_model(model, store, inference=True, explicit_store=explicit).task
     for line in task.prediction_caveats():
         print(f"bioflow: note: {line}", file=sys.stderr)
+    if precision is not None:  # instead of the model's predict.precision
+        if precision not in PRECISIONS:
+            raise BioflowError(f"--precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
+        if not isinstance(getattr(task, "config", None), dict) or "predict" not in task.config:
+            raise BioflowError(f"--precision: {model} does not predict through bioflow's network; predict without it")
+        task.config["predict"] = {**task.config["predict"], "precision": precision}
     task.to(device)
     plan = output_paths(files, out_dir, task.prediction_outputs(), overwrite)
     options = dict(tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta, blend=blend, progress=progress)
@@ -252,6 +259,10 @@ class PredictionErrors(BioflowError):
     def __init__(self, messages: list[str], total: int) -> None:
         self.messages = messages
         super().__init__(f"{len(messages)} of {total} input file(s) failed (each reported above); the others were predicted")
+
+
+#: Values of ``predict.precision`` / ``--precision``.
+PRECISIONS = ("32-true", "bf16-mixed", "auto")
 
 
 def check_options(*, tile_size=None, overlap=None, batch_size=None, axes=None) -> None:

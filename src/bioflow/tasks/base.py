@@ -30,15 +30,17 @@ from bioflow.errors import ConfigError
 from bioflow.inference.predictor import TiledPredictor
 from bioflow.models.folding import fold_batch_norms
 from bioflow.optim import configure_optimization
+from bioflow.precision import inference_autocast
 from bioflow.registry import registry
 
 _CONTEXT = ("config", "data_info", "inference")
 
 
 def full_precision(device: torch.device):
-    """No autocast: validation and testing run the network in float32 whatever precision trains it
-    (``trainer.precision``), so their scores are the ones that ``bioflow predict`` and
-    ``bioflow evaluate`` (always float32) reproduce."""
+    """No training autocast: validation and testing run the network in the prediction precision
+    (``predict.precision``, float32 by default) whatever precision trains it
+    (``trainer.precision``), so their scores are the ones ``bioflow predict`` and ``bioflow
+    evaluate`` reproduce."""
     return torch.autocast(device_type=device.type, enabled=False)
 
 
@@ -113,7 +115,9 @@ class BaseTask(TiledPredictor, L.LightningModule):
             x = x.contiguous(memory_format=self._memory_format)
         if self.model.training or torch.is_grad_enabled():
             return self.model(x)
-        return self.inference_network()(x)
+        with inference_autocast(self.config["predict"].get("precision"), x.device):
+            out = self.inference_network()(x)
+        return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
 
     def inference_network(self) -> torch.nn.Module:
         """The network for prediction without gradients: a copy with its batch norms folded into the
