@@ -15,6 +15,7 @@ from typing import Sequence
 
 from bioflow import __version__
 from bioflow.errors import BioflowError
+from bioflow.precision import PREDICTION_PRECISIONS
 
 def _project_dir_default() -> str:
     from bioflow.tracking.store import default_project_dir
@@ -328,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--blend", choices=["cosine", "none"], default="cosine", help="how overlapping tiles are combined")
     pr.add_argument("--rescale", action="store_true", help="resample images whose pixel size differs from training")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    pr.add_argument("--precision", choices=["32-true", "bf16-mixed", "auto"], default=None,
+    pr.add_argument("--precision", choices=PREDICTION_PRECISIONS, default=None,
                     help="the network's precision (default: the model's predict.precision, 32-true unless set); "
                          "auto: bfloat16 where the CPU (AMX) or GPU computes it natively")
     pr.add_argument("--overwrite", action="store_true", help="replace existing output files (never inputs)")

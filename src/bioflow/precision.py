@@ -9,9 +9,10 @@ only the convolutions' inputs are rounded. ``auto`` chooses:
 * a CPU with AMX: ``bf16-mixed`` (a StarDist training step: 0.11 instead of 0.19 s on one thread);
 * any other CPU, or another accelerator: ``32-true`` (bfloat16 without hardware support is slower).
 
-Validation, testing and prediction always run the network in float32 (see
-``BaseTask.validation_step``), so the scores that choose the checkpoint and the thresholds are the
-ones ``bioflow predict`` reproduces.
+Validation, testing and prediction run the network in the prediction precision
+(``predict.precision``: ``32-true`` by default, ``bf16-mixed``, or ``auto`` as above but never
+float16), whatever the training precision, so the scores that choose the checkpoint and the
+thresholds are the ones ``bioflow predict`` reproduces.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 AUTO = "auto"
+#: Values of ``predict.precision`` and ``bioflow predict --precision``.
+PREDICTION_PRECISIONS = ("32-true", "bf16-mixed", AUTO)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -58,13 +61,9 @@ def inference_precision(setting: Any, device_kind: str) -> str:
     """What ``predict.precision`` stands for on a device of type ``device_kind``: ``bf16-mixed``
     or ``32-true`` (``auto``: bfloat16 where the device computes it natively; float16, which can
     overflow in activations, is never chosen for prediction)."""
-    import torch
-
     value = str(setting or "32-true").lower()
     if value == AUTO:
-        if device_kind == "cuda":
-            return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-        return "bf16-mixed" if device_kind == "cpu" and cpu_has_native_bf16() else "32-true"
+        value = auto_precision(device_kind)
     return "bf16-mixed" if value == "bf16-mixed" else "32-true"
 
 

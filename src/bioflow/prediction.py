@@ -23,6 +23,7 @@ import numpy as np
 from bioflow.data.records import check_finite
 from bioflow.errors import BioflowError, DataError
 from bioflow.inference.outputs import OutputSpec, output_blocks
+from bioflow.precision import PREDICTION_PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,8 @@ def predict(
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir}: exists and is not a folder; give a folder for the outputs")
     check_options(tile_size=tile_size, overlap=overlap, batch_size=batch_size, axes=axes)
+    if precision is not None and precision not in PREDICTION_PRECISIONS:
+        raise BioflowError(f"--precision: '{precision}' is not one of {', '.join(PREDICTION_PRECISIONS)}")
     device = choose_device(device)
     files = collect_inputs(inputs)
     if is_package(model):  # run through bioimage.io's runtime (see bioflow.bioimageio.runtime)
@@ -228,8 +231,6 @@ def predict(
     for line in task.prediction_caveats():
         print(f"bioflow: note: {line}", file=sys.stderr)
     if precision is not None:  # instead of the model's predict.precision
-        if precision not in PRECISIONS:
-            raise BioflowError(f"--precision: '{precision}' is not one of {', '.join(PRECISIONS)}")
         if not isinstance(getattr(task, "config", None), dict) or "predict" not in task.config:
             raise BioflowError(f"--precision: {model} does not predict through bioflow's network; predict without it")
         task.config["predict"] = {**task.config["predict"], "precision": precision}
@@ -259,10 +260,6 @@ class PredictionErrors(BioflowError):
     def __init__(self, messages: list[str], total: int) -> None:
         self.messages = messages
         super().__init__(f"{len(messages)} of {total} input file(s) failed (each reported above); the others were predicted")
-
-
-#: Values of ``predict.precision`` / ``--precision``.
-PRECISIONS = ("32-true", "bf16-mixed", "auto")
 
 
 def check_options(*, tile_size=None, overlap=None, batch_size=None, axes=None) -> None:
