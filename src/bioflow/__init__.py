@@ -5,12 +5,7 @@ The Python API (:mod:`bioflow.api`, docs/python-api.md): ``bioflow.train``, ``bi
 bioflow`` stays instant.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("bioflow")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0+unknown"
+from bioflow.version import __version__
 
 _API = ("train", "predict", "evaluate", "load_model", "Model")
 

@@ -66,15 +66,16 @@ def predict(model: str, inputs: str | Path | Sequence[str | Path], out: str | Pa
     Parameters
     ----------
     model
-        An MLflow run id (found in the store it was trained into) or a checkpoint file.
+        An MLflow run id (found in the store it was trained into), a checkpoint file or a
+        bioimage.io package (.zip, rdf.yaml or its folder).
     inputs
         TIFF files or folders of them.
     out
         Output folder (created when there is something to write; inputs are never overwritten).
     **options
         ``project_dir``, ``tracking_uri``, ``axes``, ``tile_size``, ``overlap``, ``batch_size``,
-        ``tta``, ``blend``, ``rescale``, ``device``, ``overwrite``, ``progress``: the options of
-        ``bioflow predict``.
+        ``tta``, ``blend``, ``rescale``, ``device``, ``overwrite``, ``progress``, ``precision``: the
+        options of ``bioflow predict``.
 
     Returns
     -------
@@ -109,8 +110,9 @@ class Model:
 
     def __repr__(self) -> str:
         info = self.task.data_info
-        return (f"bioflow.Model(task={self.task.config['task']['name']!r}, {info.spatial_dims}D, "
-                f"{info.in_channels} channel(s), run_id={self.run_id!r})")
+        config = getattr(self.task, "config", None)  # None: a bioimage.io package of another tool
+        kind = config["task"]["name"] if config else "bioimage.io package"
+        return f"bioflow.Model(task={kind!r}, {info.spatial_dims}D, {info.in_channels} channel(s), run_id={self.run_id!r})"
 
     def predict(self, image, axes: str | None = None, **options: Any) -> dict[str, Any]:
         """Predict one image (or every time point of a time-lapse) held in memory.
@@ -166,7 +168,8 @@ class Model:
 
 def load_model(model: str, *, project_dir: str | Path | None = None, tracking_uri: str | None = None,
                device: str = "auto") -> Model:
-    """Load a trained model (an MLflow run id or a checkpoint file) for prediction in Python.
+    """Load a trained model (an MLflow run id, a checkpoint file or a bioimage.io package) for
+    prediction in Python, found as ``bioflow predict`` finds it.
 
     Only what prediction needs is loaded (a missing training-only plugin, such as a loss, is not
     required). ``device``: ``auto`` (a GPU if there is one), ``cpu``, ``cuda``, ``cuda:1``, ...

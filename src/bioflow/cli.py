@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from bioflow import __version__
+from bioflow.version import __version__
 from bioflow.errors import BioflowError
 from bioflow.precision import PREDICTION_PRECISIONS
 
@@ -223,9 +223,21 @@ def predict_command(args: argparse.Namespace) -> int:
 
 # -- export -------------------------------------------------------------------------------------
 def export_command(args: argparse.Namespace) -> int:
-    from bioflow.bioimageio.export import run_export
+    from bioflow.bioimageio.export import check_package, export_model
 
-    return run_export(args)
+    result = export_model(
+        args.model, args.out, project_dir=args.project_dir, tracking_uri=args.tracking_uri, authors=args.author or (),
+        license_id=args.license, cites=args.cite or (), name=args.name, overwrite=args.overwrite,
+    )
+    print(f"bioflow: {result.path}: bioimage.io package '{result.name}' (weights: {', '.join(result.weights)}; "
+          f"test tensors from {result.test_origin})", flush=True)
+    for note in result.notes:
+        print(f"bioflow: note: {note}", file=sys.stderr)
+    if not args.test:
+        return 0
+    passed, line = check_package(result.path)
+    print(line, flush=True)
+    return 0 if passed else 1
 
 
 # -- dashboard ----------------------------------------------------------------------------------
@@ -346,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--name", help="the model's name (default: from the task and the experiment)")
     ex.add_argument("--test", action="store_true", help="run bioimageio.core's test on the package afterwards")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    ex.add_argument("--project-dir", default=_project_dir_default(), help="project folder of the embedded store (for run ids)")
+    ex.add_argument("--project-dir", help="project folder of the embedded store, for run ids (default: where the run was trained)")
     ex.add_argument("--tracking-uri", default=None, help="MLflow tracking server (for run ids)")
     pl = sub.add_parser("plugins", help="list installed components (models, losses, ...) by kind")
     pl.add_argument("--kind", help="list one kind only")

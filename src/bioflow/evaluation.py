@@ -21,19 +21,15 @@ def evaluate(
     """Evaluate a checkpoint (or a run's best checkpoint) on the recorded ``split`` of its data."""
     import lightning as L
 
-    from bioflow.loading import load_model
-    from bioflow.bioimageio.runtime import evaluation_model, is_package
+    from bioflow.loading import load_model, recorded_data
 
     explicit = project_dir is not None or tracking_uri is not None
     store = Store.create(project_dir or default_project_dir(), tracking_uri)
-    if is_package(model):
-        loaded = evaluation_model(model)
-    else:
-        loaded = load_model(model, store, explicit_store=explicit)
-        store = loaded.store or store
-    task, run_id = loaded.task, loaded.run_id
-    config = loaded.checkpoint["hyper_parameters"]["config"]
-    data = recorded_data(config, task)
+    loaded = load_model(model, store, explicit_store=explicit, require_task=True)
+    store = loaded.store or store
+    # A package's scores are its own: they are not logged into the run it was trained in.
+    task, run_id = loaded.task, (loaded.run_id if loaded.package is None else None)
+    data = recorded_data(loaded.config, task)
     if not data.splits[split]:
         raise BioflowError(f"{model}: the {split} split of this model's data is empty")
     data.evaluation_split = split
@@ -49,21 +45,6 @@ def evaluate(
         logged = _log_to_run(store, run_id, metrics, split, task)
     return {"model": model, "split": split, "n_images": len(data.splits[split]), "metrics": metrics,
             "run_id": run_id, "logged": logged, "tracking_uri": store.tracking_uri}
-
-
-def recorded_data(config: Mapping[str, Any], task):
-    """The data module of a model's config with its recorded split and normalisation, prepared."""
-    from bioflow.data.module import BioflowDataModule
-    from bioflow.tasks import get_task
-
-    task_cls = get_task(config["task"]["name"])
-    data = BioflowDataModule(
-        config["data"], config["sampler"], seed=config["seed"], target_kind=task_cls.target_kind,
-        target_fn=task_cls.target_transform(task.task_settings), split=task.data_info.split,
-        normalization=task.data_info.normalization,
-    )
-    data.prepare()
-    return data
 
 
 def _log_to_run(store: Store, run_id: str, metrics: Mapping[str, float], split: str, task) -> bool:

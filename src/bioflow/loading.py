@@ -1,8 +1,11 @@
-"""Models rebuilt from their checkpoints: a checkpoint file or the best checkpoint of an MLflow run.
+"""One resolver for "which model?": a checkpoint file, an MLflow run id (its best checkpoint) or a
+bioimage.io package, used alike by predict, evaluate, export and the Python API (:func:`load_model`).
 
 The checkpoint names every component with its distribution and version, so a missing plugin is
 named with the package to install; only the components prediction needs must be installed to
-predict (:data:`INFERENCE_KINDS`).
+predict (:data:`INFERENCE_KINDS`). A package bioflow wrote is rebuilt as its task around the
+package's weights; any other package predicts its own output tensors
+(see :mod:`bioflow.bioimageio.runtime`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from bioflow.checkpoint import BEST_CHECKPOINT_ARTIFACT, RUN_ID, load_checkpoint
 from bioflow.errors import BioflowError, RegistryError
@@ -47,17 +50,11 @@ def task_from_checkpoint(checkpoint: dict[str, Any], origin: str, inference: boo
     With ``inference`` only what prediction needs is built (no loss, no training transforms), so
     a model predicts even where a training-only plugin is not installed.
     """
-    from bioflow.tasks import create_task, get_task
+    from bioflow.tasks import create_task, with_legacy_settings
 
     check_plugins_available(checkpoint, origin, INFERENCE_KINDS if inference else None)
     hparams = checkpoint["hyper_parameters"]
-    config = hparams["config"]
-    task_cls = get_task(config["task"]["name"])
-    # Settings a task gained after the model was saved take the values the model was built with.
-    missing = {k: v for k, v in task_cls.legacy_settings.items() if k not in config["task"]}
-    if missing:
-        config = {**config, "task": {**config["task"], **missing}}
-    task = create_task(config, hparams["data_info"], inference=inference)
+    task = create_task(with_legacy_settings(hparams["config"]), hparams["data_info"], inference=inference)
     task.load_state_dict(checkpoint["state_dict"])
     task.eval()
     return task
@@ -65,13 +62,24 @@ def task_from_checkpoint(checkpoint: dict[str, Any], origin: str, inference: boo
 
 @dataclass
 class LoadedModel:
-    """A model rebuilt from its checkpoint, with where it came from."""
+    """A model ready to predict, with where it came from.
+
+    ``task``: a bioflow task (from a checkpoint, or rebuilt around a package's weights), or the
+    package's own tensors for packages bioflow did not write; ``checkpoint``: what the model records
+    (config, data info, bioflow's record; None for packages bioflow did not write); ``package``:
+    the bioimage.io description when the model is a package.
+    """
 
     task: Any
-    checkpoint: dict[str, Any]
+    checkpoint: dict[str, Any] | None
     run_id: str | None
     origin: str
     store: Any = None
+    package: Any = None
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        return None if self.checkpoint is None else self.checkpoint["hyper_parameters"]["config"]
 
 
 @dataclass
@@ -101,13 +109,28 @@ def fetch_checkpoint(model: str, store, explicit_store: bool = True) -> Fetched:
     return Fetched(checkpoint, origin, model, store)
 
 
-def load_model(model: str, store, inference: bool = False, explicit_store: bool = True) -> LoadedModel:
-    """Rebuild the model named by ``model`` (see :func:`fetch_checkpoint`).
+def load_model(model: str, store, inference: bool = False, explicit_store: bool = True,
+               require_task: bool = False) -> LoadedModel:
+    """Rebuild the model named by ``model``: a bioimage.io package (a .zip, an rdf.yaml or a folder
+    with one), a checkpoint file or an MLflow run id (see :func:`fetch_checkpoint`).
 
     The returned task is in eval mode on the CPU; ``run_id`` is the run the model was trained in
-    (recorded in the checkpoint) when known, and ``store`` the store it was found in.
-    ``inference``: see :func:`task_from_checkpoint`.
+    (recorded in the checkpoint or package) when known, and ``store`` the store it was found in.
+    ``inference``: see :func:`task_from_checkpoint`. ``require_task``: a package must rebuild as a
+    bioflow task (evaluation needs its metrics and data), else a one-line error.
     """
+    from bioflow.bioimageio.package import is_package
+
+    if is_package(model):
+        from bioflow.bioimageio.package import bioflow_section, open_package
+        from bioflow.bioimageio.runtime import PackageModel, package_checkpoint, packaged_task
+
+        descr = open_package(model)
+        task = packaged_task(descr, model, required=require_task, inference=inference)
+        section = bioflow_section(descr)
+        checkpoint = package_checkpoint(descr) if task is not None else None
+        return LoadedModel(task or PackageModel(descr, model), checkpoint, (section or {}).get("run_id"), model,
+                           None, descr)
     fetched = fetch_checkpoint(model, store, explicit_store)
     task = task_from_checkpoint(fetched.checkpoint, fetched.origin, inference=inference)
     run_id = fetched.run_id or fetched.checkpoint["bioflow"].get("run_id")
@@ -128,3 +151,18 @@ def _download_checkpoint(run_id: str, store, workdir: Path) -> Path:
         ) from exc
     except OSError as exc:
         raise BioflowError(f"run {run_id}: its checkpoint artifact {BEST_CHECKPOINT_ARTIFACT} is missing ({exc})") from exc
+
+
+def recorded_data(config: Mapping[str, Any], task):
+    """The data module of a model's config with its recorded split and normalisation, prepared."""
+    from bioflow.data.module import BioflowDataModule
+    from bioflow.tasks import get_task
+
+    task_cls = get_task(config["task"]["name"])
+    data = BioflowDataModule(
+        config["data"], config["sampler"], seed=config["seed"], target_kind=task_cls.target_kind,
+        target_fn=task_cls.target_transform(task.task_settings), split=task.data_info.split,
+        normalization=task.data_info.normalization,
+    )
+    data.prepare()
+    return data

@@ -211,7 +211,6 @@ def predict(
     Returns, for each input predicted, the output files written (by output name).
     """
     from bioflow.loading import load_model
-    from bioflow.bioimageio.runtime import is_package, load_package
     from bioflow.tracking.store import Store, default_project_dir
 
     out_dir = Path(out)
@@ -222,12 +221,9 @@ def predict(
         raise BioflowError(f"--precision: '{precision}' is not one of {', '.join(PREDICTION_PRECISIONS)}")
     device = choose_device(device)
     files = collect_inputs(inputs)
-    if is_package(model):  # run through bioimage.io's runtime (see bioflow.bioimageio.runtime)
-        task = load_package(model)
-    else:
-        explicit = project_dir is not None or tracking_uri is not None
-        store = Store.create(project_dir or default_project_dir(), tracking_uri)
-        task = load_model(model, store, inference=True, explicit_store=explicit).task
+    explicit = project_dir is not None or tracking_uri is not None
+    store = Store.create(project_dir or default_project_dir(), tracking_uri)
+    task = load_model(model, store, inference=True, explicit_store=explicit).task
     for line in task.prediction_caveats():
         print(f"bioflow: note: {line}", file=sys.stderr)
     if precision is not None:  # instead of the model's predict.precision

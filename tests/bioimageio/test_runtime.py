@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("bioimageio.core")
 
 from bioflow.cli import main  # noqa: E402
-from bioflow.bioimageio.runtime import is_package  # noqa: E402
+from bioflow.bioimageio.package import is_package  # noqa: E402
 
 NET = '''
 import torch
@@ -141,13 +141,8 @@ def test_a_foreign_package_predicts_as_bioimageio_core_does(foreign_package, tmp
     assert code == 0
     ours = tifffile.imread(tmp_path / "out" / "a.tif")
     assert ours.shape == (2, 72, 88) and ours.dtype == np.float32
-    # core tiled into blocks of 16 + 2 * 8 pixels (percentiles of the whole image, like bioflow)
-    blocked = core(foreign_package, data, blocks=2)
-    assert max_relative(ours, blocked) < 1e-4
-    # core on the whole image pads it by the halo before taking the percentiles, which moves them a
-    # little: bioflow is as close to that as core's own tiled prediction is
-    whole = core(foreign_package, data)
-    assert max_relative(ours, whole) <= 1.01 * max_relative(blocked, whole) + 1e-6
+    # core's predict pads the image by the halo before it takes the percentiles; so does bioflow
+    assert max_relative(ours, core(foreign_package, data)) < 1e-4
 
 
 def test_images_of_any_size_are_padded_to_a_valid_size(foreign_package, tmp_path):
@@ -156,7 +151,10 @@ def test_images_of_any_size_are_padded_to_a_valid_size(foreign_package, tmp_path
     assert main(["predict", str(foreign_package), str(tmp_path / "a.tif"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     ours = tifffile.imread(tmp_path / "out" / "a.tif")
     assert ours.shape == (2, 61, 45)
-    assert max_relative(ours, core(foreign_package, data, blocks=1)) < 1e-4
+    # core predicts an image of this size only in blocks, and then takes the percentiles of the image
+    # without the halo (its whole-image predict, which bioflow follows, takes them with it): the two
+    # differ by that shift of the percentiles alone (about 5e-4 here)
+    assert max_relative(ours, core(foreign_package, data, blocks=1)) < 2e-3
 
 
 def _expect_one_line(capsys, *args: str, contains: str) -> None:
@@ -205,3 +203,14 @@ def test_what_counts_as_a_package(tmp_path):
     assert not is_package("0123456789abcdef0123456789abcdef")  # an MLflow run id
     (tmp_path / "rdf.yaml").write_text("")
     assert is_package(str(tmp_path))
+
+
+def test_a_foreign_package_loads_in_python_and_predicts_as_the_command_line(foreign_package, tmp_path):
+    import bioflow
+
+    data = image((72, 88), seed=4)
+    tifffile.imwrite(tmp_path / "a.tif", data)
+    assert main(["predict", str(foreign_package), str(tmp_path / "a.tif"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    model = bioflow.load_model(str(foreign_package))
+    assert "bioimage.io package" in repr(model) and model.outputs == ["scores"]
+    assert np.array_equal(model.predict(data)["scores"], tifffile.imread(tmp_path / "out" / "a.tif"))

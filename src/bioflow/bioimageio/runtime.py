@@ -1,212 +1,45 @@
-"""Running bioimage.io model packages (spec v0.5, or 0.4 converted) with bioflow's tiled prediction.
+"""Predicting with bioimage.io model packages (spec v0.5, or 0.4 converted): bioflow's tiled prediction.
 
-A package, written by bioflow or by any other tool, is run through bioimage.io's own runtime
-(``bioimageio.core``): its weights through core's model adapters, its pre- and post-processing
-through core's operators, with the statistics they need (percentiles, mean, ...) computed by core on
-the whole image. bioflow supplies the rest of ``bioflow predict``: images of any size read tile by
-tile, tiles overlapping by the package's halo and blended, outputs written strip by strip into
-TIFF files.
+Packages that bioflow wrote (their ``config.bioflow`` names the task and holds its training config)
+are rebuilt as their task, the network replaced by the package's weights
+(:func:`packaged_task`): they predict, evaluate and post-process exactly as the checkpoint they
+came from did, through the task's own normalisation, tiling, prediction session and outputs, for
+any task that is installed, built-in or from a plugin.
 
-Borders follow the package's producer: bioimageio.core pads an image by the halo (with the
-package's padding mode, ``symmetric`` by default) before predicting and crops the halo afterwards,
-and so does bioflow for packages of other tools, which makes its result equal core's. Packages that
-bioflow wrote (``config.bioflow``) are predicted as their checkpoint is, with the network's own
-zero padding at the image border, and turned into the same outputs: class maps, StarDist label
-images (non-maximum suppression with the thresholds in ``config.stardist``), restored images in the
-input's units.
-
-:class:`PackageModel` offers what ``bioflow predict`` asks of a task; :func:`evaluation_model`
-rebuilds a bioflow task around a package's weights for ``bioflow evaluate``.
+Every other package (or one whose task is not installed) runs through bioimage.io's runtime
+(``bioimageio.core``) as :class:`PackageModel`: its weights through core's model adapters, its pre-
+and post-processing through core's operators, with the statistics they need computed by core on
+the whole image; bioflow reads the image tile by tile, tiles overlapping by the package's halo and
+blended, and writes each output tensor as an image. Borders follow the package's producer:
+bioimageio.core pads an image by the halo (with the package's padding mode, ``symmetric`` by
+default) before predicting and crops the halo afterwards, and so does bioflow.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import logging
 import math
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bioflow.errors import BioflowError
+from bioflow.bioimageio.package import (  # noqa: F401 (is_package, require_core: this module's interface too)
+    OutputInfo, PackageError, TensorAxes, axis_of, bioflow_section, create_adapter, is_package, open_package,
+    require_core,
+)
+from bioflow.errors import RegistryError
 
-YAML_NAMES = ("rdf.yaml", "bioimageio.yaml")
-#: Weight formats tried, in this order, among those present and runnable here.
-WEIGHT_PRIORITY = ("pytorch_state_dict", "torchscript", "onnx", "tensorflow_saved_model_bundle", "keras_v3", "keras_hdf5")
-_BACKENDS = {"pytorch_state_dict": "torch", "torchscript": "torch", "onnx": "onnxruntime",
-             "tensorflow_saved_model_bundle": "tensorflow", "keras_hdf5": "tensorflow", "keras_v3": "keras"}
+log = logging.getLogger(__name__)
+
 #: Default tile edge for packages (their memory per pixel is unknown): 2D and 3D.
 _DEFAULT_TILE = {2: 384, 3: 64}
 _MICROMETRES = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "angstrom": 1e-4, "meter": 1e6}
-
-
-class PackageError(BioflowError):
-    """A bioimage.io package cannot be read or run."""
-
-
-def is_package(model: str) -> bool:
-    """Whether ``model`` names a bioimage.io package (a .zip, an rdf.yaml, or a folder with one)."""
-    path = Path(model)
-    if path.is_dir():
-        return any((path / name).is_file() for name in YAML_NAMES)
-    return path.suffix.lower() in (".zip", ".yaml", ".yml")
-
-
-def require_core() -> None:
-    try:
-        import bioimageio.core  # noqa: F401
-        import bioimageio.spec  # noqa: F401
-    except ImportError as exc:
-        raise PackageError(
-            f"bioimage.io packages need the optional extra ({exc.name or exc} is not installed): "
-            "pip install 'bioflow[bioimageio]'"
-        ) from None
-
-
-def first_error(summary) -> str:
-    """The first error of a bioimage.io validation summary, as one line."""
-    for detail in summary.details:
-        for error in detail.errors:
-            loc = ".".join(str(p) for p in error.loc)
-            msg = " ".join(str(error.msg).split())
-            return f"{loc}: {msg}" if loc else msg
-    return f"validation status {summary.status}"
-
-
-def open_package(model: str):
-    """The v0.5 model description of a package file or folder; a one-line error if it is none."""
-    require_core()
-    path = Path(model)
-    if not path.exists():
-        raise PackageError(f"{path}: no such file or folder")
-    source: Any = path
-    if path.is_file() and path.suffix.lower() == ".zip":
-        if not zipfile.is_zipfile(path):
-            raise PackageError(f"{path}: not a readable zip file (corrupt or truncated?)")
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = set(archive.namelist())
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise PackageError(f"{path}: not a readable zip file ({exc})") from None
-        if not names & set(YAML_NAMES):
-            hint = "; it looks like a bioflow checkpoint: name it .ckpt" if any(n.endswith("data.pkl") for n in names) else ""
-            raise PackageError(f"{path}: not a bioimage.io package (no rdf.yaml or bioimageio.yaml inside){hint}")
-    elif path.is_dir():
-        source = next(path / n for n in YAML_NAMES if (path / n).is_file())
-    from bioimageio.spec import load_description
-    from bioimageio.spec.model.v0_5 import ModelDescr
-
-    try:
-        descr = load_description(source, format_version="latest", perform_io_checks=False)
-    except Exception as exc:
-        raise PackageError(f"{path}: not a readable bioimage.io description ({type(exc).__name__}: "
-                           f"{' '.join(str(exc).split())[:200]})") from None
-    kind = getattr(descr, "type", None)
-    if kind is not None and kind != "model":
-        raise PackageError(f"{path}: a bioimage.io {kind}, not a model")
-    if not isinstance(descr, ModelDescr):
-        raise PackageError(f"{path}: not a valid bioimage.io model ({first_error(descr.validation_summary)})")
-    return descr
-
-
-def bioflow_section(descr) -> dict[str, Any] | None:
-    """``config.bioflow`` of a package bioflow wrote, else None."""
-    extra = descr.config.model_extra or {}
-    section = extra.get("bioflow")
-    return section if isinstance(section, dict) and "config" in section else None
-
-
-def runnable_formats(descr) -> list[str]:
-    """Weight formats of the package that can run here, in priority order."""
-    import importlib.util
-
-    present = [f for f in WEIGHT_PRIORITY if getattr(descr.weights, f, None) is not None]
-    runnable = [f for f in present if importlib.util.find_spec(_BACKENDS[f]) is not None]
-    if not runnable:
-        missing = sorted({_BACKENDS[f] for f in present})
-        raise PackageError(
-            f"{descr.name}: its weights ({', '.join(present)}) cannot run here: install {' or '.join(missing)}"
-        )
-    return runnable
-
-
-def create_adapter(descr, device: str, origin: str):
-    """bioimageio.core's model adapter for the first weight format that loads."""
-    from bioimageio.core.backends import create_model_adapter
-
-    formats = runnable_formats(descr)
-    try:
-        return create_model_adapter(descr, devices=[device], weight_format_priority_order=formats)
-    except Exception as exc:
-        raise PackageError(f"{origin}: none of its weights ({', '.join(formats)}) could be loaded "
-                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:240]})") from None
-
-
-# -- tensors and axes ----------------------------------------------------------------------------------
-@dataclass
-class TensorAxes:
-    """A package tensor's axes: their ids in order, each one's name in bioflow's layout ("batch",
-    "channel" or the space axis id), and the space axes in bioflow's (Z, Y, X) order."""
-
-    ids: list[str]
-    names: list[str]
-    spatial: list[str]
-
-    @classmethod
-    def of(cls, descr, origin: str) -> "TensorAxes":
-        ids, names, spatial = [], [], []
-        for a in descr.axes:
-            if a.type in ("batch", "channel"):
-                names.append(a.type)
-            elif a.type == "space":
-                names.append(str(a.id))
-                spatial.append(str(a.id))
-            else:
-                raise PackageError(f"{origin}: tensor '{descr.id}' has a {a.type} axis '{a.id}'; bioflow runs images with "
-                                   "batch, channel and space axes only")
-            ids.append(str(a.id))
-        if len(spatial) not in (2, 3):
-            raise PackageError(f"{origin}: tensor '{descr.id}' has {len(spatial)} space axes; bioflow runs 2D and 3D images")
-        if set(spatial) <= set("zyx"):
-            spatial = sorted(spatial, key="zyx".index)
-        return cls(ids, names, spatial)
-
-    @property
-    def has_batch(self) -> bool:
-        return "batch" in self.names
-
-    @property
-    def layout(self) -> list[str]:
-        """bioflow's layout of a batch: batch, channel, spatial axes."""
-        return ["batch", "channel", *self.spatial]
-
-    def to_package(self, array: np.ndarray) -> np.ndarray:
-        """``(N, C, *spatial)`` in bioflow's layout to this tensor's axis order (N, C dropped if absent)."""
-        missing = tuple(i for i, name in enumerate(self.layout) if name not in self.names)
-        kept = [name for name in self.layout if name in self.names]
-        return np.transpose(array.squeeze(missing) if missing else array, [kept.index(n) for n in self.names])
-
-    def from_package(self, array: np.ndarray) -> np.ndarray:
-        """This tensor's axis order to ``(N, C, *spatial)`` (singleton N, C where absent)."""
-        order = list(self.names)
-        for name in ("channel", "batch"):
-            if name not in order:
-                array, order = array[None], [name, *order]
-        return np.transpose(array, [order.index(n) for n in self.layout])
-
-
-def _axis(descr, axis_id: str):
-    return next(a for a in descr.axes if str(a.id) == axis_id)
-
-
-@dataclass
-class OutputInfo:
-    id: str
-    axes: TensorAxes
-    channels: int | None  # None: no channel axis
-    dtype: Any
+#: Where the exporter lists outputs in the input's units that need the input's own (per-image)
+#: normalisation inverted, which the format's post-processing cannot express.
+PER_IMAGE_UNITS = "per_image_units"
 
 
 # -- the package as a predictor ------------------------------------------------------------------------
@@ -249,7 +82,7 @@ class PackageModel:
             return self.bioflow["data_info"].get("pixel_size")
         sizes = []
         for a in self.in_axes.spatial:
-            axis = _axis(self.input, a)
+            axis = axis_of(self.input, a)
             unit = str(axis.unit) if axis.unit is not None else None
             if unit not in _MICROMETRES:
                 return None
@@ -263,7 +96,7 @@ class PackageModel:
         if axes.spatial != self.in_axes.spatial:
             raise PackageError(f"{self.origin}: output '{t.id}' has space axes {axes.spatial}, the input {self.in_axes.spatial}")
         for a in axes.spatial:
-            size = _axis(t, a).size
+            size = axis_of(t, a).size
             if not isinstance(size, SizeReference) or str(size.tensor_id) != self.input_id or str(size.axis_id) != a:
                 raise PackageError(f"{self.origin}: the size of output '{t.id}' along '{a}' does not follow the input's, "
                                    "so the output cannot be predicted tile by tile")
@@ -279,7 +112,7 @@ class PackageModel:
         for t in self.descr.outputs:
             ratios = []
             for a in self.in_axes.spatial:
-                r = float(_axis(t, a).scale) / float(_axis(self.input, a).scale)
+                r = float(axis_of(t, a).scale) / float(axis_of(self.input, a).scale)
                 if abs(r - round(r)) > 1e-6 or round(r) < 1:
                     raise PackageError(f"{self.origin}: output '{t.id}' has {r:g} input pixels per output pixel along '{a}'; "
                                        "bioflow tiles outputs subsampled by whole numbers only")
@@ -294,7 +127,7 @@ class PackageModel:
         halo = [0] * len(self.in_axes.spatial)
         for t in self.descr.outputs:
             for i, a in enumerate(self.in_axes.spatial):
-                h = getattr(_axis(t, a), "halo", 0) or 0
+                h = getattr(axis_of(t, a), "halo", 0) or 0
                 halo[i] = max(halo[i], int(h) * self.stride[i])
         return halo
 
@@ -304,7 +137,7 @@ class PackageModel:
 
         steps, rules = [], []
         for a in self.in_axes.spatial:
-            size = _axis(self.input, a).size
+            size = axis_of(self.input, a).size
             if isinstance(size, ParameterizedSize):
                 rules.append((size.min, size.step))
                 steps.append(size.step if size.min % size.step == 0 else 1)
@@ -342,40 +175,17 @@ class PackageModel:
         return self
 
     def prediction_caveats(self) -> list[str]:
-        if self.bioflow is None:
-            return []
-        from bioflow.tasks import get_task
-
-        caveat = getattr(get_task(self.bioflow["task"]), "caveat", "")
-        return [caveat] if caveat else []
+        return []
 
     def prediction_outputs(self):
+        """One output image per output tensor, named by its id."""
         from bioflow.inference.outputs import OutputSpec
 
-        task = self.bioflow["task"] if self.bioflow else None
-        if task == "segmentation":
-            classes = self.outputs[0].channels or 1
-            specs = [OutputSpec("labels", None, np.uint8 if classes <= 256 else np.uint16)]
-            if self._segmentation_postprocessor() is not None:
-                specs.append(OutputSpec("instances", None, np.int32, streamed=False))
-            return specs
-        if task == "stardist":
-            return [OutputSpec("labels", None, np.int32, streamed=False)]
-        if task in ("care", "n2v"):
-            return [OutputSpec("restored", self.data_info.in_channels, np.float32)]
         return [OutputSpec(o.id, o.channels, o.dtype if o.dtype.kind in "uif" else np.float32) for o in self.outputs]
 
     def prediction_session(self, shape: Sequence[int], workdir: Any = None):
         from bioflow.inference.outputs import PredictionSession
 
-        task = self.bioflow["task"] if self.bioflow else None
-        if task == "segmentation":
-            return _ClassSession(self.prediction_outputs(), self._segmentation_postprocessor(), shape,
-                                 self.outputs[0].channels or 1, workdir)
-        if task == "stardist":
-            from bioflow.tasks.stardist import _StarDistSession
-
-            return _StarDistSession(_StarDistSettings.of(self.descr, self.bioflow), tuple(shape), workdir)
         specs = self.prediction_outputs()
         bounds = np.cumsum([0] + [o.channels or 1 for o in self.outputs])
 
@@ -390,23 +200,6 @@ class PackageModel:
             return out
 
         return PredictionSession(specs, split)
-
-    def _segmentation_postprocessor(self):
-        from bioflow.config import component
-        from bioflow.errors import RegistryError
-        from bioflow.registry import registry
-
-        node = self.bioflow["config"].get("postprocessor")
-        if not node:
-            return None
-        name, kwargs = component(node)
-        try:
-            return registry.create("postprocessors", name, where="postprocessor", **kwargs)
-        except RegistryError as exc:
-            import logging
-
-            logging.getLogger(__name__).warning("%s: no instance labels: %s", self.origin, exc.one_line())
-            return None
 
     def predict_array(self, image, sink, tile_size=None, overlap=None, batch_size=None, tta: bool = False,
                       blend: str = "cosine", progress: bool = False) -> None:
@@ -429,7 +222,7 @@ class PackageModel:
         read = self._reader(image, halo, pre, stat, plan.shape)
         out_halo = [h // g for h, g in zip(halo, self.stride)]
         out_shape = [-(-s // g) for s, g in zip(shape, self.stride)]
-        finish = self._to_units(stat) if self.bioflow is not None and self.bioflow["task"] in ("care", "n2v") else None
+        finish = self._to_units(stat)
 
         def cropped(start: int, block) -> None:  # drop the halo the image was padded with
             lo, hi = max(start, out_halo[0]), min(start + block.shape[1], out_halo[0] + out_shape[0])
@@ -440,14 +233,9 @@ class PackageModel:
             part = block[box]
             sink(lo - out_halo[0], finish(part) if finish else part)
 
-        channel_map = None
-        if self.bioflow is not None and self.bioflow["task"] == "stardist":
-            from bioflow.tasks.stardist import _ray_permutation_map
-
-            channel_map = _ray_permutation_map(int(self.bioflow["config"]["task"].get("n_rays", 32)))
         with torch.no_grad():
             stream_predict(self._forward(post, stat), read, padded, plan, cropped, batch_size=int(batch_size or 2), tta=tta,
-                           channel_map=channel_map, device="cpu", progress=progress, stride=self.stride)
+                           channel_map=None, device="cpu", progress=progress, stride=self.stride)
 
     # -- machinery ----------------------------------------------------------------------------------
     def adapter(self):
@@ -456,7 +244,8 @@ class PackageModel:
         return self._adapter
 
     def _processing(self, image):
-        """Pre- and post-processing operators, and the statistics they need (of the whole image)."""
+        """Pre- and post-processing operators, and the statistics they need: of the whole image,
+        padded by the halo for packages of other tools, as bioimageio.core's ``predict`` takes them."""
         from bioimageio.core._op_base import BlockwiseOperator
         from bioimageio.core.proc_ops import UpdateStats
         from bioimageio.core.proc_setup import setup_pre_and_postprocessing
@@ -471,6 +260,13 @@ class PackageModel:
         stat: dict = {}
         if updates:
             sample = self._sample(np.asarray(image, dtype=self._input_dtype())[None], {})
+            if self.bioflow is None and any(self.halo):
+                # as bioimageio.core's predict does: statistics of the image padded by the halo
+                # (as _reader pads it), not of the image alone
+                from bioimageio.spec.model.v0_5 import SymmetricPadding
+
+                sample = sample.pad({self.input.id: dict(zip(self.in_axes.spatial, self.halo))},
+                                    mode={self.input.id: self.input.pad or SymmetricPadding()})
             for op in updates:
                 op(sample)
             stat = dict(sample.stat)
@@ -521,8 +317,9 @@ class PackageModel:
 
         return read
 
-    def _forward(self, post, stat):
-        """The network (through core's adapter) plus post-processing, on batches in bioflow's layout."""
+    def _forward(self, post, stat, fit: bool = True):
+        """The network (through core's adapter) plus post-processing, on batches in bioflow's layout;
+        ``fit``: pad tiles to a size the description declares valid (else as they come)."""
         import torch
 
         from bioimageio.core.sample import Sample
@@ -542,7 +339,7 @@ class PackageModel:
 
         def fn(batch):
             x = batch.detach().cpu().numpy()
-            x, crop = self._fit(x)
+            x, crop = self._fit(x) if fit else (x, (slice(None),) * (x.ndim - 2))
             if self.in_axes.has_batch:
                 parts = run(x)
             else:
@@ -575,21 +372,28 @@ class PackageModel:
         return [f if f is not None else t for t, f in zip(tile, self.fixed)]
 
     def _to_units(self, stat):
-        """For bioflow's restoration packages normalised per image: back to the input's intensities
-        with the input's percentiles (the inverse of core's ``scale_range``)."""
+        """For outputs that bioflow's exporter lists under ``config.bioflow.per_image_units``: back
+        to the input's intensities with the input's own percentiles (the inverse of core's
+        ``scale_range``), which the format's post-processing cannot refer to. None: nothing to do."""
         import torch
 
+        wanted = set((self.bioflow or {}).get(PER_IMAGE_UNITS) or ())
         quantiles = sorted((m for m in stat if getattr(m, "q", None) is not None and str(m.member_id) == self.input_id),
                            key=lambda m: m.q)
-        if len(quantiles) < 2:
+        if not wanted or len(quantiles) < 2:
             return None
         low, high = (np.asarray(stat[m].data, dtype=np.float64).reshape(-1) for m in (quantiles[0], quantiles[-1]))
         scale = torch.from_numpy((high - low + 1e-6).astype(np.float32))
         offset = torch.from_numpy(low.astype(np.float32))
+        bounds = np.cumsum([0] + [o.channels or 1 for o in self.outputs])
+        ranges = [(int(bounds[i]), int(bounds[i + 1])) for i, o in enumerate(self.outputs) if o.id in wanted]
 
         def to_units(block):
-            shape = (-1,) + (1,) * (block.ndim - 1)
-            return block * scale.reshape(shape).to(block) + offset.reshape(shape).to(block)
+            block = block.clone()
+            for a, b in ranges:
+                shape = (-1,) + (1,) * (block.ndim - 1)
+                block[a:b] = block[a:b] * scale.reshape(shape).to(block) + offset.reshape(shape).to(block)
+            return block
 
         return to_units
 
@@ -611,107 +415,62 @@ def _cast(array: np.ndarray, dtype) -> np.ndarray:
     return array.astype(dtype)
 
 
-class _ClassSession:
-    """Class maps (argmax of the package's probabilities), and instances from the model's post-processor."""
 
-    def __init__(self, outputs, postprocessor, shape, classes: int, workdir) -> None:
-        from bioflow.inference.outputs import SpooledArray
+# -- packages bioflow wrote, as their task ------------------------------------------------------------------
+def packaged_task(descr, origin: str, *, required: bool = False, inference: bool = True):
+    """The bioflow task a package written by ``bioflow export`` came from, its network replaced by
+    the package's weights (run by bioimageio.core without the package's pre- and post-processing:
+    the task normalises, tiles and post-processes as it does for its checkpoint).
 
-        self.outputs = list(outputs)
-        self.postprocessor = postprocessor
-        self.dtype = self.outputs[0].dtype
-        self.spool = SpooledArray((classes, *shape), workdir) if postprocessor is not None else None
-
-    def block(self, start: int, raw) -> dict[str, np.ndarray]:
-        if self.spool is not None:
-            self.spool.write([0, start] + [0] * (raw.ndim - 2), raw.cpu().numpy())
-        return {"labels": raw.argmax(dim=0).cpu().numpy().astype(self.dtype)}
-
-    def finish(self) -> dict[str, np.ndarray]:
-        if self.spool is None:
-            return {}
-        return {"instances": np.asarray(self.postprocessor(self.spool.array()), dtype=np.int32)}
-
-    def close(self) -> None:
-        if self.spool is not None:
-            self.spool.remove()
-
-
-@dataclass
-class _StarDistSettings:
-    """What StarDist's prediction session needs of its task, read from a package bioflow wrote."""
-
-    grid: tuple[int, ...]
-    thresholds: Any
-    task_settings: dict[str, Any]
-
-    @classmethod
-    def of(cls, descr, section: Mapping[str, Any]) -> "_StarDistSettings":
-        import torch
-
-        stardist = (descr.config.model_extra or {}).get("stardist") or getattr(descr.config, "stardist", None) or {}
-        thresholds = stardist.get("thresholds") or {}
-        settings = section["config"]["task"]
-        grid = stardist.get("config", {}).get("grid") or settings.get("grid", [1, 1])
-        prob = float(thresholds.get("prob", settings.get("prob_thresh", 0.5)))
-        nms = float(thresholds.get("nms", settings.get("nms_thresh", 0.4)))
-        return cls(tuple(int(g) for g in grid), torch.tensor([prob, nms]),
-                   {"criterion": settings.get("criterion", "min_area")})
-
-    @staticmethod
-    def activate(raw):
-        return raw  # the package's post-processing (sigmoid, clip) did it
-
-    def nms(self, shape=None):
-        """The registered ``stardist_nms`` post-processor with the package's thresholds, as the task's."""
-        from bioflow.registry import registry
-
-        return registry.create("postprocessors", "stardist_nms", where="package", prob_thresh=float(self.thresholds[0]),
-                               nms_thresh=float(self.thresholds[1]), criterion=self.task_settings["criterion"],
-                               grid=list(self.grid), shape=None if shape is None else list(shape))
-
-    @staticmethod
-    def prediction_outputs():
-        from bioflow.inference.outputs import OutputSpec
-
-        return [OutputSpec("labels", None, np.int32, streamed=False)]
-
-
-def load_package(model: str) -> PackageModel:
-    """The package at ``model`` as something ``bioflow predict`` runs like a task."""
-    return PackageModel(open_package(model), model)
-
-
-# -- evaluation ------------------------------------------------------------------------------------------
-def evaluation_model(model: str):
-    """A bioflow task whose network is the package's (run by bioimageio.core), for ``bioflow evaluate``.
-
-    The task, its metrics and its data come from ``config.bioflow`` (packages bioflow wrote); the data
-    are read and normalised as in training. Returns a :class:`bioflow.loading.LoadedModel`.
+    None when the package has no ``config.bioflow`` or (unless ``required``) when its task is not
+    installed here; with ``required`` the latter is a one-line error naming what to install.
+    ``inference``: only what prediction needs is built (evaluation needs the loss too).
     """
-    import torch
+    from bioflow.registry import registry
+    from bioflow.tasks import create_task, with_legacy_settings
+    from bioflow.tasks.base import without_network
 
-    from bioflow.loading import LoadedModel
-    from bioflow.tasks import create_task
-
-    descr = open_package(model)
     section = bioflow_section(descr)
     if section is None:
-        raise PackageError(f"{model}: evaluation needs the training config that packages written by `bioflow export` "
-                           "keep in config.bioflow; this package has none")
-    config = dict(section["config"])
+        if required:
+            raise PackageError(f"{origin}: this needs the training config that packages written by `bioflow export` "
+                               "keep in config.bioflow; this package has none")
+        return None
+    name = section["config"]["task"]["name"]
+    try:
+        registry.resolve("tasks", name)
+    except RegistryError as exc:
+        component = (section.get("components") or {}).get("task") or {}
+        hint = f"; install it with: pip install '{component['distribution']}'" if component.get("distribution") else ""
+        if required:
+            raise PackageError(f"{origin}: its task '{name}' is not installed ({exc.one_line()}){hint}") from None
+        log.warning("%s: its task '%s' is not installed here%s; predicting the package's output tensors as they are",
+                    origin, name, hint)
+        return None
+    config = with_legacy_settings(copy.deepcopy(section["config"]))
     dims = int(section["data_info"]["spatial_dims"])
-    # The architecture is not needed (the package's weights replace the network): a small built-in
-    # stand-in lets the task be built where the plugin that provided it is not installed.
-    config["model"] = {"name": "unet", "depth": 0, "base_channels": 1, "norm": "none"}
+    # The network's memory per pixel is unknown (it runs outside torch's view): a fixed tile.
     config["predict"] = {**config["predict"], "tile_size": config["predict"].get("tile_size") or [_DEFAULT_TILE[dims]]}
-    task = create_task(config, section["data_info"])
-    task.model = PackageNetwork(descr, model, int(section["receptive_field"]), int(section["size_multiple"]))
-    if config["task"]["name"] == "stardist":
-        task.thresholds.copy_(_StarDistSettings.of(descr, section).thresholds)
-    task.eval()
-    checkpoint = {"hyper_parameters": {"config": config, "data_info": section["data_info"]}, "bioflow": section}
-    return LoadedModel(task, checkpoint, None, model)
+    with without_network():
+        task = create_task(config, section["data_info"], inference=inference)
+    task.model = PackageNetwork(descr, origin, int(section["receptive_field"]), int(section["size_multiple"]))
+    task.load_package_config(descr.config.model_extra or {})
+    return task.eval()
+
+
+def load_package(model: str):
+    """The package at ``model`` as a predictor: its bioflow task when bioflow wrote it (and the task
+    is installed), else the package's own tensors (:class:`PackageModel`)."""
+    descr = open_package(model)
+    return packaged_task(descr, model) or PackageModel(descr, model)
+
+
+def package_checkpoint(descr) -> dict[str, Any]:
+    """What a checkpoint records of a model (config, data info, bioflow's record), from a package
+    bioflow wrote."""
+    section = bioflow_section(descr) or {}
+    return {"hyper_parameters": {"config": section.get("config"), "data_info": section.get("data_info")},
+            "bioflow": section}
 
 
 def PackageNetwork(descr, origin: str, receptive_field: int, size_multiple: int):
@@ -737,7 +496,9 @@ def _network_class():
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             self.package.to("cuda" if x.is_cuda else "cpu")
-            out = self.package._forward([], {})(x.float())
+            # Tiles come in multiples of the network's size multiple, which it takes as they are
+            # (as the checkpoint's network does), even below the package's declared minimum.
+            out = self.package._forward([], {}, fit=False)(x.float())
             return out.to(x.device)
 
     return _PackageNetwork

@@ -75,10 +75,6 @@ class TiledPredictor:
         """What turns strips of raw output of one image of ``shape`` into the outputs."""
         raise NotImplementedError
 
-    def prediction_caveats(self) -> list[str]:
-        """What users must know about this kind of model when they apply it."""
-        return []
-
     def tiling(
         self, tile_size: Sequence[int] | None = None, overlap: Sequence[int] | None = None, batch_size: int | None = None
     ) -> tuple[list[int], list[int], int]:

@@ -38,3 +38,11 @@ def create_task(config: Mapping[str, Any], data_info: Mapping[str, Any], inferen
     name, settings = component(config["task"])
     return registry.create("tasks", name, where="task", config=config, data_info=dict(data_info), inference=inference,
                            **settings)
+
+
+def with_legacy_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the settings its task gained after the model was saved set to the values the
+    model was built with (the task's ``legacy_settings``)."""
+    task_cls = get_task(config["task"]["name"])
+    missing = {k: v for k, v in task_cls.legacy_settings.items() if k not in config["task"]}
+    return {**config, "task": {**config["task"], **missing}} if missing else config

@@ -11,19 +11,23 @@ keeps validation figures, checks the loss stays finite and records the task in c
 A task implements ``out_channels()`` (or ``build_model()``), ``evaluate_image(stage, batch)``,
 ``log_metrics(stage)``, ``prediction_outputs()`` and ``prediction_session(shape, workdir)``; it may
 override ``target_transform``, ``loss_target``, ``training_pair``, ``loss_input``, ``decode``,
-``after_fit``, ``report_figures``, ``prediction_caveats``, ``output_stride``, ``tta_channel_map``.
+``after_fit``, ``report_figures``, ``output_stride``, ``tta_channel_map``, and the model-exchange
+hooks of :class:`~bioflow.tasks.exchange.ModelExchange` (title, citations, tags, caveat, package
+outputs and config), whose defaults let any task export.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from bioflow import __version__
+from bioflow.version import __version__
 from bioflow.config import component, used_components
 from bioflow.data.info import DataInfo
 from bioflow.errors import ConfigError
@@ -32,8 +36,23 @@ from bioflow.models.folding import fold_batch_norms
 from bioflow.optim import configure_optimization
 from bioflow.precision import inference_autocast
 from bioflow.registry import registry
+from bioflow.tasks.exchange import ModelExchange
 
 _CONTEXT = ("config", "data_info", "inference")
+#: Set while a task is built around a network that comes from elsewhere (a bioimage.io package).
+_WITHOUT_NETWORK: contextvars.ContextVar[bool] = contextvars.ContextVar("bioflow_without_network", default=False)
+
+
+@contextlib.contextmanager
+def without_network() -> Iterator[None]:
+    """Tasks created in this block get a placeholder instead of their configured network, to be
+    replaced by the caller (e.g. by the network of a bioimage.io package, whose architecture need
+    not be installed)."""
+    token = _WITHOUT_NETWORK.set(True)
+    try:
+        yield
+    finally:
+        _WITHOUT_NETWORK.reset(token)
 
 
 def full_precision(device: torch.device):
@@ -44,7 +63,7 @@ def full_precision(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-class BaseTask(TiledPredictor, L.LightningModule):
+class BaseTask(TiledPredictor, ModelExchange, L.LightningModule):
     """Shared training, validation and test logic of a bioflow task (see the module docstring)."""
 
     #: How targets reach the task: "mask" (label images), "image" (restoration), "optional_image".
@@ -70,7 +89,7 @@ class BaseTask(TiledPredictor, L.LightningModule):
         self.inference = inference
         # Channels-last activations: the fast layout of oneDNN (CPU) and cuDNN convolutions.
         self._memory_format = {2: torch.channels_last, 3: torch.channels_last_3d}.get(self.data_info.spatial_dims)
-        self.model = self.build_model()
+        self.model = torch.nn.Identity() if _WITHOUT_NETWORK.get() else self.build_model()
         self._inference_copy: tuple | None = None  # (weights' identity, folded copy): see inference_network
         if self._memory_format is not None:
             self.model = self.model.to(memory_format=self._memory_format)

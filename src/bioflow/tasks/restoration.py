@@ -21,6 +21,7 @@ from bioflow.errors import ConfigError
 from bioflow.inference.outputs import OutputSpec, PredictionSession
 from bioflow.registry import registry
 from bioflow.tasks.base import BaseTask
+from bioflow.tasks.exchange import PackageOutput
 
 
 def to_units(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,6 @@ class RestorationTask(BaseTask):
     """What CARE and Noise2Void share: image outputs, quality metrics, prediction of float images."""
 
     headline_metrics: ClassVar[tuple[str, ...]] = ("test/psnr", "test/ssim")
-    caveat: ClassVar[str] = ""
     loss_targets: ClassVar[str] = "image"
 
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,
@@ -125,8 +125,10 @@ class RestorationTask(BaseTask):
     def _restored(raw: torch.Tensor) -> dict[str, np.ndarray]:
         return {"restored": raw.detach().cpu().numpy().astype(np.float32)}
 
-    def prediction_caveats(self) -> list[str]:
-        return [self.caveat]
+    # -- model exchange ---------------------------------------------------------------------------
+    def package_outputs(self) -> list[PackageOutput]:
+        channels = [f"channel{i}" for i in range(self.data_info.in_channels)]
+        return [PackageOutput("restored", channels, [], "restored image", in_input_units=True)]
 
 
 class CARETask(RestorationTask):
@@ -137,10 +139,16 @@ class CARETask(RestorationTask):
     """
 
     target_kind: ClassVar[str] = "image"
+    exchange_title: ClassVar[str] = "CARE restoration"
+    citations: ClassVar[tuple[dict[str, str], ...]] = (
+        {"text": "Weigert et al. Content-aware image restoration: pushing the limits of fluorescence microscopy. "
+                 "Nature Methods 2018", "doi": "10.1038/s41592-018-0216-7"},)
+    exchange_tags: ClassVar[tuple[str, ...]] = ("restoration", "denoising", "care")
     caveat: ClassVar[str] = (
-        "CARE reproduces what its training targets contain, noise included, and applies only to data like "
-        "its training data (same sample type, microscope and acquisition settings); check results against "
-        "raw data before quantifying"
+        "CARE reproduces what its training targets contain, noise included, and it can hallucinate plausible "
+        "structures that are not in the sample. It applies only to data like its training data (the same sample "
+        "type, microscope and acquisition settings): check results against the raw data before quantifying, and do "
+        "not use it for images unlike its training images."
     )
 
     def evaluate_image(self, stage: str, batch: dict[str, Any]) -> None:
@@ -163,9 +171,15 @@ class N2VTask(RestorationTask):
     target_kind: ClassVar[str] = "optional_image"
     loss_targets: ClassVar[str] = "masked_image"
     uses: ClassVar[tuple[str, ...]] = ("batch_transform",)
+    exchange_title: ClassVar[str] = "Noise2Void denoising"
+    citations: ClassVar[tuple[dict[str, str], ...]] = (
+        {"text": "Krull, Buchholz and Jug. Noise2Void - Learning Denoising From Single Noisy Images. CVPR 2019",
+         "doi": "10.1109/CVPR.2019.00223"},)
+    exchange_tags: ClassVar[tuple[str, ...]] = ("denoising", "n2v", "self-supervised")
     caveat: ClassVar[str] = (
-        "Noise2Void removes only noise that is independent from pixel to pixel; structured or correlated noise "
-        "(e.g. stripes, scan lines, camera patterns) stays and can leave artefacts (try structN2V)"
+        "Noise2Void removes only noise that is independent from pixel to pixel: structured or correlated noise "
+        "(stripes, scan lines, camera patterns) stays and can leave artefacts (try structN2V). The blind-spot "
+        "training smooths fine detail of one pixel's size."
     )
 
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,

@@ -15,6 +15,7 @@ from bioflow.conventions import IGNORE_INDEX
 from bioflow.metrics.segmentation import SegmentationScores
 from bioflow.registry import registry
 from bioflow.tasks.base import BaseTask
+from bioflow.tasks.exchange import PackageOutput
 
 
 def labels_to_classes(target: np.ndarray, mode: str, num_classes: int) -> np.ndarray:
@@ -47,6 +48,13 @@ class SegmentationTask(BaseTask):
     target_kind: ClassVar[str] = "mask"
     uses: ClassVar[tuple[str, ...]] = ("postprocessor",)
     headline_metrics: ClassVar[tuple[str, ...]] = ("test/dice_fg_mean", "test/iou_fg_mean")
+    exchange_title: ClassVar[str] = "U-Net segmentation"
+    citations: ClassVar[tuple[dict[str, str], ...]] = (
+        {"text": "Ronneberger, Fischer and Brox. U-Net: Convolutional Networks for Biomedical Image Segmentation. "
+                 "MICCAI 2015", "doi": "10.1007/978-3-319-24574-4_28"},)
+    exchange_tags: ClassVar[tuple[str, ...]] = ("semantic-segmentation", "unet")
+    caveat: ClassVar[str] = ("The class probabilities are only as good as the training masks; check them on images of "
+                             "your own acquisition setting before quantifying.")
 
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,
                  target: Literal["binary", "classes"] = "binary", num_classes: int = 2,
@@ -108,6 +116,11 @@ class SegmentationTask(BaseTask):
 
     def prediction_session(self, shape, workdir=None) -> PredictionSession:
         return _SegmentationSession(self, shape, workdir)
+
+    def package_outputs(self) -> list[PackageOutput]:
+        names = self.task_settings["class_names"] or [f"class{i}" for i in range(self.out_channels())]
+        return [PackageOutput("probabilities", [str(c) for c in names], [{"id": "softmax", "kwargs": {"axis": "channel"}}],
+                              "class probabilities (softmax); the class map is their argmax")]
 
 
 class _SegmentationSession(PredictionSession):

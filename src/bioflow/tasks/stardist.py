@@ -32,6 +32,7 @@ from bioflow.registry import registry
 from bioflow.stardist.model import GridStem, StarDistNet
 from bioflow.stardist.targets import object_probabilities, star_distances_batch
 from bioflow.tasks.base import BaseTask
+from bioflow.tasks.exchange import TASK_STATE, PackageOutput
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,14 @@ class StarDistTask(BaseTask):
     #: Values of settings added later, for models saved before they existed (the network then
     #: is rebuilt as it was trained).
     legacy_settings: ClassVar[dict[str, Any]] = {"pool_first": False, "head_features": 32}
+    exchange_title: ClassVar[str] = "StarDist"
+    citations: ClassVar[tuple[dict[str, str], ...]] = (
+        {"text": "Schmidt, Weigert, Broaddus and Myers. Cell Detection with Star-Convex Polygons. MICCAI 2018",
+         "doi": "10.1007/978-3-030-00934-2_30"},)
+    exchange_tags: ClassVar[tuple[str, ...]] = ("instance-segmentation", "stardist", "nuclei")
+    caveat: ClassVar[str] = (
+        "StarDist assumes star-convex objects (nuclei and similar): other shapes are cut into star-convex pieces "
+        "or merged. Objects much larger than the receptive field are not found whole.")
 
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,
                  n_rays: int = 32, grid: Sequence[int] = (2, 2), pool_first: bool = True, stem_channels: int = 32,
@@ -194,6 +203,36 @@ class StarDistTask(BaseTask):
 
     def prediction_session(self, shape, workdir=None) -> PredictionSession:
         return _StarDistSession(self, tuple(shape), workdir)
+
+    # -- model exchange ---------------------------------------------------------------------------------
+    def package_outputs(self) -> list[PackageOutput]:
+        return [PackageOutput("prob", ["object_probability"], [{"id": "sigmoid"}], "object probability on the grid"),
+                PackageOutput("dist", [f"ray{i}" for i in range(self.n_rays)], [{"id": "clip", "kwargs": {"min": 0.0}}],
+                              "distances to the object boundary along each ray (full-resolution pixels)")]
+
+    def package_notes(self) -> list[str]:
+        grid = "x".join(str(g) for g in self.grid)
+        shapes = "polyhedra" if len(self.grid) == 3 else "polygons"
+        return [f"Outputs: object probability and {self.n_rays} ray distances on a grid of {grid} pixels (the outputs are "
+                f"{grid} times smaller than the input). The star-convex {shapes} need StarDist's non-maximum "
+                "suppression, which the format cannot express: its thresholds, rays and grid are in `config.stardist`; "
+                "`bioflow predict` runs it and writes label images."]
+
+    def package_config(self) -> dict[str, Any]:
+        """StarDist's post-processing parameters, in the layout of StarDist's own exporter."""
+        prob, nms = (float(t) for t in self.thresholds)
+        dims = len(self.grid)
+        config = {"n_dim": dims, "axes": "ZYXC"[-dims - 1:], "n_channel_in": self.data_info.in_channels,
+                  "n_channel_out": 1 + self.n_rays, "n_rays": self.n_rays, "grid": list(self.grid),
+                  "nms_criterion": self.task_settings["criterion"], "backbone": "unet", "exported_by": "bioflow",
+                  **{k: v for k, v in self.nms_arguments().items() if k != "n_rays"}}
+        return {"stardist": {"thresholds": {"prob": prob, "nms": nms}, "config": config}}
+
+    def load_package_config(self, config: Mapping[str, Any]) -> None:
+        super().load_package_config(config)
+        thresholds = (config.get("stardist") or {}).get("thresholds")
+        if not (config.get("bioflow") or {}).get(TASK_STATE) and thresholds:  # packages without a task state
+            self.thresholds.copy_(torch.tensor([float(thresholds["prob"]), float(thresholds["nms"])]))
 
     # -- after training ------------------------------------------------------------------------------
     def after_fit(self, data) -> dict[str, float]:

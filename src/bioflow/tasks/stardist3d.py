@@ -47,6 +47,10 @@ class StarDist3DTask(StarDistTask):
     bioflow_spatial_dims: ClassVar[tuple[int, ...]] = (3,)
     postprocessor_name: ClassVar[str] = "stardist_nms_3d"
     legacy_settings: ClassVar[dict[str, Any]] = {}
+    exchange_title: ClassVar[str] = "StarDist 3D"
+    citations: ClassVar[tuple[dict[str, str], ...]] = StarDistTask.citations + (
+        {"text": "Weigert, Schmidt, Haase, Sugawara and Myers. Star-convex Polyhedra for 3D Object Detection and "
+                 "Segmentation in Microscopy. WACV 2020", "doi": "10.1109/WACV45572.2020.9093435"},)
 
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,
                  n_rays: int = 64, grid: Sequence[int] = (1, 2, 2), anisotropy: Optional[list[float]] = None,

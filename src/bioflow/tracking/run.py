@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from bioflow import __version__
+from bioflow.version import __version__
 from bioflow.checkpoint import BEST_CHECKPOINT_ARTIFACT, save_model_checkpoint
 from bioflow.tracking.store import Store
 
