@@ -203,3 +203,12 @@ def test_cold_start_imports_no_torch(command):
     assert out.rsplit("@@", 1)[1].split() == ["False", "False"]
     help_run = run_cli("--help")
     assert help_run.returncode == 0 and "plugins" in help_run.stdout
+
+
+def test_export_by_run_id_finds_the_run_from_another_folder(trained, tmp_path):
+    """export resolves a run id as predict and evaluate do: in the store it was trained into."""
+    pytest.importorskip("bioimageio.core")
+    _, _, runs, _ = trained
+    result = run_cli("export", runs[0].info.run_id, "--out", str(tmp_path / "model.zip"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "model.zip").is_file() and "bioimage.io package" in result.stdout
