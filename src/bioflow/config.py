@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 from bioflow.arguments import describe_type, matches_type
 from bioflow.errors import ConfigError, check_range, did_you_mean
+from bioflow.kinds import component_sections
 
 CONFIG_PACKAGE = "bioflow.configs"
 PRIMARY_CONFIG = "train"
@@ -117,16 +118,8 @@ def component(section: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return kwargs.pop("name"), kwargs
 
 
-#: Config sections that name registry components, with their kinds.
-COMPONENT_SECTIONS: dict[str, str] = {
-    "task": "tasks",
-    "model": "models",
-    "loss": "losses",
-    "sampler": "samplers",
-    "data.source": "sources",
-    "postprocessor": "postprocessors",
-    "batch_transform": "batch_transforms",
-}
+#: Config sections that name registry components, with their kinds (from :mod:`bioflow.kinds`).
+COMPONENT_SECTIONS: dict[str, str] = component_sections()
 
 
 def section(config: Mapping[str, Any], path: str) -> Mapping[str, Any] | None:

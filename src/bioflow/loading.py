@@ -17,10 +17,11 @@ from typing import Any, Mapping
 
 from bioflow.checkpoint import BEST_CHECKPOINT_ARTIFACT, RUN_ID, load_checkpoint
 from bioflow.errors import BioflowError, RegistryError
+from bioflow.kinds import inference_kinds
 
 
 #: Component kinds a model needs to predict (training-only ones, such as the loss, may be missing).
-INFERENCE_KINDS = ("tasks", "models", "postprocessors")
+INFERENCE_KINDS = inference_kinds()
 
 
 def check_plugins_available(checkpoint: dict[str, Any], origin: str, kinds: tuple[str, ...] | None = None) -> None:

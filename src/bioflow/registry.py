@@ -1,7 +1,7 @@
 """The plugin registry: every component bioflow can build, found through Python entry points.
 
 Built-in components and third-party packages use the same mechanism: each declares entry points in
-its own ``pyproject.toml`` under the groups listed in :data:`KINDS`. Listing components reads only
+its own ``pyproject.toml`` under the groups of :mod:`bioflow.kinds`. Listing components reads only
 package metadata (entry points stay strings); a component's module is imported on first use.
 
 Names are resolved strictly:
@@ -23,37 +23,18 @@ from importlib import metadata
 from typing import Any, Callable, Iterable
 
 from bioflow.errors import RegistryError, did_you_mean
+from bioflow.kinds import KINDS as _KINDS
 
 log = logging.getLogger(__name__)
 
-#: Component kinds: short name -> entry-point group.
-KINDS: dict[str, str] = {
-    "tasks": "bioflow.tasks",
-    "models": "bioflow.models",
-    "losses": "bioflow.losses",
-    "samplers": "bioflow.samplers",
-    "postprocessors": "bioflow.postprocessors",
-    "batch_transforms": "bioflow.batch_transforms",
-    "sources": "bioflow.sources",
-    "configs": "bioflow.configs",
-}
-
+#: Component kinds: name -> entry-point group (from :data:`bioflow.kinds.KINDS`, the one description).
+KINDS: dict[str, str] = {k.name: k.group for k in _KINDS}
 #: How one component of each kind is called in messages.
-SINGULAR: dict[str, str] = {
-    "tasks": "task",
-    "models": "model",
-    "losses": "loss",
-    "samplers": "sampler",
-    "postprocessors": "postprocessor",
-    "batch_transforms": "batch transform",
-    "sources": "data source",
-    "configs": "config package",
-}
-
+SINGULAR: dict[str, str] = {k.name: k.singular for k in _KINDS}
 #: Earlier names of kinds (in checkpoints and plugins written for them) and their entry-point
 #: groups, still read for one release with a deprecation warning.
-RENAMED_KINDS: dict[str, str] = {"architectures": "models", "datasets": "sources"}
-LEGACY_GROUPS: dict[str, str] = {"models": "bioflow.architectures", "sources": "bioflow.datasets"}
+RENAMED_KINDS: dict[str, str] = {legacy: k.name for k in _KINDS for legacy in k.legacy_names}
+LEGACY_GROUPS: dict[str, str] = {k.name: k.legacy_groups[0] for k in _KINDS if k.legacy_groups}
 
 QUALIFIER = ":"
 
@@ -226,6 +207,34 @@ class Registry:
             "distribution": comp.distribution,
             "version": comp.version,
         }
+
+    # -- in memory (notebooks, tests) ---------------------------------------------------
+    def register(self, kind: str, name: str, obj: Any, distribution: str = "local") -> Component:
+        """Register ``obj`` (a class or factory) as component ``name`` of ``kind`` in this process
+        only, as if a distribution ``distribution`` declared it: for notebooks and tests. A name
+        that clashes follows the same rules as entry points (use the qualified name); registering
+        the same qualified name twice is an error. Models trained with such a component record its
+        distribution, so they load only where it is registered again."""
+        kind = RENAMED_KINDS.get(kind, kind)
+        _group(kind)
+        comp = Component(kind, name, f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', name)}",
+                         canonical_distribution(distribution), "0")
+        known = self.components(kind)
+        if any(c.qualified_name == comp.qualified_name for c in known):
+            raise RegistryError(f"{SINGULAR[kind]} '{comp.qualified_name}' is registered already")
+        self._components[kind] = sorted(known + [comp], key=lambda c: (c.name, c.distribution))
+        self._loaded[(kind, comp.qualified_name)] = obj
+        return comp
+
+    def unregister(self, kind: str, name: str) -> None:
+        """Remove a component registered with :meth:`register`."""
+        kind = RENAMED_KINDS.get(kind, kind)
+        comp = self.resolve(kind, name)
+        if (kind, comp.qualified_name) in self._eps:
+            raise RegistryError(f"{SINGULAR[kind]} '{comp.qualified_name}' comes from an installed distribution; "
+                                "only components registered in memory can be removed")
+        self._components[kind] = [c for c in self._components[kind] if c != comp]
+        self._loaded.pop((kind, comp.qualified_name), None)
 
     # -- health --------------------------------------------------------------------------
     def problems(self) -> list[str]:

@@ -18,10 +18,13 @@ Components describe themselves with optional attributes (on the class or factory
     if the factory takes ``spatial_dims``, else ``(2,)``; for losses and post-processors ``(2, 3)``.
 ``bioflow_exports``
     models: export formats that must work, from ``"torchscript"`` and ``"onnx"``.
-``example_inputs(spatial_dims)``
+``bioflow_example_inputs(spatial_dims)``
     losses: returns ``(prediction, target)`` the loss is meant for (default: class logits and
-    class indices); post-processors: ``example_input(spatial_dims)`` returns the network output they
-    take (default: two-class probabilities).
+    class indices); post-processors: returns ``(network_output,)``, what they take (default:
+    two-class probabilities). The names of earlier releases (``example_inputs``, ``example_input``)
+    are still read, with a deprecation warning.
+``bioflow_targets``
+    losses: the loss targets they take (default ``("classes",)``).
 ``bioflow_example_kwargs``
     data sources (and any component with required arguments): keyword arguments for a small example.
 
@@ -38,6 +41,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from bioflow.kinds import KINDS, example_inputs
 
 Factory = Callable[..., Any]
 
@@ -131,7 +136,7 @@ def check_loss(factory: Factory, **kwargs: Any) -> None:
     import torch
 
     loss_fn = factory(**_kwargs(factory, kwargs))
-    example = getattr(loss_fn, "example_inputs", None) or getattr(factory, "example_inputs", None)
+    example = example_inputs(loss_fn, "losses") or example_inputs(factory, "losses")
     for dims in getattr(factory, "bioflow_spatial_dims", (2, 3)):
         prediction, target = example(dims) if example is not None else _default_loss_inputs(dims)
         prediction = prediction.detach().clone().requires_grad_(True)
@@ -153,9 +158,9 @@ def _default_postprocessor_input(spatial_dims: int) -> np.ndarray:
 def check_postprocessor(factory: Factory, **kwargs: Any) -> None:
     """Network output in, integer labels of the spatial shape out; deterministic; nothing from zeros."""
     post = factory(**_kwargs(factory, kwargs))
-    example = getattr(post, "example_input", None) or getattr(factory, "example_input", None)
+    example = example_inputs(post, "postprocessors") or example_inputs(factory, "postprocessors")
     for dims in getattr(factory, "bioflow_spatial_dims", (2, 3)):
-        output = example(dims) if example is not None else _default_postprocessor_input(dims)
+        (output,) = example(dims) if example is not None else (_default_postprocessor_input(dims),)
         labels = np.asarray(post(output))
         assert labels.shape == output.shape[1:], f"{dims}D: labels shape {labels.shape}, expected {output.shape[1:]}"
         assert np.issubdtype(labels.dtype, np.integer), f"{dims}D: labels must be integers, got {labels.dtype}"
@@ -353,15 +358,8 @@ def check_exchange(task, image: np.ndarray, tile_size=None) -> None:
                 assert (theirs[name] == value).mean() > 0.99, f"output '{name}' differs from the model's"
 
 
-CHECKS: dict[str, Callable[..., None]] = {
-    "tasks": check_task,
-    "models": check_model,
-    "losses": check_loss,
-    "postprocessors": check_postprocessor,
-    "samplers": check_sampler,
-    "batch_transforms": check_batch_transform,
-    "sources": check_source,
-}
+#: The contract check of every kind that has one (named in :data:`bioflow.kinds.KINDS`).
+CHECKS: dict[str, Callable[..., None]] = {k.name: globals()[k.check] for k in KINDS if k.check}
 
 #: Small arguments for built-in components whose defaults would make the checks slow.
 _SMALL = {("models", "bioflow:unet"): {"depth": 2, "base_channels": 4},

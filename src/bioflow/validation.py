@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from bioflow.config import component, validate_structure
+from bioflow.config import component, section, validate_structure
 from bioflow.errors import ConfigError, did_you_mean
+from bioflow.kinds import KINDS, loss_targets_taken
 from bioflow.precision import resolve_precision
 
 
@@ -17,60 +18,68 @@ def validate_components(config: Mapping[str, Any]) -> None:
 
     from bioflow.arguments import check_arguments
     from bioflow.optim import check_optimization
-    from bioflow.registry import SINGULAR, registry
-    from bioflow.tasks import CONTEXT_ARGUMENTS, get_task
+    from bioflow.registry import registry
+    from bioflow.tasks import get_task
 
-    task_name, settings = component(config["task"])
+    task_name, _ = component(config["task"])
     task_cls = get_task(task_name)
-    check_arguments(task_cls, settings, where="task", label=f"task '{task_name}'", provided=CONTEXT_ARGUMENTS)
-    provided = {
-        "model": ("models", frozenset({"in_channels", "out_channels", "spatial_dims"})),
-        "loss": ("losses", frozenset()),
-        "sampler": ("samplers", frozenset({"index", "num_samples", "seed"})),
-    }
-    if config.get("postprocessor") is not None:
-        provided["postprocessor"] = ("postprocessors", frozenset())
-    if config.get("batch_transform") is not None:
-        provided["batch_transform"] = ("batch_transforms", frozenset())
-    for path, (kind, given) in provided.items():
-        name, kwargs = component(config[path])
-        factory = registry.load(kind, name)
-        check_arguments(factory, kwargs, where=path, label=f"{SINGULAR[kind]} '{name}'", provided=given)
-    name, kwargs = component(config["data"]["source"])
-    check_arguments(registry.load("sources", name), kwargs, where="data.source", label=f"data source '{name}'")
+    for k in KINDS:  # every config section that names a component, with what bioflow gives it
+        node = section(config, k.section) if k.section else None
+        if node is None:
+            continue
+        name, kwargs = component(node)
+        factory = task_cls if k.name == "tasks" else registry.load(k.name, name)
+        check_arguments(factory, kwargs, where=k.section, label=f"{k.singular} '{name}'", provided=k.provided)
     check_arguments(L.Trainer, resolve_precision(config["trainer"]), where="trainer", label="the Lightning Trainer")
     check_optimization(config)
     check_compatibility(config, task_name, task_cls)
 
 
-#: What a task's loss target is, in words, and losses that take it (for messages).
-_LOSS_TARGETS = {
-    "classes": ("class masks", "ce_dice, cross_entropy, dice, focal"),
-    "stardist": ("StarDist targets", "stardist"),
-    "image": ("target images", "mae, mse"),
-    "masked_image": ("blind-spot masked images", "masked_mse"),
-}
+#: Loss targets in words, for messages (a plugin's own kinds of target are named as they are).
+_TARGET_WORDS = {"classes": "class masks", "stardist": "StarDist targets", "image": "target images",
+                 "masked_image": "blind-spot masked images"}
+
+
+def _words(targets) -> str:
+    return " or ".join(_TARGET_WORDS.get(t, t) for t in targets)
+
+
+def _fitting(kind_name: str, fits) -> list[str]:
+    """Names of the installed components of a kind for which ``fits(component)`` holds (those that
+    fail to load are left out: this only makes a suggestion)."""
+    from bioflow.errors import RegistryError
+    from bioflow.registry import registry
+
+    found = []
+    for comp in registry.components(kind_name):
+        try:
+            if fits(registry.load(kind_name, comp.qualified_name)):
+                found.append(comp.name)
+        except RegistryError:
+            continue
+    return sorted(set(found))
 
 
 def check_compatibility(config: Mapping[str, Any], task_name: str, task_cls: Any) -> None:
-    """Refuse components that do not fit the task, or that the task would not use."""
+    """Refuse components that do not fit the task, or that the task would not use; the message
+    names what would fit, as the registry has it."""
     from bioflow.registry import registry
 
     loss_name, _ = component(config["loss"])
-    takes = tuple(getattr(registry.load("losses", loss_name), "bioflow_targets", ("classes",)))
-    wanted = task_cls.loss_targets
-    if wanted not in takes:
-        what, fits = _LOSS_TARGETS.get(wanted, (wanted, ""))
-        given = " or ".join(_LOSS_TARGETS.get(t, (t,))[0] for t in takes)
-        hint = f"; use loss={fits.split(',')[0]}" + (f" (losses for it: {fits})" if "," in fits else "") if fits else ""
-        raise ConfigError(f"loss={loss_name}: task '{task_name}' trains on {what}, this loss on {given}{hint}")
-    for section in ("batch_transform", "postprocessor"):
-        node = config.get(section)
-        if node is not None and section not in task_cls.uses:
-            users = {"batch_transform": "n2v", "postprocessor": "segmentation"}[section]
+    takes = loss_targets_taken(registry.load("losses", loss_name))
+    wanted = task_cls.bioflow_targets
+    if not set(wanted) & set(takes):
+        fits = _fitting("losses", lambda loss: set(wanted) & set(loss_targets_taken(loss)))
+        hint = (f"; use loss={fits[0]}" + (f" (losses for it: {', '.join(fits)})" if len(fits) > 1 else "")) if fits else ""
+        raise ConfigError(f"loss={loss_name}: task '{task_name}' trains on {_words(wanted)}, this loss on {_words(takes)}{hint}")
+    for name in ("batch_transform", "postprocessor"):
+        node = config.get(name)
+        if node is not None and name not in task_cls.uses:
+            users = _fitting("tasks", lambda task: name in getattr(task, "uses", ()))
+            who = f" (task {', '.join(repr(u) for u in users)} {'do' if len(users) > 1 else 'does'})" if users else ""
             raise ConfigError(
-                f"{section}={node['name']}: task '{task_name}' does not use a {section.replace('_', ' ')} "
-                f"(task '{users}' does); remove it with {section}=null"
+                f"{name}={node['name']}: task '{task_name}' does not use a {name.replace('_', ' ')}{who}; "
+                f"remove it with {name}=null"
             )
 
 

@@ -30,7 +30,7 @@ def test_tversky_by_hand():
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_split_separates_touching_balls_along_the_line_between_them(dims):
-    output = DistanceSplit.example_input(dims)
+    (output,) = DistanceSplit.bioflow_example_inputs(dims)
     labels = DistanceSplit(min_distance=4)(output)
     assert labels.max() == 2
     assert np.array_equal(labels > 0, output[1] > 0.5)

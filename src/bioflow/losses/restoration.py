@@ -15,7 +15,7 @@ class MAELoss(nn.Module):
         return (prediction - target).abs().mean()
 
     @staticmethod
-    def example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def bioflow_example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(0)
         shape = (2, 1) + (12,) * spatial_dims
         return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
@@ -43,7 +43,7 @@ class MaskedMSELoss(nn.Module):
         return masked_mse(prediction, target[:, :channels], target[:, channels:] > 0.5)
 
     @staticmethod
-    def example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def bioflow_example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(0)
         shape = (2, 1) + (16,) * spatial_dims
         mask = (torch.rand(shape, generator=g) < 0.1).float()

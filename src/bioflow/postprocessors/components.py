@@ -44,10 +44,10 @@ class ConnectedComponents:
         return relabel_sequential(labels.astype(np.int64), self.min_size)
 
     @staticmethod
-    def example_input(spatial_dims: int) -> np.ndarray:
+    def bioflow_example_inputs(spatial_dims: int) -> tuple[np.ndarray]:
         """Probabilities of two classes with two separate square objects (for contract tests)."""
         shape = (32,) * spatial_dims
         fg = np.zeros(shape, np.float32)
         fg[(slice(2, 10),) * spatial_dims] = 0.9
         fg[(slice(20, 30),) * spatial_dims] = 0.8
-        return np.stack([1 - fg, fg])
+        return (np.stack([1 - fg, fg]),)

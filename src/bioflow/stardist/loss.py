@@ -68,7 +68,7 @@ class StarDistLoss(nn.Module):
         return loss
 
     @staticmethod
-    def example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def bioflow_example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A prediction and a target of the right shapes (8 rays)."""
         g = torch.Generator().manual_seed(0)
         spatial = (12,) * spatial_dims

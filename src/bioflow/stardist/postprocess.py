@@ -80,7 +80,7 @@ class StarDistNMS:
         return _rendered_blocks(self.shape, lambda rows: polygons_to_labels(points, dists, probs, self.shape, rows))
 
     @staticmethod
-    def example_input(spatial_dims: int) -> np.ndarray:
+    def bioflow_example_inputs(spatial_dims: int) -> tuple[np.ndarray]:
         """Exact targets of two discs (probability and 16 distances), for contract checks (2D only)."""
         from bioflow.stardist.targets import object_probabilities, star_distances
 
@@ -88,7 +88,7 @@ class StarDistNMS:
         labels = ((yy - 12) ** 2 + (xx - 12) ** 2 < 49).astype(np.int64)
         labels[(yy - 28) ** 2 + (xx - 27) ** 2 < 64] = 2
         dists = star_distances(labels, 16)
-        return np.concatenate([object_probabilities(labels)[None], np.moveaxis(dists, -1, 0)]).astype(np.float32)
+        return (np.concatenate([object_probabilities(labels)[None], np.moveaxis(dists, -1, 0)]).astype(np.float32),)
 
 
 class StarDistNMS3D:
@@ -146,7 +146,7 @@ class StarDistNMS3D:
                                 lambda planes: polyhedra_to_labels(points, dists, probs, self.shape, self.rays, planes))
 
     @staticmethod
-    def example_input(spatial_dims: int) -> np.ndarray:
+    def bioflow_example_inputs(spatial_dims: int) -> tuple[np.ndarray]:
         """Exact targets of two balls (probability and 32 distances), for contract checks."""
         from bioflow.stardist.targets3d import object_probabilities_3d, star_distances_3d
 
@@ -154,4 +154,4 @@ class StarDistNMS3D:
         labels = ((zz - 8) ** 2 + (yy - 10) ** 2 + (xx - 10) ** 2 < 36).astype(np.int64)
         labels[(zz - 15) ** 2 + (yy - 21) ** 2 + (xx - 22) ** 2 < 49] = 2
         dists = star_distances_3d(labels, golden_spiral_rays(32))
-        return np.concatenate([object_probabilities_3d(labels)[None], np.moveaxis(dists, -1, 0)]).astype(np.float32)
+        return (np.concatenate([object_probabilities_3d(labels)[None], np.moveaxis(dists, -1, 0)]).astype(np.float32),)

@@ -10,10 +10,11 @@ import inspect
 from typing import Any, Mapping
 
 from bioflow.config import component
+from bioflow.kinds import kind
 from bioflow.registry import registry
 
-#: Constructor arguments every task takes before its settings.
-CONTEXT_ARGUMENTS = frozenset({"config", "data_info", "inference"})
+#: Constructor arguments every task takes before its settings (what bioflow provides: bioflow.kinds).
+CONTEXT_ARGUMENTS = kind("tasks").provided
 
 
 def get_task(name: str):

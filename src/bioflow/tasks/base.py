@@ -31,6 +31,7 @@ from bioflow.version import __version__
 from bioflow.config import component, used_components
 from bioflow.data.info import DataInfo
 from bioflow.errors import ConfigError
+from bioflow.kinds import kind
 from bioflow.inference.predictor import TiledPredictor
 from bioflow.models.folding import fold_batch_norms
 from bioflow.optim import configure_optimization
@@ -38,7 +39,7 @@ from bioflow.precision import inference_autocast
 from bioflow.registry import registry
 from bioflow.tasks.exchange import ModelExchange
 
-_CONTEXT = ("config", "data_info", "inference")
+_CONTEXT = kind("tasks").provided
 #: Set while a task is built around a network that comes from elsewhere (a bioimage.io package).
 _WITHOUT_NETWORK: contextvars.ContextVar[bool] = contextvars.ContextVar("bioflow_without_network", default=False)
 
@@ -68,8 +69,9 @@ class BaseTask(TiledPredictor, ModelExchange, L.LightningModule):
 
     #: How targets reach the task: "mask" (label images), "image" (restoration), "optional_image".
     target_kind: ClassVar[str] = "mask"
-    #: What the task hands its loss; a loss names those it takes in ``bioflow_targets`` (default "classes").
-    loss_targets: ClassVar[str] = "classes"
+    #: The loss target the task hands its loss; a loss names those it takes in its own
+    #: ``bioflow_targets`` (default class indices). Formerly ``loss_targets`` (a string), still read.
+    bioflow_targets: ClassVar[tuple[str, ...]] = ("classes",)
     #: Optional config sections the task uses (``postprocessor``, ``batch_transform``): naming any
     #: other is an error before training, never silently ignored.
     uses: ClassVar[tuple[str, ...]] = ()
@@ -77,6 +79,16 @@ class BaseTask(TiledPredictor, ModelExchange, L.LightningModule):
     headline_metrics: ClassVar[tuple[str, ...]] = ()
     #: For settings added after a release: the value that reproduces models saved without them.
     legacy_settings: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "loss_targets" in cls.__dict__ and "bioflow_targets" not in cls.__dict__:  # a plugin of an earlier release
+            import warnings
+
+            warnings.warn(f"{cls.__qualname__}: the task attribute 'loss_targets' is now 'bioflow_targets' (a tuple, as "
+                          "losses declare theirs); the old name is read until the next release", DeprecationWarning,
+                          stacklevel=2)
+            cls.bioflow_targets = (str(cls.__dict__["loss_targets"]),)
 
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, **_: Any) -> None:
         super().__init__()

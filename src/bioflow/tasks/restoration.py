@@ -62,7 +62,7 @@ class RestorationTask(BaseTask):
     """What CARE and Noise2Void share: image outputs, quality metrics, prediction of float images."""
 
     headline_metrics: ClassVar[tuple[str, ...]] = ("test/psnr", "test/ssim")
-    loss_targets: ClassVar[str] = "image"
+    bioflow_targets: ClassVar[tuple[str, ...]] = ("image",)
 
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,
                  data_range: Optional[float] = None, monitor: str = "val/loss",
@@ -169,7 +169,7 @@ class N2VTask(RestorationTask):
     """
 
     target_kind: ClassVar[str] = "optional_image"
-    loss_targets: ClassVar[str] = "masked_image"
+    bioflow_targets: ClassVar[tuple[str, ...]] = ("masked_image",)
     uses: ClassVar[tuple[str, ...]] = ("batch_transform",)
     exchange_title: ClassVar[str] = "Noise2Void denoising"
     citations: ClassVar[tuple[dict[str, str], ...]] = (

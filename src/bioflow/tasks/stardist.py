@@ -70,7 +70,7 @@ class StarDistTask(BaseTask):
     """
 
     target_kind: ClassVar[str] = "mask"
-    loss_targets: ClassVar[str] = "stardist"
+    bioflow_targets: ClassVar[tuple[str, ...]] = ("stardist",)
     #: The data this task takes (2D images; :class:`~bioflow.tasks.stardist3d.StarDist3DTask` takes volumes).
     bioflow_spatial_dims: ClassVar[tuple[int, ...]] = (2,)
     #: The registered post-processor that turns predictions into labels.

@@ -55,12 +55,12 @@ class DistanceSplit:
         return lut[labels]
 
     @staticmethod
-    def example_input(spatial_dims: int) -> np.ndarray:
-        """Two touching balls of foreground (for contract tests)."""
+    def bioflow_example_inputs(spatial_dims: int) -> tuple[np.ndarray]:
+        """Two touching balls of foreground (the network output the contract check gives it)."""
         grid = np.moveaxis(np.indices((40,) * spatial_dims).astype(np.float32), 0, -1)
         centre_a = np.full(spatial_dims, 20.0)
         centre_b = centre_a.copy()
         centre_a[-1], centre_b[-1] = 12.0, 27.0
         fg = (np.linalg.norm(grid - centre_a, axis=-1) < 8) | (np.linalg.norm(grid - centre_b, axis=-1) < 8)
         fg = fg.astype(np.float32) * 0.9
-        return np.stack([1 - fg, fg])
+        return (np.stack([1 - fg, fg]),)
