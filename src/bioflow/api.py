@@ -73,9 +73,10 @@ def predict(model: str, inputs: str | Path | Sequence[str | Path], out: str | Pa
     out
         Output folder (created when there is something to write; inputs are never overwritten).
     **options
-        ``project_dir``, ``tracking_uri``, ``axes``, ``tile_size``, ``overlap``, ``batch_size``,
-        ``tta``, ``blend``, ``rescale``, ``device``, ``overwrite``, ``progress``, ``precision``: the
-        options of ``bioflow predict``.
+        ``project_dir``, ``tracking_uri``, and the prediction options of ``bioflow predict``
+        (:class:`bioflow.inference.options.PredictionOptions`: ``axes``, ``tile_size``, ``overlap``,
+        ``batch_size``, ``tta``, ``blend``, ``rescale``, ``device``, ``precision``, ``overwrite``,
+        ``progress``), checked before any work.
 
     Returns
     -------
@@ -125,7 +126,8 @@ class Model:
             Its axes, e.g. ``"YX"``, ``"CYX"``, ``"YXC"``, ``"ZYX"``, ``"TYX"``. Default: the image's
             spatial axes (``YX`` / ``ZYX``), with a leading channel axis if it has one more.
         **options
-            ``tile_size``, ``overlap``, ``batch_size``, ``tta``, ``blend`` as for ``bioflow predict``.
+            The tiler's options of ``bioflow predict``: ``tile_size``, ``overlap``, ``batch_size``,
+            ``tta``, ``blend`` (:class:`bioflow.inference.options.PredictionOptions`).
 
         Returns
         -------
@@ -137,9 +139,10 @@ class Model:
 
         from bioflow.data.tiff import layout_plan
         from bioflow.errors import DataError
-        from bioflow.prediction import check_options, predict_array
+        from bioflow.inference.options import TILING, PredictionOptions
+        from bioflow.prediction import predict_array
 
-        check_options(**{k: options.get(k) for k in ("tile_size", "overlap", "batch_size")})
+        checked = PredictionOptions.of(allowed=TILING, **{"progress": False, **options})
         array = np.asarray(image)
         dims = self.task.data_info.spatial_dims
         if axes is None:
@@ -160,7 +163,7 @@ class Model:
             squeezed = frame.squeeze(axis=tuple(i for i, pos in enumerate(take) if pos is None))
             laid = np.transpose(squeezed, sorted(range(len(kept)), key=lambda j: take[kept[j]]))
             laid = laid[None] if add_channel else laid
-            results.append(predict_array(self.task, laid, **options))
+            results.append(predict_array(self.task, laid, checked))
         if "T" not in axes:
             return results[0]
         return {name: np.stack([r[name] for r in results]) for name in results[0]}

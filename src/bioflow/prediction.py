@@ -22,8 +22,8 @@ import numpy as np
 
 from bioflow.data.records import check_finite
 from bioflow.errors import BioflowError, DataError
+from bioflow.inference.options import TILING, PredictionOptions
 from bioflow.inference.outputs import OutputSpec, output_blocks
-from bioflow.precision import PREDICTION_PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -189,20 +189,13 @@ def predict(
     *,
     project_dir: str | None = None,
     tracking_uri: str | None = None,
-    axes: str | None = None,
-    tile_size: Sequence[int] | None = None,
-    overlap: Sequence[int] | None = None,
-    batch_size: int | None = None,
-    tta: bool = False,
-    blend: str = "cosine",
-    rescale: bool = False,
-    device: str = "auto",
-    overwrite: bool = False,
-    progress: bool = True,
-    precision: str | None = None,
+    options: PredictionOptions | None = None,
+    **settings: Any,
 ) -> list[dict[str, Path]]:
     """Predict every input TIFF with ``model`` (a checkpoint file, an MLflow run id or a bioimage.io package).
 
+    ``options`` (or the same names as keyword arguments: ``tile_size``, ``tta``, ``axes``, ...; see
+    :class:`~bioflow.inference.options.PredictionOptions`) say how; they are checked before any work.
     Every readable input is predicted even when others fail; the failures are reported one line
     each, and then raised together as a :class:`PredictionErrors`. Outputs are written under
     temporary names and renamed when complete, so a failed input leaves nothing behind; ``out``
@@ -213,30 +206,29 @@ def predict(
     from bioflow.loading import load_model
     from bioflow.tracking.store import Store, default_project_dir
 
+    if options is not None and settings:
+        raise BioflowError(f"predict: give the options as one PredictionOptions or as keywords, not both ({', '.join(settings)})")
+    opts = options if options is not None else PredictionOptions.of(**settings)
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir}: exists and is not a folder; give a folder for the outputs")
-    check_options(tile_size=tile_size, overlap=overlap, batch_size=batch_size, axes=axes)
-    if precision is not None and precision not in PREDICTION_PRECISIONS:
-        raise BioflowError(f"--precision: '{precision}' is not one of {', '.join(PREDICTION_PRECISIONS)}")
-    device = choose_device(device)
+    device = choose_device(opts.device)
     files = collect_inputs(inputs)
     explicit = project_dir is not None or tracking_uri is not None
     store = Store.create(project_dir or default_project_dir(), tracking_uri)
     task = load_model(model, store, inference=True, explicit_store=explicit).task
     for line in task.prediction_caveats():
         print(f"bioflow: note: {line}", file=sys.stderr)
-    if precision is not None:  # instead of the model's predict.precision
+    if opts.precision is not None:  # instead of the model's predict.precision
         if not isinstance(getattr(task, "config", None), dict) or "predict" not in task.config:
             raise BioflowError(f"--precision: {model} does not predict through bioflow's network; predict without it")
-        task.config["predict"] = {**task.config["predict"], "precision": precision}
+        task.config["predict"] = {**task.config["predict"], "precision": opts.precision}
     task.to(device)
-    plan = output_paths(files, out_dir, task.prediction_outputs(), overwrite)
-    options = dict(tile_size=tile_size, overlap=overlap, batch_size=batch_size, tta=tta, blend=blend, progress=progress)
+    plan = output_paths(files, out_dir, task.prediction_outputs(), opts.overwrite)
     results, failures = [], []
     for f, targets in zip(files, plan):
         try:
-            _predict_file(task, f, targets, out_dir, axes, rescale, options)
+            _predict_file(task, f, targets, out_dir, opts)
         except BioflowError as exc:
             if len(files) == 1:
                 raise
@@ -258,27 +250,15 @@ class PredictionErrors(BioflowError):
         super().__init__(f"{len(messages)} of {total} input file(s) failed (each reported above); the others were predicted")
 
 
-def check_options(*, tile_size=None, overlap=None, batch_size=None, axes=None) -> None:
-    """One-line errors for prediction options out of range, before any work."""
-    from bioflow.errors import ConfigError
-
-    for name, values, low in (("--tile-size", tile_size, 1), ("--overlap", overlap, 0)):
-        if values is not None and any(int(v) < low for v in values):
-            raise ConfigError(f"{name} {' '.join(str(v) for v in values)}: must be {'positive' if low else '0 or more'}")
-    if batch_size is not None and int(batch_size) < 1:
-        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
-    if axes is not None and (not axes or set(axes.upper()) - set("TCZYXS")):
-        raise ConfigError(f"--axes {axes}: not an axes string (letters from T, C, Z, Y, X, S)")
-
-
-def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, axes, rescale: bool, options) -> None:
+def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: PredictionOptions) -> None:
     """Predict one file (every time point of a time-lapse) into its outputs."""
     import torch
 
     from bioflow.data.tiff import read_tiff_frames
     from bioflow.data.views import SubArray, channel_indices
 
-    frames = read_tiff_frames(f, axes, channels=True, axes_option="--axes")
+    frames = read_tiff_frames(f, opts.axes, channels=True, axes_option="--axes")
+    options = opts.tiling()
     wanted = getattr(task, "channel_selection", None)  # models from other tools choose none
     arrays = []
     for frame in frames:
@@ -290,7 +270,7 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, axes, 
     _check_compatible(task, arrays[0], f)
     for array in arrays[1:]:
         check_finite(array, str(f), when="prediction")
-    factor = _resolution_factor(task, first.pixel_size, f, rescale)
+    factor = _resolution_factor(task, first.pixel_size, f, opts.rescale)
     shape = tuple(arrays[0].shape[1:])
     out_dir.mkdir(parents=True, exist_ok=True)
     writers: dict[str, TiffWriter] = {}
@@ -341,9 +321,15 @@ class ArrayWriter:
         self.array[(slice(None), rows) if self.has_channels else rows] = block
 
 
-def predict_array(task, array, **options) -> dict[str, np.ndarray]:
-    """Every output of ``task`` for one channel-first image in memory (tiled like ``bioflow predict``)."""
+def predict_array(task, array, options: PredictionOptions | None = None, **tiling: Any) -> dict[str, np.ndarray]:
+    """Every output of ``task`` (a predictor) for one channel-first image in memory, tiled like
+    ``bioflow predict`` with ``options`` (or the tiler's options as keywords: ``tile_size``,
+    ``overlap``, ``batch_size``, ``tta``, ``blend``, ``progress``)."""
     import torch
+
+    if options is None:
+        options = PredictionOptions.of(allowed=TILING, **{"progress": False, **tiling})
+    options = options.tiling()
 
     _check_compatible(task, array, Path("the image"))
     shape = tuple(array.shape[1:])

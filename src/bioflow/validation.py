@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from bioflow.config import component, section, validate_structure
-from bioflow.errors import ConfigError, did_you_mean
+from bioflow.errors import ConfigError
 from bioflow.kinds import KINDS, loss_targets_taken
 from bioflow.precision import resolve_precision
 

@@ -214,3 +214,10 @@ def test_a_foreign_package_loads_in_python_and_predicts_as_the_command_line(fore
     model = bioflow.load_model(str(foreign_package))
     assert "bioimage.io package" in repr(model) and model.outputs == ["scores"]
     assert np.array_equal(model.predict(data)["scores"], tifffile.imread(tmp_path / "out" / "a.tif"))
+
+
+def test_a_foreign_package_meets_the_predictor_contract(foreign_package):
+    from bioflow.bioimageio.runtime import load_package
+    from bioflow.inference.predictor import Predictor
+
+    assert isinstance(load_package(str(foreign_package)), Predictor)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -21,6 +21,34 @@ from bioflow.inference.tiling import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """What ``bioflow predict``, ``bioflow.Model`` and the contract kit ask of a model: every task
+    (through :class:`TiledPredictor`) and a bioimage.io package of another tool
+    (:class:`bioflow.bioimageio.runtime.PackageModel`) implement it.
+
+    ``data_info`` has ``in_channels``, ``spatial_dims`` and ``pixel_size`` (what inputs are checked
+    against); ``predict_array`` streams the outputs of a raw channel-first image strip by strip
+    into ``sink(start, block)``, tiled with the tiler's options
+    (:data:`bioflow.inference.options.TILING`); the session turns those strips into the output
+    images that ``prediction_outputs`` names.
+    """
+
+    data_info: Any
+
+    def prediction_outputs(self) -> list[OutputSpec]: ...
+
+    def prediction_session(self, shape: Sequence[int], workdir: Any = None) -> PredictionSession: ...
+
+    def prediction_caveats(self) -> list[str]: ...
+
+    def predict_array(self, image: Any, sink: Callable[[int, torch.Tensor], None], tile_size: Sequence[int] | None = None,
+                      overlap: Sequence[int] | None = None, batch_size: int | None = None, tta: bool = False,
+                      blend: str = "cosine", progress: bool = False) -> None: ...
+
+    def to(self, device: Any) -> Any: ...
 
 
 class TiledPredictor:
