@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from bioflow.config import CONFIG_PACKAGE, PRIMARY_CONFIG, validate_structure
-from bioflow.validation import validate
+from bioflow.training.validation import validate
 from bioflow.errors import ConfigError
 from tests.helpers import REPO, run_cli
 

@@ -24,11 +24,12 @@ LAYERS = [
     {"bioflow.data"},
     {"bioflow.inference", "bioflow.checkpoint"},
     {"bioflow.tasks"},
-    # reading a model: checkpoints, runs and bioimage.io packages (one resolver, bioflow.loading)
-    {"bioflow.validation", "bioflow.loading", "bioflow.tracking", "bioflow.resume", "bioflow.bioimageio.package",
-     "bioflow.bioimageio.runtime"},
-    {"bioflow.training", "bioflow.prediction", "bioflow.evaluation", "bioflow.bioimageio", "bioflow.testing",
-     "bioflow.pytest_plugin"},
+    # config validation and resuming (parts of the training job), tracking, and reading a model:
+    # checkpoints, runs and bioimage.io packages (one resolver, bioflow.loading)
+    {"bioflow.training.validation", "bioflow.training.resume", "bioflow.tracking", "bioflow.loading",
+     "bioflow.bioimageio.package", "bioflow.bioimageio.runtime"},
+    # the jobs: training, prediction, evaluation, export; the test kit
+    {"bioflow.training", "bioflow.prediction", "bioflow.evaluation", "bioflow.bioimageio", "bioflow.testing"},
     # the root package is the Python API's facade (its lazy __getattr__ imports bioflow.api)
     {"bioflow.api", "bioflow.cli", "bioflow.__main__", "bioflow"},
 ]

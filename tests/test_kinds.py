@@ -67,7 +67,7 @@ def with_loss(name: str, *overrides: str) -> dict:
 
 def test_a_loss_registered_in_memory_validates_with_its_task():
     from bioflow.registry import registry
-    from bioflow.validation import validate_components
+    from bioflow.training.validation import validate_components
 
     registry.register("losses", "half_mse", HalfLoss)
     try:
@@ -83,7 +83,7 @@ def test_a_loss_registered_in_memory_validates_with_its_task():
 
 
 def test_a_section_the_task_does_not_use_names_the_tasks_that_do():
-    from bioflow.validation import validate_components
+    from bioflow.training.validation import validate_components
 
     with pytest.raises(ConfigError, match=r"task 'care' does not use a batch transform \(task 'n2v' does\)"):
         validate_components(compose_config("task=care", "batch_transform=n2v"))
@@ -120,7 +120,7 @@ def test_components_written_for_the_earlier_attribute_names_still_pass_with_a_wa
 
 def test_a_task_written_for_loss_targets_still_fits_its_loss_with_a_warning():
     from bioflow.tasks.restoration import CARETask
-    from bioflow.validation import check_compatibility
+    from bioflow.training.validation import check_compatibility
 
     with pytest.warns(DeprecationWarning, match="'loss_targets' is now 'bioflow_targets'"):
         class OldTask(CARETask):

@@ -9,7 +9,7 @@ from bioflow import precision
 from bioflow.errors import ConfigError
 from bioflow.precision import resolve_precision
 from bioflow.testing import compose_config
-from bioflow.validation import validate
+from bioflow.training.validation import validate
 
 
 @pytest.mark.parametrize(("native", "expected"), [(True, "bf16-mixed"), (False, "32-true")])

@@ -46,8 +46,8 @@ def train(overrides: Sequence[str] | Mapping[str, Any] | None = None, *, job_dir
         ``output_dir``, ``predict`` and ``dashboard`` (commands), ``performance``.
     """
     from bioflow.config import compose
-    from bioflow.validation import validate
-    from bioflow.training import run_training
+    from bioflow.training.validation import validate
+    from bioflow.training.job import run_training
 
     overrides = _as_overrides(overrides)
     config = compose(overrides)

@@ -260,3 +260,29 @@ def test_every_task_exports_a_package_that_predicts_like_its_checkpoint(kind, tm
     assert of_package.keys() == of_checkpoint.keys() and of_package
     for key, value in of_checkpoint.items():
         assert of_package[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_a_package_written_before_the_task_state_predicts_as_its_checkpoint(tmp_path):
+    """Packages of the previous release have no task state, components or per-image list in
+    config.bioflow: StarDist's thresholds then come from config.stardist, as they did."""
+    checkpoint = data_checkpoint(tmp_path / "model.ckpt", "stardist")
+    package = export(checkpoint, tmp_path / "model.zip")
+    old = tmp_path / "old.zip"
+    with zipfile.ZipFile(package) as source, zipfile.ZipFile(old, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "rdf.yaml":
+                description = yaml.safe_load(data)
+                for key in ("task_state", "components", "per_image_units"):
+                    description["config"]["bioflow"].pop(key)
+                data = yaml.safe_dump(description, sort_keys=False).encode()
+            target.writestr(item, data)
+    data = nuclei((130, 118), seed=5)
+    tifffile.imwrite(tmp_path / "a.tif", data)
+    for model, out in ((checkpoint, "from_checkpoint"), (old, "from_old_package")):
+        predict(str(model), [str(tmp_path / "a.tif")], str(tmp_path / out), project_dir=str(tmp_path), tile_size=[64],
+                progress=False)
+    expected, actual = (tifffile.imread(tmp_path / o / "a.tif") for o in ("from_checkpoint", "from_old_package"))
+    assert len(np.unique(expected)) > 5 and (actual == expected).mean() > 0.998
+    task = task_from_checkpoint(load_checkpoint(checkpoint), "model")
+    assert torch.allclose(load_package(str(old)).thresholds, task.thresholds)

@@ -454,7 +454,9 @@ def packaged_task(descr, origin: str, *, required: bool = False, inference: bool
     with without_network():
         task = create_task(config, section["data_info"], inference=inference)
     task.model = PackageNetwork(descr, origin, int(section["receptive_field"]), int(section["size_multiple"]))
-    task.load_package_config(descr.config.model_extra or {})
+    # the whole config section: its extras (bioflow's record) and the fields the spec declares
+    # (``stardist``, ``bioimageio``), as plain data
+    task.load_package_config(descr.config.model_dump(mode="json", exclude_none=True))
     return task.eval()
 
 

@@ -14,11 +14,11 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.utilities import rank_zero_only
 
 from bioflow.config import component
-from bioflow.validation import validate
+from bioflow.training.validation import validate
 from bioflow.errors import ConfigError
 from bioflow.precision import resolve_precision
 from bioflow.data.module import BioflowDataModule
-from bioflow.resume import find_resume_point, requested_resume, resumed_config
+from bioflow.training.resume import find_resume_point, requested_resume, resumed_config
 from bioflow.tasks import create_task, get_task, settings_of
 from bioflow.tasks.base import used_components
 from bioflow.tracking.run import (

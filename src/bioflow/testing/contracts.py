@@ -1,43 +1,11 @@
-"""The plugin test kit: contract checks for components, and helpers for testing models.
-
-A component passes its contract when bioflow can use it the way its kind promises. Plugin authors
-run the same checks on their components that bioflow runs on its own::
-
-    from bioflow.testing import check_component
-
-    def test_contract(bioflow_component):          # parametrised by bioflow's pytest plugin
-        check_component(*bioflow_component)
-
-or call a check directly: ``check_model(MyNet)``. Failed checks raise ``AssertionError``
-with the reason.
-
-Components describe themselves with optional attributes (on the class or factory function):
-
-``bioflow_spatial_dims``
-    the spatial dimensionalities supported, e.g. ``(2, 3)``. Default for models: ``(2, 3)``
-    if the factory takes ``spatial_dims``, else ``(2,)``; for losses and post-processors ``(2, 3)``.
-``bioflow_exports``
-    models: export formats that must work, from ``"torchscript"`` and ``"onnx"``.
-``bioflow_example_inputs(spatial_dims)``
-    losses: returns ``(prediction, target)`` the loss is meant for (default: class logits and
-    class indices); post-processors: returns ``(network_output,)``, what they take (default:
-    two-class probabilities). The names of earlier releases (``example_inputs``, ``example_input``)
-    are still read, with a deprecation warning.
-``bioflow_targets``
-    losses: the loss targets they take (default ``("classes",)``).
-``bioflow_example_kwargs``
-    data sources (and any component with required arguments): keyword arguments for a small example.
-
-Besides the contracts, :func:`compose_config` and :func:`make_checkpoint` build configs and
-untrained checkpoints for testing prediction and evaluation code.
-"""
+"""Contract checks: a component passes when bioflow can use it the way its kind promises (see
+:mod:`bioflow.testing`)."""
 
 from __future__ import annotations
 
 import inspect
 import io
 import pickle
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -266,6 +234,8 @@ def check_task(factory: Factory, name: str | None = None, overrides: tuple[str, 
 
     from bioflow.prediction import predict_array
     from bioflow.tasks import CONTEXT_ARGUMENTS, create_task
+    from bioflow.testing.configs import compose_config
+    from bioflow.testing.exchange import check_exchange
 
     params = [p for n, p in inspect.signature(factory.__init__).parameters.items() if n not in CONTEXT_ARGUMENTS | {"self"}]
     for p in params:
@@ -306,59 +276,6 @@ def check_task(factory: Factory, name: str | None = None, overrides: tuple[str, 
         check_exchange(task, one["image"][0].numpy(), tile_size=[32 if dims == 2 else 16])
 
 
-def check_exchange(task, image: np.ndarray, tile_size=None) -> None:
-    """A task's model round-trips through a bioimage.io package: ``bioflow export`` writes a valid
-    package of it, and the package, rebuilt as the task around its weights, predicts the model's
-    raw output (to 1e-4 of its range) and the same output images.
-
-    Skipped (not failed) where the optional extra ``bioflow[bioimageio]`` is not installed.
-    """
-    import tempfile
-
-    import torch
-
-    try:
-        import bioimageio.core  # noqa: F401
-    except ImportError:
-        import warnings
-
-        warnings.warn("check_exchange: bioimageio.core is not installed; the export round trip was not checked")
-        return
-    from bioflow.bioimageio.export import export_model
-    from bioflow.bioimageio.runtime import load_package
-    from bioflow.prediction import predict_array
-
-    task = task.cpu().eval()
-    with tempfile.TemporaryDirectory(prefix="bioflow-exchange-") as tmp:
-        folder = Path(tmp)
-        checkpoint = {"state_dict": task.state_dict(),
-                      "hyper_parameters": {"config": task.config, "data_info": task.data_info.as_dict()}}
-        task.on_save_checkpoint(checkpoint)
-        torch.save(checkpoint, folder / "model.ckpt")
-        export_model(str(folder / "model.ckpt"), str(folder / "model.zip"), project_dir=str(folder / "runs"))
-        packaged = load_package(str(folder / "model.zip"))
-        assert packaged is not None and hasattr(packaged, "config"), "the package does not rebuild as its task"
-
-        def raw(model) -> np.ndarray:
-            parts: list = []
-            with torch.no_grad():
-                model.predict_array(image, sink=lambda start, block: parts.append(block.float().cpu()), tile_size=tile_size)
-            return torch.cat(parts, dim=1).numpy()
-
-        expected, actual = raw(task), raw(packaged)
-        scale = max(float(np.abs(expected).max()), 1e-6)
-        assert float(np.abs(actual - expected).max()) <= 1e-4 * scale, "the package predicts another raw output"
-        ours = predict_array(task, image, tile_size=tile_size)
-        theirs = predict_array(packaged, image, tile_size=tile_size)
-        for name, value in ours.items():
-            assert name in theirs and theirs[name].shape == value.shape, f"the package gives no output '{name}'"
-            if np.issubdtype(value.dtype, np.floating):
-                assert np.allclose(theirs[name], value, rtol=1e-4, atol=1e-4 * max(float(np.abs(value).max()), 1e-6)), name
-            else:  # labels: pixels where two objects meet may fall to either
-                assert (theirs[name] == value).mean() > 0.99, f"output '{name}' differs from the model's"
-
-
-#: The contract check of every kind that has one (named in :data:`bioflow.kinds.KINDS`).
 CHECKS: dict[str, Callable[..., None]] = {k.name: globals()[k.check] for k in KINDS if k.check}
 
 #: Small arguments for built-in components whose defaults would make the checks slow.
@@ -397,30 +314,3 @@ def check_component(kind: str, name: str, **kwargs: Any) -> None:
     component = registry.resolve(kind, name)
     extra = {"name": component.name} if kind == "tasks" else {}
     CHECKS[kind](factory, **{**_SMALL.get((kind, component.qualified_name), {}), **extra, **kwargs})
-
-
-# -- configs and checkpoints for tests ---------------------------------------------------------------------------------
-def compose_config(*overrides: str) -> dict:
-    """The resolved training config for ``overrides`` (as ``bioflow train`` would compose it)."""
-    from bioflow.config import _compose_node
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(_compose_node(overrides), resolve=True)
-
-
-def make_checkpoint(path: Path, *overrides: str, in_channels: int = 1, spatial_dims: int = 2,
-                    pixel_size: list[float] | None = None, seed: int = 0) -> Path:
-    """An untrained but complete bioflow checkpoint (random weights), without running training."""
-    import torch
-
-    from bioflow.tasks import create_task
-
-    config = compose_config(*overrides)
-    torch.manual_seed(seed)
-    data_info = {"in_channels": in_channels, "spatial_dims": spatial_dims, "pixel_size": pixel_size,
-                 "split": {"train": [], "val": [], "test": []}}
-    task = create_task(config, data_info)
-    checkpoint = {"state_dict": task.state_dict(), "hyper_parameters": {"config": config, "data_info": data_info}}
-    task.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return path
