@@ -98,7 +98,7 @@ def main() -> None:
                       explicit_store=args.project_dir is not None).task
     device = choose_device(args.device)
     if args.precision:
-        task.config["predict"] = {**task.config["predict"], "precision": args.precision}
+        task.context.predict["precision"] = args.precision
     task.to(device)
     norm = task.normalizer().norm_for(image[None])
     session = task.prediction_session(image.shape)
@@ -117,7 +117,7 @@ def main() -> None:
     report = {
         "benchmark": "stardist_predict", "image": args.image, "size": f"{args.size}x{args.size}", "tile": args.tile or f"automatic ({task.tiling()[0]})",
         "device": device, "threads": torch.get_num_threads(),
-        "precision": task.config["predict"].get("precision", "32-true"),
+        "precision": task.context.predict.get("precision", "32-true"),
         "bioflow": {
             "network_and_candidates_s": round(network_s, 2), "nms_and_render_s": round(nms_render_s, 2),
             "total_s": round(network_s + nms_render_s, 2), "candidates": candidates, "objects_true": stats.n_true,

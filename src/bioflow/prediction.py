@@ -220,9 +220,9 @@ def predict(
     for line in task.prediction_caveats():
         print(f"bioflow: note: {line}", file=sys.stderr)
     if opts.precision is not None:  # instead of the model's predict.precision
-        if not isinstance(getattr(task, "config", None), dict) or "predict" not in task.config:
+        if getattr(task, "context", None) is None:
             raise BioflowError(f"--precision: {model} does not predict through bioflow's network; predict without it")
-        task.config["predict"] = {**task.config["predict"], "precision": opts.precision}
+        task.context.predict["precision"] = opts.precision
     task.to(device)
     plan = output_paths(files, out_dir, task.prediction_outputs(), opts.overwrite)
     results, failures = [], []

@@ -91,7 +91,7 @@ def torch_source(task) -> TorchSource | None:
     backbone = getattr(net, "backbone", None) if isinstance(net, stardist_module.StarDistNet) else net
     if type(backbone) is not unet_module.UNet:
         return None
-    name, kwargs = component(task.config["model"])
+    name, kwargs = component(task.context.model)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("in_channels", "out_channels")}
     kwargs["spatial_dims"] = task.data_info.spatial_dims
     header = "# The network of a bioflow model, rebuilt with PyTorch alone (bioflow is not needed).\nfrom __future__ import annotations\n"

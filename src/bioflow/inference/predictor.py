@@ -1,7 +1,8 @@
 """Tiled prediction for a model: tile size and overlap from its network and the device's memory.
 
 :class:`TiledPredictor` is what every task shares to predict images of any size; a task provides
-``self.model`` (its network), ``self.config`` (the ``predict`` section), ``self.data_info``,
+``self.model`` (its network), ``self.context`` (:class:`bioflow.tasks.context.TaskContext`: its
+``predict``, ``normalize`` and ``channels``), ``self.data_info``,
 ``self.device``, and, where they differ from the defaults, :meth:`output_stride`,
 :meth:`tta_channel_map` and :meth:`normalizer`.
 """
@@ -87,13 +88,13 @@ class TiledPredictor:
     @property
     def channel_selection(self) -> list | None:
         """The channels of the input files the model uses (``data.channels``; None: all)."""
-        return self.config["data"].get("channels")
+        return self.context.channels
 
     def normalizer(self):
         """How this model normalises images (as stored with it)."""
         from bioflow.data.normalize import Normalizer
 
-        return Normalizer.from_dict(self.data_info.normalization, self.config["data"]["normalize"])
+        return Normalizer.from_dict(self.data_info.normalization, self.context.normalize)
 
     def prediction_outputs(self) -> list[OutputSpec]:
         """The images ``bioflow predict`` writes per input (the first is the main result)."""
@@ -113,7 +114,7 @@ class TiledPredictor:
         overlap is allowed with a warning.
         """
         dims = self.data_info.spatial_dims
-        cfg = self.config["predict"]
+        cfg = self.context.predict
         on_gpu = str(self.device).startswith("cuda")
         batch = int(batch_size or cfg["batch_size"] or (4 if on_gpu else 1))
         tile = tile_size or cfg["tile_size"]

@@ -37,6 +37,7 @@ from bioflow.models.folding import fold_batch_norms
 from bioflow.optim import configure_optimization
 from bioflow.precision import inference_autocast
 from bioflow.registry import registry
+from bioflow.tasks.context import TaskContext
 from bioflow.tasks.exchange import ModelExchange
 
 _CONTEXT = kind("tasks").provided
@@ -94,7 +95,8 @@ class BaseTask(TiledPredictor, ModelExchange, L.LightningModule):
         super().__init__()
         # Collects the subclass's settings too (Lightning reads the constructors' arguments).
         self.save_hyperparameters(logger=False, ignore=["inference", "_"])
-        self.config = config
+        self.config = config  # saved with the model; the task itself reads self.context
+        self.context = TaskContext.from_config(config)
         self.data_info = DataInfo(**data_info)
         self.task_settings = {k: v for k, v in self.hparams.items() if k not in _CONTEXT}
         self.monitor, self.monitor_mode = self.task_settings["monitor"], self.task_settings["monitor_mode"]
@@ -107,7 +109,7 @@ class BaseTask(TiledPredictor, ModelExchange, L.LightningModule):
             self.model = self.model.to(memory_format=self._memory_format)
         self.loss_fn = None if inference else self.build_loss()
         self.figure_samples: list[dict[str, Any]] = []
-        self.n_figure_samples = int(config["logger"]["figures"]["n_samples"])
+        self.n_figure_samples = self.context.figure_samples
         self.mean_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
 
     # -- components ---------------------------------------------------------------------------
@@ -121,7 +123,7 @@ class BaseTask(TiledPredictor, ModelExchange, L.LightningModule):
 
     def build_model(self, in_channels: int | None = None, out_channels: int | None = None) -> torch.nn.Module:
         """The configured model (``model`` section) with the data's (or the given) channels."""
-        name, kwargs = component(self.config["model"])
+        name, kwargs = component(self.context.model)
         provided = {"in_channels": self.data_info.in_channels if in_channels is None else in_channels,
                     "out_channels": self.out_channels() if out_channels is None else out_channels,
                     "spatial_dims": self.data_info.spatial_dims}
@@ -134,11 +136,12 @@ class BaseTask(TiledPredictor, ModelExchange, L.LightningModule):
         return registry.create("models", name, where="model", **kwargs)
 
     def build_loss(self) -> torch.nn.Module:
-        name, kwargs = component(self.config["loss"])
+        name, kwargs = component(self.context.loss)
         return registry.create("losses", name, where="loss", **kwargs)
 
     def configure_optimizers(self):
-        return configure_optimization(self.parameters(), self.config, self.trainer.max_epochs, self.monitor,
+        sections = {"optimizer": self.context.optimizer, "scheduler": self.context.scheduler}
+        return configure_optimization(self.parameters(), sections, self.trainer.max_epochs, self.monitor,
                                       self.monitor_mode, total_steps=self.trainer.estimated_stepping_batches)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +149,7 @@ class BaseTask(TiledPredictor, ModelExchange, L.LightningModule):
             x = x.contiguous(memory_format=self._memory_format)
         if self.model.training or torch.is_grad_enabled():
             return self.model(x)
-        with inference_autocast(self.config["predict"].get("precision"), x.device):
+        with inference_autocast(self.context.predict.get("precision"), x.device):
             out = self.inference_network()(x)
         return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
 
@@ -255,7 +258,7 @@ class BaseTask(TiledPredictor, ModelExchange, L.LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["bioflow"] = {"version": __version__, "task": self.config["task"]["name"],
+        checkpoint["bioflow"] = {"version": __version__, "task": self.context.name,
                                  "components": used_components(self.config),
                                  "run_id": getattr(self.logger, "run_id", None) if self.logger is not None else None}
 

@@ -20,7 +20,7 @@ method has something to say (see docs/writing-a-task.md):
 ``package_config()``
     sections of the package's ``config`` besides bioflow's own record (e.g. StarDist's
     post-processing parameters in the layout of StarDist's own exporter);
-``load_package_config(config)``
+``load_package_config(package)``
     restores, on a task rebuilt from a package, the state that is not in the network's weights
     (by default the task's own buffers, which the exporter records).
 """
@@ -90,12 +90,12 @@ class ModelExchange:
         state = self.state_dict()  # type: ignore[attr-defined]
         return {k: v.detach().cpu().tolist() for k, v in state.items() if not k.startswith("model.")}
 
-    def load_package_config(self, config: Mapping[str, Any]) -> None:
-        """Restore what a package records besides the network (``config`` is the package's whole
+    def load_package_config(self, package: Mapping[str, Any]) -> None:
+        """Restore what a package records besides the network (``package`` is the package's whole
         ``config`` section): by default the task's buffers recorded by :meth:`task_state`."""
         import torch
 
-        recorded = (config.get("bioflow") or {}).get(TASK_STATE) or {}
+        recorded = (package.get("bioflow") or {}).get(TASK_STATE) or {}
         own = self.state_dict()  # type: ignore[attr-defined]
         state = {k: torch.as_tensor(v, dtype=own[k].dtype) for k, v in recorded.items() if k in own}
         if state:

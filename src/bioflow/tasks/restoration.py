@@ -186,7 +186,7 @@ class N2VTask(RestorationTask):
                  data_range: Optional[float] = None, monitor: str = "val/loss",
                  monitor_mode: Literal["max", "min"] = "min") -> None:
         super().__init__(config, data_info, inference, data_range=data_range, monitor=monitor, monitor_mode=monitor_mode)
-        node = config.get("batch_transform")
+        node = self.context.batch_transform
         if node is None:
             raise ConfigError("batch_transform: Noise2Void needs a blind-spot batch transform, e.g. batch_transform=n2v")
         name, kwargs = component(node)
@@ -198,7 +198,7 @@ class N2VTask(RestorationTask):
         if kind not in self._generators or self._generators[kind].device != self.device:
             g = torch.Generator(device=self.device)
             offset = {"train": 0, "val": 1_000_003}[kind]
-            g.manual_seed(int(self.config["seed"]) * 7919 + self.global_rank * 104729 + offset)
+            g.manual_seed(self.context.seed * 7919 + self.global_rank * 104729 + offset)
             self._generators[kind] = g
         return self._generators[kind]
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal, Mapping, Optional
 import numpy as np
 import torch
 
-from bioflow.config import component, section
+from bioflow.config import component
 from bioflow.errors import ConfigError
 from bioflow.inference.outputs import OutputSpec, PredictionSession, SpooledArray
 from bioflow.conventions import IGNORE_INDEX
@@ -77,7 +77,7 @@ class SegmentationTask(BaseTask):
 
     def build_postprocessor(self):
         """The configured post-processor (``postprocessor`` section), or None."""
-        node = section(self.config, "postprocessor")
+        node = self.context.postprocessor
         if node is None:
             return None
         name, kwargs = component(node)

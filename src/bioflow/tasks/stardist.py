@@ -228,10 +228,10 @@ class StarDistTask(BaseTask):
                   **{k: v for k, v in self.nms_arguments().items() if k != "n_rays"}}
         return {"stardist": {"thresholds": {"prob": prob, "nms": nms}, "config": config}}
 
-    def load_package_config(self, config: Mapping[str, Any]) -> None:
-        super().load_package_config(config)
-        thresholds = (config.get("stardist") or {}).get("thresholds")
-        if not (config.get("bioflow") or {}).get(TASK_STATE) and thresholds:  # packages without a task state
+    def load_package_config(self, package: Mapping[str, Any]) -> None:
+        super().load_package_config(package)
+        thresholds = (package.get("stardist") or {}).get("thresholds")
+        if not (package.get("bioflow") or {}).get(TASK_STATE) and thresholds:  # packages without a task state
             self.thresholds.copy_(torch.tensor([float(thresholds["prob"]), float(thresholds["nms"])]))
 
     # -- after training ------------------------------------------------------------------------------
