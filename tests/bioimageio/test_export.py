@@ -286,3 +286,10 @@ def test_a_package_written_before_the_task_state_predicts_as_its_checkpoint(tmp_
     assert len(np.unique(expected)) > 5 and (actual == expected).mean() > 0.998
     task = task_from_checkpoint(load_checkpoint(checkpoint), "model")
     assert torch.allclose(load_package(str(old)).thresholds, task.thresholds)
+
+
+def test_a_package_is_not_exported_again(segmentation, tmp_path, capsys):
+    assert main(["export", str(segmentation[1]), "--out", str(tmp_path / "again.zip"), "--project-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a bioimage.io package already" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "again.zip").exists()

@@ -33,7 +33,7 @@ from bioflow.bioimageio.description import (
     ExportError, description, geometry, layout, package_config, save_package, validated, write_yaml,
 )
 from bioflow.bioimageio.images import normalized, reference_outputs, sample_image, write_cover, write_sample
-from bioflow.bioimageio.package import first_error, is_package, require_core
+from bioflow.bioimageio.package import first_error, require_core
 from bioflow.bioimageio.readme import format_source, readme
 from bioflow.bioimageio.weights import write_weights
 
@@ -71,14 +71,14 @@ def export_model(
     if target.is_dir():
         raise ExportError(f"{target}: is a folder")
     require_core()
-    if is_package(model):
-        raise ExportError(f"{model}: is a bioimage.io package already; export a checkpoint or an MLflow run id")
     citations = [parse_cite(c) for c in cites]
     from bioflow.loading import load_model
     from bioflow.tracking.store import Store, default_project_dir
 
     store = Store.create(project_dir or default_project_dir(), tracking_uri)
     loaded = load_model(model, store, explicit_store=project_dir is not None or tracking_uri is not None)
+    if loaded.package is not None:
+        raise ExportError(f"{model}: is a bioimage.io package already; export a checkpoint or an MLflow run id")
     store = loaded.store or store
     task = loaded.task.cpu().eval()
     config = loaded.config
