@@ -53,3 +53,25 @@ def test_model_predict_checks_its_input(tmp_path):
         model.predict(np.zeros((40, 36), np.float32), tile_size=[0])
     with pytest.raises(BioflowError, match="device"):
         bioflow.load_model(path, device="banana")
+
+
+def test_model_predict_takes_the_channels_the_model_was_trained_on(tmp_path):
+    """A model trained on one channel (data.channels=[1]) of two-channel images predicts a
+    two-channel array as bioflow predict does a two-channel file: from that channel."""
+    import tifffile
+
+    import bioflow
+    from bioflow.errors import BioflowError
+    from bioflow.testing import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m.ckpt", "experiment=demo_unet", "model.depth=1", "model.base_channels=4",
+                           "data.channels=[1]")
+    model = bioflow.load_model(path, device="cpu")
+    rng = np.random.default_rng(1)
+    two = np.stack([rng.random((40, 36)), rng.random((40, 36)) * 3]).astype(np.float32)
+    from_array = model.predict(two)["labels"]  # default axes: CYX
+    tifffile.imwrite(tmp_path / "two.tif", two, ome=True, metadata={"axes": "CYX"})
+    bioflow.predict(str(path), [str(tmp_path / "two.tif")], str(tmp_path / "out"), device="cpu")
+    assert np.array_equal(from_array, tifffile.imread(tmp_path / "out" / "two.tif"))
+    with pytest.raises(BioflowError, match="channel 1 does not exist in the image"):
+        model.predict(two[:1])

@@ -138,6 +138,7 @@ class Model:
         import numpy as np
 
         from bioflow.data.tiff import layout_plan
+        from bioflow.data.views import channel_indices
         from bioflow.errors import DataError
         from bioflow.inference.options import TILING, PredictionOptions
         from bioflow.prediction import predict_array
@@ -156,6 +157,7 @@ class Model:
         axes = axes.upper()
         frames = [array] if "T" not in axes else [np.take(array, t, axis=axes.index("T")) for t in range(array.shape[axes.index("T")])]
         frame_axes = axes.replace("T", "")
+        wanted = getattr(self.task, "channel_selection", None)  # packages of other tools choose none
         results: list[dict[str, Any]] = []
         for frame in frames:
             take, add_channel = layout_plan(frame_axes, frame.shape, Path("the image"), want_channels=True)
@@ -163,6 +165,8 @@ class Model:
             squeezed = frame.squeeze(axis=tuple(i for i, pos in enumerate(take) if pos is None))
             laid = np.transpose(squeezed, sorted(range(len(kept)), key=lambda j: take[kept[j]]))
             laid = laid[None] if add_channel else laid
+            if wanted:  # data.channels, as for files: the channels the model was trained on
+                laid = laid[channel_indices(wanted, laid.shape[0], None, "the image")]
             results.append(predict_array(self.task, laid, checked))
         if "T" not in axes:
             return results[0]

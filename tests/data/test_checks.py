@@ -65,3 +65,17 @@ def test_summary_over_records():
     a[10:20, 10:16] = 2
     summary = object_size_summary([rec(target=a, image=np.ones((1, 30, 30)))], instances=True)
     assert summary == {"median": 7.0, "p90": pytest.approx(9.4), "count": 2}
+
+
+@pytest.mark.parametrize("foreground", [1, 255])
+def test_a_binary_mask_counts_its_connected_objects_not_its_one_value(foreground):
+    """A U-Net's 0/1 or 0/255 mask of many small nuclei: objects of their own size, not one object
+    spanning the image (which made every run warn about the receptive field)."""
+    mask = np.zeros((128, 128), np.uint8)
+    for y in range(8, 128, 30):
+        for x in range(8, 128, 30):
+            mask[y:y + 12, x:x + 12] = foreground
+    extents = object_extents(mask, instances=True)
+    assert extents.tolist() == [12] * 16
+    summary = object_size_summary([rec(target=mask, image=np.ones((1, 128, 128)))], instances=True)
+    assert summary["median"] == 12 and summary["count"] == 16

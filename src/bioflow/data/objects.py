@@ -18,15 +18,18 @@ from bioflow.data.records import ImageRecord
 def object_extents(mask: np.ndarray, instances: bool) -> np.ndarray:
     """Longest bounding-box side of every object of a mask.
 
-    With ``instances`` every label value is one object (touching objects stay apart); otherwise
-    objects are the connected components of each class value.
+    With ``instances`` every label value is one object (touching objects stay apart), unless the
+    mask holds a single label value: then it is a binary mask (0/1, 0/255), whose objects are its
+    connected components, not the one value. Otherwise objects are the connected components of each
+    class value.
     """
     mask = np.asarray(mask)
-    if instances:
+    values = np.unique(mask[mask > 0])
+    if instances and values.size > 1:
         boxes = [b for b in ndimage.find_objects(np.where(mask > 0, mask, 0).astype(np.int64)) if b is not None]
     else:
         boxes = []
-        for value in np.unique(mask[mask > 0]):
+        for value in values:
             components, _ = ndimage.label(mask == value)
             boxes += [b for b in ndimage.find_objects(components) if b is not None]
     return np.array([max(s.stop - s.start for s in b) for b in boxes], dtype=np.int64)
