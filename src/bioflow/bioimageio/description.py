@@ -14,15 +14,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bioflow.bioimageio.package import first_error
+from bioflow.bioimageio.package import PER_IMAGE_UNITS, first_error
 from bioflow.errors import BioflowError
 from bioflow.tasks.exchange import TASK_STATE, PackageOutput
 
 INPUT_ID = "raw"
 _SPATIAL_IDS = {2: ["y", "x"], 3: ["z", "y", "x"]}
-#: Where config.bioflow lists the outputs in the input's units that need the input's own (per-image)
-#: normalisation inverted (the format cannot express it); read by :mod:`bioflow.bioimageio.runtime`.
-PER_IMAGE_UNITS = "per_image_units"
 
 
 class ExportError(BioflowError):

@@ -22,6 +22,11 @@ WEIGHT_PRIORITY = ("pytorch_state_dict", "torchscript", "onnx", "tensorflow_save
 _BACKENDS = {"pytorch_state_dict": "torch", "torchscript": "torch", "onnx": "onnxruntime",
              "tensorflow_saved_model_bundle": "tensorflow", "keras_hdf5": "tensorflow", "keras_v3": "keras"}
 
+#: Where config.bioflow lists the outputs in the input's units that need the input's own (per-image)
+#: normalisation inverted, which the format's post-processing cannot express (written by the
+#: exporter, applied by the runtime).
+PER_IMAGE_UNITS = "per_image_units"
+
 
 class PackageError(BioflowError):
     """A bioimage.io package cannot be read or run."""

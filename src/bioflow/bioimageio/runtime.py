@@ -27,8 +27,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bioflow.bioimageio.package import (  # noqa: F401 (is_package, require_core: this module's interface too)
-    OutputInfo, PackageError, TensorAxes, axis_of, bioflow_section, create_adapter, is_package, open_package,
-    require_core,
+    PER_IMAGE_UNITS, OutputInfo, PackageError, TensorAxes, axis_of, bioflow_section, create_adapter, is_package,
+    open_package, require_core,
 )
 from bioflow.errors import RegistryError
 
@@ -37,9 +37,6 @@ log = logging.getLogger(__name__)
 #: Default tile edge for packages (their memory per pixel is unknown): 2D and 3D.
 _DEFAULT_TILE = {2: 384, 3: 64}
 _MICROMETRES = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3, "angstrom": 1e-4, "meter": 1e6}
-#: Where the exporter lists outputs in the input's units that need the input's own (per-image)
-#: normalisation inverted, which the format's post-processing cannot express.
-PER_IMAGE_UNITS = "per_image_units"
 
 
 # -- the package as a predictor ------------------------------------------------------------------------
