@@ -65,3 +65,23 @@ def test_config_errors():
         Augmenter({"HorizontalFlip": {"q": 0.5}}, 2)
     with pytest.raises(ConfigError, match="restoration target"):
         Augmenter({"GaussNoise": {}}, 2, "image")
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_quarter_turns_keep_a_patch_that_is_not_square_in_plane_its_shape(dims):
+    """Patches of one batch must stack: a turn of a 32x64 patch is turned into a flip, not a 64x32 patch."""
+    shape = (8,) * (dims - 2) + (32, 64)
+    rng = np.random.default_rng(0)
+    image = rng.random((1, *shape)).astype(np.float32)
+    mask = (image[0] > 0.5).astype(np.int32)
+    turn = Augmenter({"RandomRotate90": {"p": 1.0}}, dims, "mask")
+    changed = 0
+    for seed in range(12):
+        out, labels = turn(image, mask, seed)
+        assert out.shape == image.shape and labels.shape == mask.shape
+        assert np.array_equal(out[0] > 0.5, labels > 0)  # image and mask moved together
+        changed += not np.array_equal(out, image)
+    assert changed  # the augmentation still does something
+    pairs = Augmenter({"RandomRotate90": {"p": 1.0}}, dims, "image")
+    out, target = pairs(image, 2 * image, 3)
+    assert out.shape == image.shape and np.allclose(target, 2 * out)

@@ -97,8 +97,20 @@ class Augmenter:
             data = {key_img: np.ascontiguousarray(both)}
         out = self.pipeline(**data)
         if target is not None and self.target_kind == "image":
-            both = np.moveaxis(out[key_img], -1, 0)
+            both = _same_shape(np.moveaxis(out[key_img], -1, 0), image.shape[1:])
             return np.ascontiguousarray(both[: image.shape[0]]), np.ascontiguousarray(both[image.shape[0]:])
-        new_image = np.ascontiguousarray(np.moveaxis(out[key_img], -1, 0))
+        new_image = _same_shape(np.moveaxis(out[key_img], -1, 0), image.shape[1:])
         new_target = out.get(key_mask) if target is not None and self.target_kind == "mask" else target
-        return new_image, new_target
+        if new_target is not None and new_target is not target:
+            new_target = _same_shape(new_target, image.shape[1:])
+        return np.ascontiguousarray(new_image), new_target
+
+
+def _same_shape(array: np.ndarray, spatial_shape) -> np.ndarray:
+    """A quarter turn of a patch that is not square in-plane swaps its last two axes, and patches of
+    one batch would no longer stack: swap them back (turn plus transpose is a flip, as valid an
+    augmentation)."""
+    spatial = tuple(array.shape[-len(spatial_shape):])
+    if spatial != tuple(spatial_shape) and spatial == (*spatial_shape[:-2], spatial_shape[-1], spatial_shape[-2]):
+        array = np.ascontiguousarray(np.swapaxes(array, -1, -2))
+    return array
