@@ -123,6 +123,17 @@ def _no_tiffs(images: Path, masks: Path) -> None:
         p.rename(p.with_suffix(".png"))
 
 
+def _many_labels(images: Path, masks: Path) -> None:
+    m = tifffile.imread(masks / "n0.tif")
+    tifffile.imwrite(masks / "n0.tif", np.where(m > 0, m + 99, 0).astype(np.uint16))  # labels 100, 101, ...
+
+
+def _three_classes(images: Path, masks: Path) -> None:
+    for i, p in enumerate(sorted(masks.iterdir())):
+        m = tifffile.imread(p)
+        tifffile.imwrite(p, np.where(m > 0, 1 + (i == 1), 0).astype(np.uint8))  # n1 holds class 2
+
+
 # (id, how the folders are broken, extra overrides, what the message must name)
 TRAIN_DATA_CASES = [
     ("mask-shape", _mismatched_mask, [], "masks/n2.tif"),
@@ -141,6 +152,9 @@ TRAIN_DATA_CASES = [
     ("n2v-given-masks", None, ["task=n2v"], "data.source.masks"),
     ("care-given-masks", None, ["task=care"], "care"),
     ("patch-not-multiple", None, ["model.depth=3", "data.patch_size=[36,36]"], "data.patch_size"),
+    ("instance-labels-as-classes", _many_labels, ["task.target=classes"], "task.target=binary"),
+    ("class-beyond-num-classes", _three_classes, ["task.target=classes", "task.num_classes=2"], "masks/n1.tif"),
+    ("class-names-miscounted", _three_classes, ["task.target=classes", "task.class_names=[a,b]"], "task.class_names"),
 ]
 
 
@@ -170,6 +184,10 @@ CONFIG_CASES = [
     ("missing-folder", ["data=tiff_folder", "data.source.images=/no/such/folder", "data.source.masks=/no/such"], "/no/such"),
     ("resume-nothing", ["resume=last", "logger.experiment_name=nothing"], "nothing"),
     ("init-from-garbage", ["init_from=garbage.ckpt"], "garbage.ckpt"),
+    ("unquoted-non-ascii-name", ["data.split.test=[细胞 3]"], "\"data.split.test=['细胞 3']\""),
+    ("unclosed-list", ["data.split.test=[a,b"], "data.split.test=[a,b"),
+    ("an-unknown-option", ["--frobnicate"], "--frobnicate"),
+    ("maxout-of-one-piece", ["model.activation=maxout", "model.maxout_pieces=1"], "maxout_pieces"),
 ]
 
 

@@ -69,7 +69,7 @@ def test_run_has_params_tags_metrics_and_artifacts(trained):
     assert tags["bioflow.receptive_field_px"] == "18"  # depth-1 U-Net
     assert 10 < float(tags["bioflow.object_size_median_px"]) < 30  # nuclei of radius 6 to 12 px
     metrics = run.data.metrics
-    for key in ("train/loss", "val/loss", "val/dice_nucleus", "val/iou_mean", "test/dice_fg_mean", "test/iou_nucleus"):
+    for key in ("train/loss", "val/loss", "val/dice_foreground", "val/iou_mean", "test/dice_fg_mean", "test/iou_foreground"):
         assert key in metrics, key
     history = client.get_metric_history(run.info.run_id, "val/dice_fg_mean")
     assert len(history) == 2  # one point per epoch, logged once

@@ -157,3 +157,29 @@ def test_config_files_have_no_python_import_paths():
     for path in CONFIGS.rglob("*.yaml"):
         text = path.read_text()
         assert "_target_" not in text, path
+
+
+def test_a_value_the_parser_cannot_read_gets_the_quoted_spelling_that_it_can():
+    from bioflow.config import compose, explain_parse_error
+
+    assert explain_parse_error(["model.depth=2", "data.split.val=0.2"]) is None
+    line = explain_parse_error(["model.depth=2", "data.split.test=[细胞 3, b]", "x=ä"])
+    assert line.startswith("data.split.test=[细胞 3, b]:") and "\"data.split.test=['细胞 3','b']\"" in line
+    config = compose(["data.split.test=['细胞 3','b']"])  # the spelling suggested works
+    assert config["data"]["split"]["test"] == ["细胞 3", "b"]
+    assert "\"logger.experiment_name='Zellen_ä'\"" in explain_parse_error(["logger.experiment_name=Zellen_ä"])
+    assert "close lists" in explain_parse_error(["data.split.test=[a,b"])
+
+
+def test_train_takes_project_dir_as_the_other_commands_do(tmp_path):
+    from bioflow.cli.train import project_dir_option
+    from tests.helpers import run_cli
+
+    assert project_dir_option(["--project-dir", "a b", "x=1", "--project-dir=c"]) == ["project_dir='a b'", "x=1",
+                                                                                      "project_dir='c'"]
+    folder = tmp_path / "projekt ä"
+    result = run_cli("train", "--project-dir", str(folder), "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import yaml
+
+    assert yaml.safe_load(result.stdout)["project_dir"] == str(folder)

@@ -51,7 +51,7 @@ def test_ddp_job_is_one_run_with_metrics_equal_to_a_single_process_evaluation(tm
               for line in evaluated.stdout.splitlines() if " = " in line}
     history = client.get_metric_history(run.info.run_id, "val/dice_fg_mean")
     best_step = max(history, key=lambda m: m.value).step
-    for key in ("val/loss", "val/dice_fg_mean", "val/iou_nucleus", "val/dice_background"):
+    for key in ("val/loss", "val/dice_fg_mean", "val/iou_foreground", "val/dice_background"):
         logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}[best_step]
         assert logged == pytest.approx(single[key], abs=1e-4), key
     assert set(best_epoch_values) <= {k for k in best_epoch_values}

@@ -272,6 +272,9 @@ def explain_composition_error(message: str, overrides: list[str]) -> str:
     """Hydra's composition errors in one line, with the closest existing key or option."""
     import re
 
+    parse_error = explain_parse_error(overrides)
+    if parse_error:
+        return parse_error
     missing_option = re.search(r"Could not find '([^']+)/([^']+)'", message)
     options = re.search(r"Available options in '[^']+':\s*(.*?)\s*Config search path", message, re.S)
     if missing_option and options:
@@ -299,6 +302,68 @@ def explain_composition_error(message: str, overrides: list[str]) -> str:
             pass
         return f"{key}: no such config key{hint} (to add a new key on purpose: +{key}=...)"
     return first_lines(message)
+
+
+def explain_parse_error(overrides: Sequence[str]) -> str | None:
+    """The first override Hydra's parser cannot read, and how to write it (None if all parse).
+
+    Hydra's grammar takes unquoted values of ASCII letters, digits and a few signs only: names
+    with non-ASCII letters, or list items with spaces, must be quoted.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+
+    def parses(override: str) -> bool:
+        try:
+            parser.parse_overrides([override])
+            return True
+        except HydraException:
+            return False
+
+    for override in overrides:
+        if parses(override):
+            continue
+        if override == "--project-dir":
+            return "--project-dir: needs a folder (bioflow train --project-dir DIR, or project_dir=DIR)"
+        if override.startswith("-"):
+            return (f"{override}: not a config override; bioflow train takes key=value overrides "
+                    "(e.g. project_dir=... for the project folder), see bioflow train --help")
+        key, sep, value = override.partition("=")
+        if not sep:
+            return f"{override}: not a config override (key=value, +key=value to add a key, ~key to remove one)"
+        suggestion = f"{key}={quoted_value(value)}"
+        if parses(suggestion):
+            return (f"{override}: the config parser needs quotes here (non-ASCII letters, spaces in lists); write "
+                    f"{_shell_quoted(suggestion)} (outer quotes for the shell)")
+        return (f"{override}: the config parser cannot read this value; quote names with spaces or non-ASCII letters "
+                "(\"key='a b'\", \"key=['a b','c']\") and close lists and quotes")
+    return None
+
+
+def quoted_value(value: str) -> str:
+    """``value`` with its items quoted for Hydra's grammar (a list's items one by one)."""
+    def quote(item: str) -> str:
+        item = item.strip()
+        if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
+            return item
+        return f"'{item}'" if "'" not in item else f'"{item}"'
+
+    text = value.strip()
+    if text[:1] in "[{" and text[-1:] not in "]}":
+        return text  # an open list or mapping: no quoting reads it
+    if text.startswith("[") and text.endswith("]"):
+        items = [i for i in text[1:-1].split(",") if i.strip()]
+        return "[" + ",".join(quote(i) for i in items) + "]"
+    return quote(text)
+
+
+def _shell_quoted(text: str) -> str:
+    """``text`` as one argument for a POSIX shell."""
+    import shlex
+
+    return shlex.quote(text) if '"' in text or "'" not in text else f'"{text}"'
 
 
 def first_lines(text: str) -> str:

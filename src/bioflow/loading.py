@@ -165,5 +165,7 @@ def recorded_data(config: Mapping[str, Any], task):
         target_fn=task_cls.target_transform(task.task_settings), split=task.data_info.split,
         normalization=task.data_info.normalization,
     )
+    data.read()
+    task_cls.settings_from_data(task.task_settings, data.records)  # the targets fit the model (e.g. its classes)
     data.prepare()
     return data

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable, Iterable
 
-from bioflow.errors import RegistryError, did_you_mean
+from bioflow.errors import ConfigError, RegistryError, did_you_mean
 from bioflow.kinds import KINDS as _KINDS
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,10 @@ class Registry:
         factory = self.load(kind, name)
         label = f"{SINGULAR[kind]} '{name}'"
         check_arguments(factory, kwargs, where=where or label, label=label)
-        return factory(**kwargs)
+        try:
+            return factory(**kwargs)
+        except ValueError as exc:  # a component refusing the values of its arguments
+            raise ConfigError(f"{where or label}: {label} refuses its arguments: {exc}") from exc
 
     def parameters(self, kind: str, name: str) -> list[str]:
         """The names of the arguments component ``name`` of ``kind`` takes (none known: [])."""

@@ -45,6 +45,24 @@ def hydra_arguments(arguments: list[str]) -> list[str]:
     return options + overrides
 
 
+def project_dir_option(arguments: list[str]) -> list[str]:
+    """``--project-dir X`` (as the other commands take it) as the override ``project_dir=X``."""
+    from bioflow.config import quoted_value
+
+    out, i = [], 0
+    while i < len(arguments):
+        arg = arguments[i]
+        if arg == "--project-dir" and i + 1 < len(arguments):
+            out.append(f"project_dir={quoted_value(arguments[i + 1])}")
+            i += 1
+        elif arg.startswith("--project-dir="):
+            out.append(f"project_dir={quoted_value(arg.split('=', 1)[1])}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 _HYDRA_FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
 
 
@@ -90,10 +108,17 @@ def train_command(overrides: list[str]) -> int:
     original_argv = list(sys.argv)
     from bioflow.config import plugin_searchpath
 
-    overrides = hydra_arguments(list(overrides) + plugin_searchpath(overrides))
+    overrides = project_dir_option(list(overrides))
+    overrides = hydra_arguments(overrides + plugin_searchpath(overrides))
     is_info = any(o in _HYDRA_FLAGS_WITHOUT_RUN for o in overrides)
     multirun = any(o in ("-m", "--multirun") for o in overrides)
     created: list[Path] = []
+    if is_info:  # Hydra composes alone: its parser's errors still come as one line
+        from bioflow.config import explain_parse_error
+
+        problem = explain_parse_error([o for o in overrides if "=" in o and not o.startswith("-")])
+        if problem:
+            return fail(f"config: {problem}")
     if not is_info and not multirun:
         try:
             created = _missing_folders(_prevalidate(overrides)["project_dir"])

@@ -72,10 +72,29 @@ class BioflowDataModule(L.LightningDataModule):
         self._index: PatchIndex | None = None
         self.task_name = task_name
         self.normalizer: Normalizer | None = None
+        #: Every record of the source (all splits), once read.
+        self.records: list[ImageRecord] = []
+        self._prepared = False
 
     # -- preparation, done once, before the model is built ---------------------------------
     def prepare(self) -> None:
-        """Read the source, check it and split it; idempotent."""
+        """Read the source, check it and split it (:meth:`read`), then, for a new model, check that
+        the training data can teach something and index its patches; idempotent."""
+        if self._prepared:
+            return
+        self.read()
+        if self.recorded_split is None:  # a new model: can these images teach anything?
+            check_informative(self.splits["train"], self.target_kind == "mask", self.target_fn)
+            self.training_index()
+        log.info(
+            "data: %d train, %d val, %d test images",
+            *(len(self.splits[s]) for s in ("train", "val", "test")),
+        )
+        self._prepared = True
+
+    def read(self) -> None:
+        """Read the source, check its records and split them; idempotent. What follows from the
+        targets (``target_fn``) is not used yet, so a task can settle it from :attr:`records`."""
         if self.splits is not None:
             return
         name, kwargs = component(self.cfg["source"])
@@ -89,6 +108,7 @@ class BioflowDataModule(L.LightningDataModule):
             allow_empty_targets=bool(self.cfg.get("allow_empty_masks", False)),
             mask_targets=self.target_kind == "mask",
         )
+        self.records = records
         if self.recorded_split is not None:
             self.splits = apply_split_names(records, self.recorded_split)
         else:
@@ -107,13 +127,6 @@ class BioflowDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"data.patch_size: {list(patch)} has {len(patch)} axes but the images have {dims} spatial axes"
             )
-        if self.recorded_split is None:  # a new model: can these images teach anything?
-            check_informative(self.splits["train"], self.target_kind == "mask", self.target_fn)
-            self.training_index()
-        log.info(
-            "data: %d train, %d val, %d test images",
-            *(len(self.splits[s]) for s in ("train", "val", "test")),
-        )
 
     @property
     def train_target_kind(self) -> TargetKind:

@@ -192,6 +192,8 @@ class UNet(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if depth < 0:
             raise ValueError(f"depth must be >= 0, got {depth}")
+        if activation == "maxout" and maxout_pieces < 2:
+            raise ValueError(f"maxout_pieces must be >= 2 (the maximum over that many feature maps), got {maxout_pieces}")
         if residual and in_channels != out_channels:
             raise ValueError(
                 f"residual=True needs in_channels == out_channels, got {in_channels} and {out_channels}"

@@ -114,6 +114,16 @@ class BaseTask(TiledPredictor, ModelExchange, L.LightningModule):
 
     # -- components ---------------------------------------------------------------------------
     @classmethod
+    def settings_from_data(cls, settings: Mapping[str, Any], records) -> dict[str, Any]:
+        """Settings the task takes from the data where the config leaves them unset (e.g. the number
+        of classes in the masks), after checking the data's targets fit the settings given.
+
+        Called with the task's settings and every record of the source (all splits) before the task
+        is built for training; what it returns is recorded in the run's config. Default: nothing.
+        """
+        return {}
+
+    @classmethod
     def target_transform(cls, settings: Mapping[str, Any]):
         """A picklable function applied to each target patch in the data loader (None: as is)."""
         return None

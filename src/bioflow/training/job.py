@@ -163,12 +163,19 @@ def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] 
     L.seed_everything(config["seed"], workers=True, verbose=False)
 
     task_cls = get_task(config["task"]["name"])
-    settings = settings_of(task_cls, config["task"])
     data = BioflowDataModule(
-        config["data"], config["sampler"], seed=config["seed"],
-        target_kind=task_cls.target_kind, target_fn=task_cls.target_transform(settings),
+        config["data"], config["sampler"], seed=config["seed"], target_kind=task_cls.target_kind,
         task_name=config["task"]["name"],
     )
+    data.read()
+    settings = settings_of(task_cls, config["task"])
+    found = task_cls.settings_from_data(settings, data.records)
+    if found:  # e.g. the classes counted in the masks: recorded with the run like given settings
+        log.info("task: %s (not set: %s)", ", ".join(f"{k}={v}" for k, v in found.items()),
+                 "from the data and the defaults")
+        config = {**config, "task": {**config["task"], **found}}
+        settings.update(found)
+    data.target_fn = task_cls.target_transform(settings)
     data.prepare()
     data_info = {
         "in_channels": data.in_channels,
@@ -341,8 +348,10 @@ def print_summary(summary: Mapping[str, Any], out=sys.stdout) -> None:
         lines.append("  chosen on the validation split: " + ", ".join(f"{k} = {v:.4g}" for k, v in summary["after_fit"].items()))
     if summary["test"]:
         shown = sorted(summary["test"])
-        if len(shown) > 12:  # many thresholds: the headline ones here, all of them in the run
-            shown = [k for k in shown if k.endswith(("_0.5", "_0.7", "mean_accuracy", "/loss"))]
+        if len(shown) > 12:  # many thresholds (scores per IoU threshold): the headline ones here, all in the run
+            import re
+
+            shown = [k for k in shown if not re.search(r"_\d\.\d+$", k) or k.endswith(("_0.5", "_0.7"))]
             lines.append(f"  test split ({len(shown)} of {len(summary['test'])} metrics; all are in the run):")
         else:
             lines.append("  test split:")
