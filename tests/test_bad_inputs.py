@@ -187,6 +187,8 @@ CONFIG_CASES = [
     ("unquoted-non-ascii-name", ["data.split.test=[细胞 3]"], "\"data.split.test=['细胞 3']\""),
     ("unclosed-list", ["data.split.test=[a,b"], "data.split.test=[a,b"),
     ("an-unknown-option", ["--frobnicate"], "--frobnicate"),
+    ("likelihood-loss-not-probabilistic", ["experiment=demo_care", "loss=laplace_nll"], "task.probabilistic=true"),
+    ("probabilistic-without-likelihood", ["experiment=demo_care", "task.probabilistic=true", "loss=ce_dice"], "loss"),
     ("maxout-of-one-piece", ["model.activation=maxout", "model.maxout_pieces=1"], "maxout_pieces"),
 ]
 

@@ -60,8 +60,12 @@ def test_residual_adds_the_input():
     torch.nn.init.zeros_(net.head.bias)
     x = torch.randn(1, 2, 16, 16)
     assert torch.equal(net(x), x)
-    with pytest.raises(ValueError, match="in_channels == out_channels"):
-        UNet(1, 2, residual=True)
+    with pytest.raises(ValueError, match="multiple of in_channels"):
+        UNet(2, 3, residual=True)
+    wide = UNet(2, 4, depth=1, base_channels=4, residual=True)  # a location and a scale per channel
+    torch.nn.init.zeros_(wide.head.weight)
+    torch.nn.init.zeros_(wide.head.bias)
+    assert torch.equal(wide(x), torch.cat([x, torch.zeros_like(x)], dim=1))
 
 
 def test_without_the_top_skip_the_output_does_not_see_full_resolution_input_directly():

@@ -85,3 +85,43 @@ def test_psnr_and_ssim_by_hand():
     scores = quality.compute()
     assert scores["psnr"].item() == pytest.approx(10 * np.log10(255**2 / 25), abs=1e-3)
     assert scores["ssim"].item() > 0.99
+
+
+def test_a_probabilistic_task_predicts_a_location_and_a_scale_with_the_likelihood_of_its_point_loss():
+    from bioflow.losses.likelihood import LaplaceNLL, MaskedGaussianNLL
+
+    care, _ = build("demo_care", "task.probabilistic=true")
+    assert care.out_channels() == 2 and isinstance(care.loss_fn, LaplaceNLL)  # mae -> Laplace
+    assert [o.name for o in care.prediction_outputs()] == ["restored", "uncertainty"]
+    n2v, _ = build("demo_n2v", "task.probabilistic=true")
+    assert isinstance(n2v.loss_fn, MaskedGaussianNLL)  # masked_mse -> Gaussian at the blind spots
+    plain, _ = build("demo_care")
+    assert plain.out_channels() == 1 and "calibration_knots" not in plain.state_dict()  # older checkpoints load
+
+
+def test_likelihood_and_probabilistic_settings_must_agree():
+    from bioflow.errors import ConfigError
+    from bioflow.registry import registry
+
+    with pytest.raises(ConfigError, match="task.probabilistic=true"):
+        build("demo_care", "loss=laplace_nll")
+
+    class PlainLoss(torch.nn.Module):
+        bioflow_targets = ("image",)
+
+        def forward(self, prediction, target):
+            return (prediction - target).abs().mean()
+
+    registry.register("losses", "plain_for_test", PlainLoss)
+    try:
+        with pytest.raises(ConfigError, match="no likelihood form"):
+            build("demo_care", "task.probabilistic=true", "loss.name=plain_for_test")
+    finally:
+        registry.unregister("losses", "plain_for_test")
+
+
+def test_recalibration_on_validation_brings_the_std_to_the_errors():
+    task, data = build("demo_care", "task.probabilistic=true")
+    found = task.after_fit(data)
+    assert found["calibration_after"] < min(0.2, found["calibration_before"])
+    assert not torch.allclose(task.calibration_knots[0], task.calibration_knots[1])  # a correction was stored

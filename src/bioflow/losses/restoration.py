@@ -10,6 +10,8 @@ class MAELoss(nn.Module):
     """Mean absolute error between prediction and target (CARE's usual loss)."""
 
     bioflow_targets = ("image",)
+    #: Its likelihood form, trained by ``task.probabilistic=true`` (losses.likelihood).
+    bioflow_probabilistic = "laplace_nll"
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (prediction - target).abs().mean()
@@ -24,6 +26,8 @@ class MAELoss(nn.Module):
 class MSELoss(MAELoss):
     """Mean squared error between prediction and target."""
 
+    bioflow_probabilistic = "gaussian_nll"
+
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (prediction - target).square().mean()
 
@@ -37,6 +41,7 @@ class MaskedMSELoss(nn.Module):
     """
 
     bioflow_targets = ("masked_image",)
+    bioflow_probabilistic = "masked_gaussian_nll"
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         channels = prediction.shape[1]

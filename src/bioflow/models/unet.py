@@ -194,9 +194,10 @@ class UNet(nn.Module):
             raise ValueError(f"depth must be >= 0, got {depth}")
         if activation == "maxout" and maxout_pieces < 2:
             raise ValueError(f"maxout_pieces must be >= 2 (the maximum over that many feature maps), got {maxout_pieces}")
-        if residual and in_channels != out_channels:
+        if residual and out_channels % in_channels:
             raise ValueError(
-                f"residual=True needs in_channels == out_channels, got {in_channels} and {out_channels}"
+                f"residual=True needs out_channels to be a multiple of in_channels (the input is added to the first "
+                f"in_channels outputs), got {in_channels} and {out_channels}"
             )
         self.spatial_dims = spatial_dims
         self.depth = depth
@@ -282,4 +283,9 @@ class UNet(nn.Module):
             h = decoder(torch.cat([skip, h], dim=1) if level > 0 or self.skip_top else h)
             level -= 1
         out = pointwise(h, self.head.weight, self.head.bias)
-        return out + x if self.residual else out
+        if not self.residual:
+            return out
+        if out.shape[1] == x.shape[1]:
+            return out + x
+        # more outputs than inputs (e.g. a location and a scale per channel): the input corrects the first ones
+        return torch.cat([out[:, : x.shape[1]] + x, out[:, x.shape[1]:]], dim=1)

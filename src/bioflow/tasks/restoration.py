@@ -9,8 +9,8 @@ as the target's maximum minus minimum.
 
 from __future__ import annotations
 
-import math
-from typing import Any, ClassVar, Literal, Optional, Sequence
+import json
+from typing import Any, ClassVar, Literal, Optional
 
 import numpy as np
 import torch
@@ -18,6 +18,8 @@ from torchmetrics import MeanMetric
 
 from bioflow.config import component
 from bioflow.errors import ConfigError
+from bioflow.losses.likelihood import DISTRIBUTIONS, split
+from bioflow.metrics.calibration import calibration, fit_knots, identity_knots, recalibrate
 from bioflow.inference.outputs import OutputSpec, PredictionSession
 from bioflow.registry import registry
 from bioflow.tasks.base import BaseTask
@@ -58,6 +60,30 @@ class _ImageQuality(torch.nn.Module):
         self.ssim.reset()
 
 
+def likelihood_of(loss_node, probabilistic: bool) -> tuple[Any, Optional[str]]:
+    """The distribution a probabilistic restoration predicts, and the loss to train it with (None:
+    the configured one), from the ``loss`` section.
+
+    A likelihood loss (``laplace_nll``, ``gaussian_nll``, ``masked_gaussian_nll``) is used as it
+    is; a point loss with a likelihood form (``mae``: Laplace, ``mse`` and ``masked_mse``: Gaussian)
+    is replaced by it, which keeps what the location estimates (median, mean).
+    """
+    name, _ = component(loss_node)
+    loss_cls = registry.load("losses", name)
+    distribution = getattr(loss_cls, "bioflow_distribution", None)
+    if not probabilistic:
+        if distribution is not None:
+            raise ConfigError(f"loss={name}: a likelihood loss needs a probabilistic model; set task.probabilistic=true")
+        return None, None
+    if distribution is not None:
+        return DISTRIBUTIONS[distribution], None
+    counterpart = getattr(loss_cls, "bioflow_probabilistic", None)
+    if counterpart is None:
+        raise ConfigError(f"task.probabilistic: loss '{name}' has no likelihood form; use loss=laplace_nll or "
+                          "loss=gaussian_nll (masked_gaussian_nll for Noise2Void)")
+    return DISTRIBUTIONS[registry.load("losses", counterpart).bioflow_distribution], counterpart
+
+
 class RestorationTask(BaseTask):
     """What CARE and Noise2Void share: image outputs, quality metrics, prediction of float images."""
 
@@ -65,13 +91,72 @@ class RestorationTask(BaseTask):
     bioflow_targets: ClassVar[tuple[str, ...]] = ("image",)
 
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,
-                 data_range: Optional[float] = None, monitor: str = "val/loss",
+                 data_range: Optional[float] = None, probabilistic: bool = False, monitor: str = "val/loss",
                  monitor_mode: Literal["max", "min"] = "min") -> None:
+        self.distribution, self._likelihood_loss = likelihood_of(config["loss"], probabilistic)
         super().__init__(config, data_info, inference)
         self.quality = torch.nn.ModuleDict({stage: _ImageQuality() for stage in ("val", "test")})
+        if self.distribution is not None:
+            #: Recalibration of the predicted std (metrics.calibration), fitted on validation after training.
+            self.register_buffer("calibration_knots", identity_knots())
+        self._calibration_samples: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
+        self.calibration_tables: dict[str, Any] = {}
 
     def out_channels(self) -> int:
-        return self.data_info.in_channels
+        return self.data_info.in_channels * (2 if self.distribution is not None else 1)
+
+    def build_loss(self) -> torch.nn.Module:
+        if self._likelihood_loss is None:
+            return super().build_loss()
+        return registry.create("losses", self._likelihood_loss, where="loss")
+
+    # -- probabilistic outputs: location, and the std of the predicted distribution -------------------
+    def location(self, output: torch.Tensor) -> torch.Tensor:
+        """The restored image (normalised units) of one raw output ``(C or 2C, ...)``."""
+        return output[: self.data_info.in_channels]
+
+    def raw_std(self, output: torch.Tensor) -> torch.Tensor:
+        """The predicted standard deviation (normalised units) before recalibration."""
+        _, scale = split(output[None])
+        return self.distribution.std(scale[0])
+
+    def uncertainty(self, output: torch.Tensor) -> torch.Tensor:
+        """The recalibrated standard deviation (normalised units) of one raw output."""
+        return recalibrate(self.raw_std(output), self.calibration_knots)
+
+    def calibration_pairs(self, batch: dict[str, Any], output: torch.Tensor | None = None):
+        """Predicted std before recalibration and the error made, at the pixels where the truth is
+        known (normalised units, flat); None without a truth."""
+        raise NotImplementedError
+
+    def collect_calibration(self, stage: str, std: torch.Tensor, error: torch.Tensor, most: int = 50_000) -> None:
+        """Keep (at most ``most`` seeded random) pixels of one image for the calibration of ``stage``."""
+        std, error = std.reshape(-1).float().cpu(), error.reshape(-1).float().cpu()
+        if std.numel() > most:
+            g = torch.Generator().manual_seed(len(self._calibration_samples[stage]))
+            keep = torch.randperm(std.numel(), generator=g)[:most]
+            std, error = std[keep], error[keep]
+        self._calibration_samples[stage].append((std, error))
+
+    def _pooled(self, stage: str):
+        samples = self._calibration_samples[stage]
+        self._calibration_samples[stage] = []
+        if not samples:
+            return None
+        return torch.cat([s for s, _ in samples]).numpy(), torch.cat([e for _, e in samples]).numpy()
+
+    def log_calibration(self, stage: str) -> None:
+        """Calibration of the (recalibrated) std on ``stage``: summary, and how errors grow with it."""
+        pooled = self._pooled(stage)
+        if pooled is None or pooled[0].size < 100:
+            return
+        std, error = pooled
+        measured = calibration(std, error)
+        self.calibration_tables[stage] = measured
+        top = std >= np.quantile(std, 0.95)
+        rest_error = float(np.abs(error[~top]).mean()) if (~top).any() else float("nan")
+        scores = {**measured.summary(""), "uncertainty_top5_error_ratio": float(np.abs(error[top]).mean()) / max(rest_error, 1e-12)}
+        self.log_scores(stage, scores)
 
     def data_range(self, target: torch.Tensor) -> float:
         fixed = self.task_settings["data_range"]
@@ -103,30 +188,106 @@ class RestorationTask(BaseTask):
         if self.quality[stage].psnr.update_count:
             self.log_scores(stage, self.quality[stage].compute())
         self.quality[stage].reset()
+        if self.distribution is not None:
+            self.log_calibration(stage)
+
+    # -- after training: recalibration on the validation split ------------------------------------------
+    def after_fit(self, data) -> dict[str, float]:
+        """Fit the recalibration of the predicted std on the validation split (probabilistic models)."""
+        if self.distribution is None or not data.splits["val"]:
+            return {}
+        self.eval()
+        self.calibration_knots.copy_(identity_knots())
+        with torch.no_grad():
+            for batch in data.val_dataloader_all():
+                batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                pairs = self.calibration_pairs(batch)
+                if pairs is not None:
+                    self.collect_calibration("val", *pairs)
+        pooled = self._pooled("val")
+        if pooled is None or pooled[0].size < 100:
+            return {}
+        std, error = pooled
+        before = calibration(std, error)
+        self.calibration_knots.copy_(fit_knots(before))
+        after = calibration(recalibrate(torch.from_numpy(std), self.calibration_knots).numpy(), error)
+        self.calibration_tables.update(val_before=before, val_after=after)
+        return {"calibration_before": before.mean_abs_log_ratio, "calibration_after": after.mean_abs_log_ratio}
+
+    def report_figures(self, metrics, folder) -> list:
+        """The calibration plot: observed RMSE against predicted std per bin (validation, test)."""
+        if not self.calibration_tables:
+            return []
+        from pathlib import Path
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 5))
+        low, high = np.inf, 0.0
+        for key, label in (("val_before", "validation, as trained"), ("val_after", "validation, recalibrated"),
+                           ("test", "test, recalibrated")):
+            table = self.calibration_tables.get(key)
+            if table is None:
+                continue
+            ax.loglog(table.predicted, table.observed, marker="o", label=label)
+            low, high = min(low, table.predicted.min(), table.observed.min()), max(high, table.predicted.max(), table.observed.max())
+        ax.plot([low, high], [low, high], color="gray", linestyle="--", label="calibrated")
+        ax.set_xlabel("predicted std (normalised units)")
+        ax.set_ylabel("observed RMSE")
+        ax.set_title(f"Calibration of the {self.distribution.name} std, {len(table.predicted)} equal-count bins")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        path = Path(folder) / "calibration.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        tables = Path(folder) / "calibration.json"
+        tables.write_text(json.dumps({"distribution": self.distribution.name, "units": "normalised",
+                                      **{k: t.table() for k, t in self.calibration_tables.items()}}, indent=1))
+        return [path, tables]
 
     # -- prediction ---------------------------------------------------------------------------------
     def prediction_outputs(self) -> list[OutputSpec]:
-        return [OutputSpec("restored", self.data_info.in_channels, np.float32)]
+        outputs = [OutputSpec("restored", self.data_info.in_channels, np.float32)]
+        if self.distribution is not None:  # the std of each pixel, in the image's intensity units
+            outputs.append(OutputSpec("uncertainty", self.data_info.in_channels, np.float32))
+        return outputs
 
     def prediction_session(self, shape, workdir=None) -> PredictionSession:
         return PredictionSession(self.prediction_outputs(), self._restored)
 
     def predict_array(self, image, sink, **options) -> None:
-        """Predict, and hand on strips already mapped back to the image's intensity units."""
+        """Predict, and hand on strips already mapped back to the image's intensity units (the
+        restored image, then, for a probabilistic model, its recalibrated std)."""
         norm = self.normalizer().norm_for(image)
         norm_tensor = torch.from_numpy(np.stack([norm.low, norm.high]))
 
         def to_image_units(start: int, raw: torch.Tensor) -> None:
-            sink(start, to_units(raw, norm_tensor.to(raw.device)))
+            norm_here = norm_tensor.to(raw.device)
+            restored = to_units(self.location(raw), norm_here)
+            if self.distribution is None:
+                sink(start, restored)
+                return
+            span = (norm_here[1] - norm_here[0]).clamp(min=1e-6).reshape((-1,) + (1,) * (raw.ndim - 1))
+            sink(start, torch.cat([restored, self.uncertainty(raw) * span]))
 
         super().predict_array(image, to_image_units, norm=norm, **options)
 
-    @staticmethod
-    def _restored(raw: torch.Tensor) -> dict[str, np.ndarray]:
-        return {"restored": raw.detach().cpu().numpy().astype(np.float32)}
+    def _restored(self, raw: torch.Tensor) -> dict[str, np.ndarray]:
+        channels = self.data_info.in_channels
+        out = {"restored": raw[:channels].detach().cpu().numpy().astype(np.float32)}
+        if self.distribution is not None:
+            out["uncertainty"] = raw[channels:].detach().cpu().numpy().astype(np.float32)
+        return out
 
     # -- model exchange ---------------------------------------------------------------------------
     def package_outputs(self) -> list[PackageOutput]:
+        if self.distribution is not None:
+            raise ConfigError("export: a probabilistic restoration model (task.probabilistic=true) cannot be written as "
+                              "a bioimage.io package yet; predict with bioflow, or export a model trained without it")
         channels = [f"channel{i}" for i in range(self.data_info.in_channels)]
         return [PackageOutput("restored", channels, [], "restored image", in_input_units=True)]
 
@@ -155,8 +316,17 @@ class CARETask(RestorationTask):
         image, target, norm = batch["image"][0], batch["target"][0], batch["norm"][0]
         output = self.predict_image(image)
         self.mean_loss[stage].update(self.loss_fn(output[None], target[None]))
-        prediction = self.update_quality(stage, output, target, norm)
+        prediction = self.update_quality(stage, self.location(output), target, norm)
+        if self.distribution is not None:
+            std, error = self.calibration_pairs(batch, output)
+            self.collect_calibration(stage, recalibrate(std, self.calibration_knots), error)
         self.figure_sample(stage, batch, image, prediction, target, norm)
+
+    def calibration_pairs(self, batch, output=None):
+        """CARE predicts the distribution of the clean target: every pixel of the target counts."""
+        image, target = batch["image"][0], batch["target"][0]
+        output = self.predict_image(image) if output is None else output
+        return self.raw_std(output), self.location(output) - target
 
 
 class N2VTask(RestorationTask):
@@ -183,9 +353,10 @@ class N2VTask(RestorationTask):
     )
 
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,
-                 data_range: Optional[float] = None, monitor: str = "val/loss",
+                 data_range: Optional[float] = None, probabilistic: bool = False, monitor: str = "val/loss",
                  monitor_mode: Literal["max", "min"] = "min") -> None:
-        super().__init__(config, data_info, inference, data_range=data_range, monitor=monitor, monitor_mode=monitor_mode)
+        super().__init__(config, data_info, inference, data_range=data_range, probabilistic=probabilistic,
+                         monitor=monitor, monitor_mode=monitor_mode)
         node = self.context.batch_transform
         if node is None:
             raise ConfigError("batch_transform: Noise2Void needs a blind-spot batch transform, e.g. batch_transform=n2v")
@@ -217,10 +388,25 @@ class N2VTask(RestorationTask):
         masked, mask = self.masking(image[None], generator=self._generator("val"))
         blind = self.predict_image(masked[0])
         self.mean_loss[stage].update(self.loss_fn(blind[None], torch.cat([image[None], mask.to(image.dtype)], dim=1)))
+        if self.distribution is not None:
+            std, error = self.calibration_pairs(batch)
+            self.collect_calibration(stage, recalibrate(std, self.calibration_knots), error)
         if "target" not in batch:  # no clean image: the figure shows input and prediction only
             if self.wants_figure_sample(stage):
-                self.figure_sample(stage, batch, image, to_units(self.predict_image(image), norm), None, norm)
+                self.figure_sample(stage, batch, image, to_units(self.location(self.predict_image(image)), norm), None, norm)
             return
-        output = self.predict_image(image)
+        output = self.location(self.predict_image(image))
         prediction = self.update_quality(stage, output, batch["target"][0], norm)
         self.figure_sample(stage, batch, image, prediction, batch["target"][0], norm)
+
+    def calibration_pairs(self, batch, output=None, enough: int = 2000, most_passes: int = 16):
+        """Noise2Void predicts the distribution of the noisy observation at a pixel it did not see:
+        held-out (blind-spot) noisy pixels count, over masked passes until ``enough`` are held out."""
+        image = batch["image"][0]
+        stds, errors = [], []
+        while len(stds) < most_passes and sum(s.numel() for s in stds) < enough:
+            masked, mask = self.masking(image[None], generator=self._generator("val"))
+            blind, at = self.predict_image(masked[0]), mask[0] > 0.5
+            stds.append(self.raw_std(blind)[at])
+            errors.append((self.location(blind) - image)[at])
+        return torch.cat(stds), torch.cat(errors)

@@ -69,7 +69,10 @@ def check_compatibility(config: Mapping[str, Any], task_name: str, task_cls: Any
     takes = loss_targets_taken(registry.load("losses", loss_name))
     wanted = task_cls.bioflow_targets
     if not set(wanted) & set(takes):
-        fits = _fitting("losses", lambda loss: set(wanted) & set(loss_targets_taken(loss)))
+        # likelihood losses are offered to probabilistic models only (task.probabilistic)
+        probabilistic = bool(component(config["task"])[1].get("probabilistic"))
+        fits = _fitting("losses", lambda loss: set(wanted) & set(loss_targets_taken(loss))
+                        and (getattr(loss, "bioflow_distribution", None) is not None) == probabilistic)
         hint = (f"; use loss={fits[0]}" + (f" (losses for it: {', '.join(fits)})" if len(fits) > 1 else "")) if fits else ""
         raise ConfigError(f"loss={loss_name}: task '{task_name}' trains on {_words(wanted)}, this loss on {_words(takes)}{hint}")
     for name in ("batch_transform", "postprocessor"):

@@ -1,0 +1,120 @@
+"""Probabilistic restoration: a location and a scale per pixel, trained by negative log-likelihood.
+
+A probabilistic restoration network has twice its image's channels: channels ``:C`` are the
+location (the restored image), channels ``C:`` a raw scale ``r``, made positive as
+``b = softplus(r) + MIN_SCALE`` (in the normalised units the network works in). Each point loss
+has its distribution: the mean absolute error is the negative log-likelihood of a Laplace
+distribution up to its scale (its best location is the median), the mean squared error that of a
+Gaussian (its best location is the mean). So ``task.probabilistic=true`` keeps what the location
+estimates and adds the scale:
+
+- Laplace ``(mu, b)``: ``-log p(y) = log(2 b) + |y - mu| / b``; standard deviation ``sqrt(2) b``;
+- Gaussian ``(mu, s)``: ``-log p(y) = log(s) + (y - mu)^2 / (2 s^2) + log(2 pi) / 2``; standard deviation ``s``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: The smallest scale, in normalised units (a 16-bit image's step is about 1.5e-5 of its range).
+MIN_SCALE = 1e-4
+
+
+def split(prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Location and positive scale from a probabilistic output ``(N, 2C, ...)`` (or ``(2C, ...)``
+    with ``channel_axis`` 0: pass ``prediction[None]``)."""
+    channels = prediction.shape[1] // 2
+    return prediction[:, :channels], F.softplus(prediction[:, channels:]) + MIN_SCALE
+
+
+class Distribution:
+    """A per-pixel distribution of location and scale: its name, negative log-likelihood and std."""
+
+    name = ""
+    std_per_scale = 1.0
+
+    @staticmethod
+    def nll(location: torch.Tensor, scale: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def std(cls, scale: torch.Tensor) -> torch.Tensor:
+        return scale * cls.std_per_scale
+
+
+class Laplace(Distribution):
+    name = "laplace"
+    std_per_scale = math.sqrt(2.0)
+
+    @staticmethod
+    def nll(location, scale, value):
+        return torch.log(2 * scale) + (value - location).abs() / scale
+
+
+class Gaussian(Distribution):
+    name = "gaussian"
+
+    @staticmethod
+    def nll(location, scale, value):
+        return torch.log(scale) + (value - location).square() / (2 * scale.square()) + 0.5 * math.log(2 * math.pi)
+
+
+DISTRIBUTIONS: dict[str, type[Distribution]] = {d.name: d for d in (Laplace, Gaussian)}
+
+
+def _example(spatial_dims: int, masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shape = (2, 1) + (16,) * spatial_dims
+    prediction = torch.randn((2, 2) + shape[2:], generator=g)
+    target = torch.randn(shape, generator=g)
+    if masked:
+        target = torch.cat([target, (torch.rand(shape, generator=g) < 0.1).float()], dim=1)
+    return prediction, target
+
+
+class LaplaceNLL(nn.Module):
+    """Negative log-likelihood of a per-pixel Laplace distribution (probabilistic CARE, as CSBDeep's)."""
+
+    bioflow_targets = ("image",)
+    bioflow_distribution = "laplace"
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        location, scale = split(prediction)
+        return DISTRIBUTIONS[self.bioflow_distribution].nll(location, scale, target).mean()
+
+    @staticmethod
+    def bioflow_example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _example(spatial_dims, masked=False)
+
+
+class GaussianNLL(LaplaceNLL):
+    """Negative log-likelihood of a per-pixel Gaussian distribution."""
+
+    bioflow_distribution = "gaussian"
+
+
+class MaskedGaussianNLL(nn.Module):
+    """Gaussian negative log-likelihood at the blind spots only (probabilistic Noise2Void).
+
+    The target stacks the original values and the mask along the channel axis, as for
+    ``masked_mse``: the distribution predicted is that of the noisy observation at a pixel the
+    network did not see.
+    """
+
+    bioflow_targets = ("masked_image",)
+    bioflow_distribution = "gaussian"
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        location, scale = split(prediction)
+        channels = location.shape[1]
+        values, mask = target[:, :channels], target[:, channels:] > 0.5
+        nll = DISTRIBUTIONS[self.bioflow_distribution].nll(location, scale, values)
+        return torch.where(mask, nll, 0.0).sum() / mask.sum().clamp(min=1)
+
+    @staticmethod
+    def bioflow_example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _example(spatial_dims, masked=True)
