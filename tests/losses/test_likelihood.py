@@ -43,7 +43,8 @@ def test_the_masked_gaussian_nll_counts_the_blind_spots_only():
     prediction = torch.randn(2, 2, 16, 16, generator=g)
     loss = MaskedGaussianNLL()(prediction, torch.cat([values, mask.float()], dim=1))
     location, scale = split(prediction)
-    expected = (scale.log() + (values - location) ** 2 / (2 * scale**2) + 0.5 * math.log(2 * math.pi))[mask].mean()
+    nll = scale.log() + (values - location) ** 2 / (2 * scale**2) + 0.5 * math.log(2 * math.pi)
+    expected = ((values - location) ** 2 + nll)[mask].mean()  # the point loss for the location, plus the likelihood
     assert torch.allclose(loss, expected)
     changed = torch.where(mask, values, values + 100)  # pixels outside the mask do not count
     assert torch.allclose(MaskedGaussianNLL()(prediction, torch.cat([changed, mask.float()], dim=1)), loss)
@@ -52,3 +53,13 @@ def test_the_masked_gaussian_nll_counts_the_blind_spots_only():
 def test_the_scale_is_positive_however_negative_the_raw_output():
     _, scale = split(torch.full((1, 2, 2, 2), -1e4))
     assert torch.all(scale >= MIN_SCALE)
+
+
+def test_the_location_learns_from_the_point_loss_alone():
+    """The likelihood term does not pull the location: its gradient is that of the absolute error."""
+    g = torch.Generator().manual_seed(2)
+    prediction = torch.randn(1, 2, 8, 8, generator=g, requires_grad=True)
+    target = torch.randn(1, 1, 8, 8, generator=g)
+    LaplaceNLL()(prediction, target).backward()
+    expected = torch.sign(prediction.detach()[:, :1] - target) / target.numel()
+    assert torch.allclose(prediction.grad[:, :1], expected)

@@ -6,7 +6,11 @@ location (the restored image), channels ``C:`` a raw scale ``r``, made positive 
 has its distribution: the mean absolute error is the negative log-likelihood of a Laplace
 distribution up to its scale (its best location is the median), the mean squared error that of a
 Gaussian (its best location is the mean). So ``task.probabilistic=true`` keeps what the location
-estimates and adds the scale:
+estimates and adds the scale. The location is trained by the point loss itself and the scale by
+the negative log-likelihood with the location held fixed (its gradient stopped): trained jointly
+by the likelihood, pixels predicted as uncertain weigh less, the hard ones are given up, and the
+restored image got worse (measured on the CARE demo: 8 dB lower PSNR at the same budget). The
+loss is the sum of the two terms:
 
 - Laplace ``(mu, b)``: ``-log p(y) = log(2 b) + |y - mu| / b``; standard deviation ``sqrt(2) b``;
 - Gaussian ``(mu, s)``: ``-log p(y) = log(s) + (y - mu)^2 / (2 s^2) + log(2 pi) / 2``; standard deviation ``s``.
@@ -76,15 +80,22 @@ def _example(spatial_dims: int, masked: bool) -> tuple[torch.Tensor, torch.Tenso
     return prediction, target
 
 
+def _point_loss(distribution: str, location: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The point loss whose likelihood the distribution is: absolute (Laplace) or squared (Gaussian) error."""
+    return (location - value).abs() if distribution == "laplace" else (location - value).square()
+
+
 class LaplaceNLL(nn.Module):
-    """Negative log-likelihood of a per-pixel Laplace distribution (probabilistic CARE, as CSBDeep's)."""
+    """Per-pixel Laplace distribution (probabilistic CARE, as CSBDeep's): the location trained by the
+    absolute error, the scale by the negative log-likelihood with the location held fixed."""
 
     bioflow_targets = ("image",)
     bioflow_distribution = "laplace"
 
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         location, scale = split(prediction)
-        return DISTRIBUTIONS[self.bioflow_distribution].nll(location, scale, target).mean()
+        nll = DISTRIBUTIONS[self.bioflow_distribution].nll(location.detach(), scale, target)
+        return (_point_loss(self.bioflow_distribution, location, target) + nll).mean()
 
     @staticmethod
     def bioflow_example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +103,8 @@ class LaplaceNLL(nn.Module):
 
 
 class GaussianNLL(LaplaceNLL):
-    """Negative log-likelihood of a per-pixel Gaussian distribution."""
+    """Per-pixel Gaussian distribution: the location trained by the squared error, the scale by the
+    negative log-likelihood with the location held fixed."""
 
     bioflow_distribution = "gaussian"
 
@@ -112,8 +124,9 @@ class MaskedGaussianNLL(nn.Module):
         location, scale = split(prediction)
         channels = location.shape[1]
         values, mask = target[:, :channels], target[:, channels:] > 0.5
-        nll = DISTRIBUTIONS[self.bioflow_distribution].nll(location, scale, values)
-        return torch.where(mask, nll, 0.0).sum() / mask.sum().clamp(min=1)
+        nll = DISTRIBUTIONS[self.bioflow_distribution].nll(location.detach(), scale, values)
+        per_pixel = _point_loss(self.bioflow_distribution, location, values) + nll
+        return torch.where(mask, per_pixel, 0.0).sum() / mask.sum().clamp(min=1)
 
     @staticmethod
     def bioflow_example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
