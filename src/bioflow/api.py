@@ -133,7 +133,9 @@ class Model:
         -------
         dict
             Output name -> array: label images ``([T], [Z], Y, X)``, restored images
-            ``([T], C, [Z], Y, X)``; a ``T`` axis first when ``axes`` has one.
+            ``([T], C, [Z], Y, X)``; a ``T`` axis first when ``axes`` has one. Tables (StarDist's
+            ``objects``: label, probability, area or volume, centroid) are numpy structured
+            arrays, a list of them (one per frame) for a time-lapse.
         """
         import numpy as np
 
@@ -170,7 +172,9 @@ class Model:
             results.append(predict_array(self.task, laid, checked))
         if "T" not in axes:
             return results[0]
-        return {name: np.stack([r[name] for r in results]) for name in results[0]}
+        tables = {spec.name for spec in self.task.prediction_outputs() if spec.table}
+        return {name: [r[name] for r in results] if name in tables else np.stack([r[name] for r in results])
+                for name in results[0]}
 
 
 def load_model(model: str, *, project_dir: str | Path | None = None, tracking_uri: str | None = None,

@@ -22,6 +22,7 @@ import numpy as np
 
 from bioflow.data.records import check_finite
 from bioflow.errors import BioflowError, DataError
+from bioflow.inference.objects import write_csv
 from bioflow.inference.options import TILING, PredictionOptions
 from bioflow.inference.outputs import OutputSpec, output_blocks
 
@@ -59,7 +60,7 @@ def output_paths(files: Sequence[Path], out_dir: Path, specs: Sequence[OutputSpe
     for f in files:
         targets = {}
         for i, spec in enumerate(specs):
-            name = file_stem(f) + ("" if i == 0 else f"_{spec.name}") + ".tif"
+            name = file_stem(f) + ("" if i == 0 else f"_{spec.name}") + (".csv" if spec.table else ".tif")
             target = (out_dir / name).resolve()
             if target in inputs:
                 raise DataError(
@@ -274,6 +275,8 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
     shape = tuple(arrays[0].shape[1:])
     out_dir.mkdir(parents=True, exist_ok=True)
     writers: dict[str, TiffWriter] = {}
+    tables: dict[str, list] = {}  # per table output, one table per frame: written when all are done
+    partials: list[Path] = []
 
     def writer(spec: OutputSpec) -> TiffWriter:
         if spec.name not in writers:
@@ -295,16 +298,27 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
                         _predict_rescaled(task, array, factor, sink, options)
                 finished = session.finish()
                 for spec in session.outputs:
-                    if not spec.streamed:
+                    if not spec.streamed and not spec.table:
                         for start, block in output_blocks(finished[spec.name]):
                             writer(spec).write(start, block, frame=t)
+                for spec in session.outputs:  # tables last: they are counted as the images pass
+                    if spec.table:
+                        tables.setdefault(spec.name, []).append(finished[spec.name]())
             finally:
                 session.close()
+        for name, per_frame in tables.items():
+            partial = targets[name].with_name(f".{targets[name].name}.partial")
+            write_csv(partial, per_frame, frames=len(frames) > 1)
+            partials.append(partial)
         for w in writers.values():
             w.close()
+        for partial in partials:
+            os.replace(partial, partial.with_name(partial.name[1:-len(".partial")]))
     except BaseException:
         for w in writers.values():
             w.abort()
+        for partial in partials:
+            partial.unlink(missing_ok=True)
         raise
 
 
@@ -335,14 +349,16 @@ def predict_array(task, array, options: PredictionOptions | None = None, **tilin
     shape = tuple(array.shape[1:])
     session = task.prediction_session(shape)
     writers = {spec.name: ArrayWriter(shape, spec) for spec in session.outputs if spec.streamed}
+    tables = {spec.name for spec in session.outputs if spec.table}
     try:
         with torch.no_grad():
             task.predict_array(array, sink=_session_sink(session, writers), **options)
         finished = session.finish()
+        out = {name: w.array for name, w in writers.items()}
+        out.update({name: np.asarray(value) for name, value in finished.items() if name not in tables})
+        out.update({name: finished[name]() for name in tables})  # after the images: counted as they pass
     finally:
         session.close()
-    out = {name: w.array for name, w in writers.items()}
-    out.update({name: np.asarray(value) for name, value in finished.items()})
     return out
 
 

@@ -32,6 +32,9 @@ class OutputSpec:
     channels: int | None
     dtype: Any
     streamed: bool = True
+    #: A table (:mod:`bioflow.inference.objects`), not an image: ``finish`` returns a callable that
+    #: gives it once the images are written; ``bioflow predict`` writes it as CSV.
+    table: bool = False
 
 
 class PredictionSession:

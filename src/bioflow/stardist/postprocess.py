@@ -71,12 +71,19 @@ class StarDistNMS:
         ``(K, R)``, probabilities ``(K,)``), e.g. those of every tile of a large image at once."""
         return np.asarray(self.blocks_from_candidates(points, dists, probs))
 
-    def blocks_from_candidates(self, points: torch.Tensor, dists: torch.Tensor, probs: torch.Tensor) -> Blocks:
-        """As :meth:`from_candidates`, the label image rendered strip by strip as it is read."""
+    def kept_candidates(self, points: torch.Tensor, dists: torch.Tensor, probs: torch.Tensor):
+        """The candidates non-maximum suppression keeps (points, distances, probabilities)."""
+        kept = non_maximum_suppression(points, dists, probs, self.prob_thresh, self.nms_thresh, self.criterion)
+        return points[kept], dists[kept], probs[kept]
+
+    def blocks_from_candidates(self, points: torch.Tensor, dists: torch.Tensor, probs: torch.Tensor,
+                               kept: bool = False) -> Blocks:
+        """As :meth:`from_candidates`, the label image rendered strip by strip as it is read
+        (``kept``: the candidates are those :meth:`kept_candidates` returned)."""
         if self.shape is None:
             raise ValueError("from_candidates needs the label image's shape")
-        kept = non_maximum_suppression(points, dists, probs, self.prob_thresh, self.nms_thresh, self.criterion)
-        points, dists, probs = points[kept], dists[kept], probs[kept]
+        if not kept:
+            points, dists, probs = self.kept_candidates(points, dists, probs)
         return _rendered_blocks(self.shape, lambda rows: polygons_to_labels(points, dists, probs, self.shape, rows))
 
     @staticmethod
@@ -135,13 +142,19 @@ class StarDistNMS3D:
         ``(K, R)``, probabilities ``(K,)``), e.g. those of every tile of a large stack at once."""
         return np.asarray(self.blocks_from_candidates(points, dists, probs))
 
-    def blocks_from_candidates(self, points: torch.Tensor, dists: torch.Tensor, probs: torch.Tensor) -> Blocks:
+    def kept_candidates(self, points: torch.Tensor, dists: torch.Tensor, probs: torch.Tensor):
+        """The candidates non-maximum suppression keeps (points, distances, probabilities)."""
+        kept = non_maximum_suppression_3d(points, dists, probs, self.rays, self.prob_thresh, self.nms_thresh,
+                                          self.criterion)
+        return points[kept], dists[kept], probs[kept]
+
+    def blocks_from_candidates(self, points: torch.Tensor, dists: torch.Tensor, probs: torch.Tensor,
+                               kept: bool = False) -> Blocks:
         """As :meth:`from_candidates`, the label volume rendered slab by slab as it is read."""
         if self.shape is None:
             raise ValueError("from_candidates needs the label volume's shape")
-        kept = non_maximum_suppression_3d(points, dists, probs, self.rays, self.prob_thresh, self.nms_thresh,
-                                          self.criterion)
-        points, dists, probs = points[kept], dists[kept], probs[kept]
+        if not kept:
+            points, dists, probs = self.kept_candidates(points, dists, probs)
         return _rendered_blocks(self.shape,
                                 lambda planes: polyhedra_to_labels(points, dists, probs, self.shape, self.rays, planes))
 

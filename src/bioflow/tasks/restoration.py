@@ -23,6 +23,7 @@ from bioflow.metrics.calibration import calibration, fit_knots, identity_knots, 
 from bioflow.inference.outputs import OutputSpec, PredictionSession
 from bioflow.registry import registry
 from bioflow.tasks.base import BaseTask
+from bioflow.tasks.context import TaskContext
 from bioflow.tasks.exchange import PackageOutput
 
 
@@ -93,7 +94,8 @@ class RestorationTask(BaseTask):
     def __init__(self, config: dict[str, Any], data_info: dict[str, Any], inference: bool = False, *,
                  data_range: Optional[float] = None, probabilistic: bool = False, monitor: str = "val/loss",
                  monitor_mode: Literal["max", "min"] = "min") -> None:
-        self.distribution, self._likelihood_loss = likelihood_of(config["loss"], probabilistic)
+        # before the network is built: a probabilistic one has twice the outputs
+        self.distribution, self._likelihood_loss = likelihood_of(TaskContext.from_config(config).loss, probabilistic)
         super().__init__(config, data_info, inference)
         self.quality = torch.nn.ModuleDict({stage: _ImageQuality() for stage in ("val", "test")})
         if self.distribution is not None:
@@ -388,8 +390,8 @@ class N2VTask(RestorationTask):
         masked, mask = self.masking(image[None], generator=self._generator("val"))
         blind = self.predict_image(masked[0])
         self.mean_loss[stage].update(self.loss_fn(blind[None], torch.cat([image[None], mask.to(image.dtype)], dim=1)))
-        if self.distribution is not None:
-            std, error = self.calibration_pairs(batch)
+        if self.distribution is not None:  # every validation epoch: a quick look; the test: enough pixels
+            std, error = self.calibration_pairs(batch, most_passes=2 if stage == "val" else 16)
             self.collect_calibration(stage, recalibrate(std, self.calibration_knots), error)
         if "target" not in batch:  # no clean image: the figure shows input and prediction only
             if self.wants_figure_sample(stage):

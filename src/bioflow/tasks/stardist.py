@@ -199,7 +199,8 @@ class StarDistTask(BaseTask):
         return _ray_permutation_map(self.n_rays)
 
     def prediction_outputs(self) -> list[OutputSpec]:
-        return [OutputSpec("labels", None, np.int32, streamed=False)]
+        # the label image, and a table of its objects (label, probability, size, centroid)
+        return [OutputSpec("labels", None, np.int32, streamed=False), OutputSpec("objects", None, None, False, table=True)]
 
     def prediction_session(self, shape, workdir=None) -> PredictionSession:
         return _StarDistSession(self, tuple(shape), workdir)
@@ -334,17 +335,27 @@ class _StarDistSession(PredictionSession):
         self.count += rows.shape[0]
         return {}
 
-    def finish(self) -> dict[str, np.ndarray]:
+    def finish(self) -> dict[str, Any]:
+        from bioflow.inference.objects import ObjectTable
+
         self.file.close()
+        dims = len(self.shape)
         if not self.count:
-            return {"labels": np.zeros(self.shape, np.int32)}
+            return {"labels": np.zeros(self.shape, np.int32), "objects": ObjectTable(dims).rows}
         table = torch.from_numpy(np.fromfile(self.path, dtype=np.float32).reshape(self.count, -1))
         self.path.unlink(missing_ok=True)
-        dims = len(self.shape)
         probs, points, dists = table[:, 0].clone(), table[:, 1:1 + dims].to(torch.int64), table[:, 1 + dims:]
         nms = self.task.nms(self.shape)
-        render = getattr(nms, "blocks_from_candidates", nms.from_candidates)  # blocks: bounded memory
-        return {"labels": render(points, dists, probs)}
+        if hasattr(nms, "kept_candidates"):  # label k is the k-th most probable object kept
+            points, dists, probs = nms.kept_candidates(points, dists, probs)
+            ranked = probs[torch.sort(-probs, stable=True).indices].numpy()
+            objects = ObjectTable(dims, ranked)
+            return {"labels": objects.watch(nms.blocks_from_candidates(points, dists, probs, kept=True)),
+                    "objects": objects.rows}
+        objects = ObjectTable(dims)  # a post-processor of a plugin: sizes and centroids only
+        labels = nms.from_candidates(points, dists, probs)
+        objects.add(0, labels)
+        return {"labels": labels, "objects": objects.rows}
 
     def close(self) -> None:
         self.file.close()

@@ -271,6 +271,9 @@ def check_task(factory: Factory, name: str | None = None, overrides: tuple[str, 
         predicted = predict_array(task, one["image"][0].numpy(), tile_size=[32 if dims == 2 else 16])
         for spec in outputs:
             assert spec.name in predicted, f"{dims}D: output '{spec.name}' was not produced"
+            if spec.table:
+                assert predicted[spec.name].dtype.names, f"{dims}D: table '{spec.name}' is no structured array"
+                continue
             assert tuple(predicted[spec.name].shape[-dims:]) == shape, (
                 f"{dims}D: output '{spec.name}' has shape {predicted[spec.name].shape}, not the image's {shape}")
         check_exchange(task, one["image"][0].numpy(), tile_size=[32 if dims == 2 else 16])

@@ -52,6 +52,8 @@ def check_exchange(task, image: np.ndarray, tile_size=None) -> None:
         ours = predict_array(task, image, tile_size=tile_size)
         theirs = predict_array(packaged, image, tile_size=tile_size)
         for name, value in ours.items():
+            if value.dtype.names:  # a table follows from the label image compared here
+                continue
             assert name in theirs and theirs[name].shape == value.shape, f"the package gives no output '{name}'"
             if np.issubdtype(value.dtype, np.floating):
                 assert np.allclose(theirs[name], value, rtol=1e-4, atol=1e-4 * max(float(np.abs(value).max()), 1e-6)), name
