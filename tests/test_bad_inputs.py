@@ -63,6 +63,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
         tifffile.imwrite(images / f"n{i}.tif", (image * 1000).astype(np.uint16))
         tifffile.imwrite(masks / f"n{i}.tif", labels.astype(np.uint16))
     model = make_checkpoint(root / "model.ckpt", "experiment=demo_unet", "model.depth=1", "model.base_channels=4")
+    make_checkpoint(root / "care.ckpt", "experiment=demo_care", "model.depth=1", "model.base_channels=4")
     tifffile.imwrite(root / "stack.tif", np.zeros((3, 32, 32), np.uint16), photometric="minisblack")
     tifffile.imwrite(root / "rgb.tif", np.zeros((32, 32, 3), np.uint8), photometric="rgb")
     tifffile.imwrite(root / "good.tif", (synthetic_nuclei_image((48, 48), seed=3)[0] * 1000).astype(np.uint16))
@@ -227,6 +228,7 @@ PREDICT_CASES = [
     ("bad-axes-option", ["{model}", "{good}", "--out", "{out}", "--axes", "QYX"], "--axes"),
     ("unknown-run", ["0123456789abcdef0123456789abcdef", "{good}", "--out", "{out}", "--project-dir", "{root}"], "0123456789abcdef"),
     ("neither-file-nor-run", ["mymodel", "{good}", "--out", "{out}"], "mymodel"),
+    ("confidence-of-a-restoration", ["{care}", "{good}", "--out", "{out}", "--confidence"], "--confidence"),
 ]
 
 
@@ -237,11 +239,12 @@ def predict_world(world, tmp_path) -> dict[str, str]:
     for name in ("good.tif", "stack.tif", "rgb.tif"):
         shutil.copy(world["root"] / name, tmp_path / name)
     shutil.copy(world["model"], tmp_path / "model.ckpt")
+    shutil.copy(world["root"] / "care.ckpt", tmp_path / "care.ckpt")
     (tmp_path / "garbage.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
     (tmp_path / "afile").write_text("keep me")
     _crafted_checkpoint(tmp_path / "evil.ckpt")
     names = {"model": "model.ckpt", "good": "good.tif", "stack": "stack.tif", "rgb": "rgb.tif", "garbage": "garbage.ckpt",
-             "evil": "evil.ckpt", "afile": "afile", "out": "out"}
+             "evil": "evil.ckpt", "afile": "afile", "out": "out", "care": "care.ckpt"}
     return {"root": str(tmp_path), **{k: str(tmp_path / v) for k, v in names.items()}}
 
 

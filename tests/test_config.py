@@ -43,12 +43,15 @@ def test_every_group_has_options():
 FITTING_TASK = {("batch_transform", o): "task=n2v" for o in ("n2v", "n2v2", "structn2v")} | {
     ("loss", "stardist"): "task=stardist", ("loss", "mae"): "task=care", ("loss", "mse"): "task=care",
     ("loss", "masked_mse"): "task=n2v",
+    ("loss", "laplace_nll"): "task=care", ("loss", "gaussian_nll"): "task=care", ("loss", "masked_gaussian_nll"): "task=n2v",
 }
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_shipped_config_composes_and_validates(group, option, tmp_path):
     overrides = [f"{group}={option}"] + ([FITTING_TASK[(group, option)]] if (group, option) in FITTING_TASK else [])
+    if option.endswith("_nll"):  # likelihood losses train probabilistic models
+        overrides.append("task.probabilistic=true")
     # options with mandatory values (`???`, e.g. folders of the user's data) get placeholders
     filled = [f"{key}={tmp_path}" for key in missing_keys(*overrides)]
     config = composed(*overrides, *filled)

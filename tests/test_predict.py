@@ -230,3 +230,29 @@ def test_precision_bf16_predicts_through_bfloat16_and_close_to_float32(model2d, 
     assert (outs["32-true"] == outs["bf16-mixed"]).mean() > 0.98
     with pytest.raises(BioflowError, match="--precision"):
         predict(str(model2d), [str(tmp_path / "a.tif")], str(tmp_path / "x"), precision="fp8", progress=False)
+
+
+def test_a_confidence_map_on_request_is_the_probability_of_each_pixels_class(tmp_path):
+    """--confidence (and confidence=True from Python): the softmax probability of the chosen class."""
+    import bioflow
+    from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
+    from bioflow.testing import make_checkpoint
+    from tests.helpers import run_cli
+
+    path = make_checkpoint(tmp_path / "m.ckpt", "experiment=demo_unet", "model.depth=1", "model.base_channels=4",
+                           "task.target=classes", "task.num_classes=3", "task.class_names=null", seed=1)
+    image = (synthetic_nuclei_image((64, 48), seed=2)[0] * 1000).astype(np.float32)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    result = run_cli("predict", str(path), str(tmp_path / "a.tif"), "--out", str(tmp_path / "out"), "--confidence",
+                     "--no-progress")
+    assert result.returncode == 0, result.stderr[-2000:]
+    confidence = tifffile.imread(tmp_path / "out" / "a_confidence.tif")
+    assert confidence.shape == image.shape and confidence.dtype == np.float32
+    assert confidence.min() >= 1 / 3 - 1e-6 and confidence.max() <= 1 + 1e-6
+    model = bioflow.load_model(str(path))
+    with_map = model.predict(image, confidence=True)
+    np.testing.assert_allclose(with_map["confidence"], confidence, atol=1e-5)
+    assert np.array_equal(with_map["labels"], tifffile.imread(tmp_path / "out" / "a.tif"))
+    assert "confidence" not in model.predict(image)  # only on request
+    plain = run_cli("predict", str(path), str(tmp_path / "a.tif"), "--out", str(tmp_path / "plain"), "--no-progress")
+    assert plain.returncode == 0 and not (tmp_path / "plain" / "a_confidence.tif").exists()

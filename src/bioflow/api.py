@@ -127,7 +127,8 @@ class Model:
             spatial axes (``YX`` / ``ZYX``), with a leading channel axis if it has one more.
         **options
             The tiler's options of ``bioflow predict``: ``tile_size``, ``overlap``, ``batch_size``,
-            ``tta``, ``blend`` (:class:`bioflow.inference.options.PredictionOptions`).
+            ``tta``, ``blend`` (:class:`bioflow.inference.options.PredictionOptions`), and
+            ``confidence=True`` for a segmentation model's per-pixel confidence map.
 
         Returns
         -------
@@ -137,15 +138,19 @@ class Model:
             ``objects``: label, probability, area or volume, centroid) are numpy structured
             arrays, a list of them (one per frame) for a time-lapse.
         """
+        import dataclasses
+
         import numpy as np
 
         from bioflow.data.tiff import layout_plan
         from bioflow.data.views import channel_indices
         from bioflow.errors import DataError
         from bioflow.inference.options import TILING, PredictionOptions
-        from bioflow.prediction import predict_array
+        from bioflow.prediction import predict_array, request_outputs
 
-        checked = PredictionOptions.of(allowed=TILING, **{"progress": False, **options})
+        checked = PredictionOptions.of(allowed=(*TILING, "confidence"), **{"progress": False, **options})
+        request_outputs(self.task, checked)
+        checked = dataclasses.replace(checked, confidence=False)  # asked of the task, not of the tiler
         array = np.asarray(image)
         dims = self.task.data_info.spatial_dims
         if axes is None:

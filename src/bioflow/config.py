@@ -281,7 +281,9 @@ def explain_composition_error(message: str, overrides: list[str]) -> str:
         group, option = missing_option.groups()
         known = options.group(1).split()
         hint = did_you_mean(option, known)
-        return f"{group}={option}: no such option in config group '{group}'{hint} (options: {', '.join(known)})"
+        listed = ", ".join(known)
+        listed = listed if len(listed) <= 90 else f"{len(known)} of them; bioflow train --help lists them"
+        return f"{group}={option}: no such option in config group '{group}'{hint} (options: {listed})"
     bad_key = re.search(r"Could not override '([^']+)'", message)
     if bad_key:
         key = bad_key.group(1)

@@ -224,6 +224,7 @@ def predict(
         if getattr(task, "context", None) is None:
             raise BioflowError(f"--precision: {model} does not predict through bioflow's network; predict without it")
         task.context.predict["precision"] = opts.precision
+    request_outputs(task, opts)
     task.to(device)
     plan = output_paths(files, out_dir, task.prediction_outputs(), opts.overwrite)
     results, failures = [], []
@@ -241,6 +242,15 @@ def predict(
     if failures:
         raise PredictionErrors(failures, len(files))
     return results
+
+
+def request_outputs(task, opts: PredictionOptions) -> None:
+    """Outputs a task gives on request (``--confidence``): asked of a task that has none, one line."""
+    if getattr(task, "gives_confidence", False):
+        task.context.predict["confidence"] = bool(opts.confidence)
+    elif opts.confidence:
+        raise BioflowError("--confidence: this model gives no confidence map (U-Net segmentation does; StarDist "
+                           "writes per-object probabilities to <name>_objects.csv; restoration: task.probabilistic=true)")
 
 
 class PredictionErrors(BioflowError):

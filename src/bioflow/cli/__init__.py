@@ -76,7 +76,7 @@ def predict_command(args: argparse.Namespace) -> int:
         args.model, args.inputs, args.out, project_dir=args.project_dir, tracking_uri=args.tracking_uri,
         axes=args.axes, tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
         tta=args.tta, blend=args.blend, rescale=args.rescale, device=args.device, overwrite=args.overwrite,
-        progress=not args.no_progress, precision=args.precision,
+        progress=not args.no_progress, precision=args.precision, confidence=args.confidence,
     )
     return 0
 
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overlap", type=int, nargs="+", metavar="N", help="tile overlap; default: the network's receptive field")
     pr.add_argument("--batch-size", type=int, help="tiles per forward pass")
     pr.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips and 90-degree rotations")
+    pr.add_argument("--confidence", action="store_true",
+                    help="segmentation: also write name_confidence.tif, the probability of each pixel's class")
     pr.add_argument("--blend", choices=BLENDS, default="cosine", help="how overlapping tiles are combined")
     pr.add_argument("--rescale", action="store_true", help="resample images whose pixel size differs from training")
     pr.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

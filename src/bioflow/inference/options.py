@@ -30,7 +30,7 @@ class PredictionOptions:
     input files' axes where their metadata do not say; ``rescale``: resample images whose pixel
     size differs from training; ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...;
     ``precision``: the network's precision (default: the model's); ``overwrite``: replace earlier
-    outputs (never inputs).
+    outputs (never inputs); ``confidence``: also a per-pixel confidence map (segmentation).
     """
 
     tile_size: Optional[tuple[int, ...]] = None
@@ -44,6 +44,7 @@ class PredictionOptions:
     device: str = "auto"
     precision: Optional[str] = None
     overwrite: bool = False
+    confidence: bool = False
 
     def __post_init__(self) -> None:
         for name, low in (("tile_size", 1), ("overlap", 0)):

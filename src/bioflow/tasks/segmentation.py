@@ -189,9 +189,14 @@ class SegmentationTask(BaseTask):
         total = int(pred.sum() + true.sum())
         return {"Dice": 2.0 * int((pred & true).sum()) / total if total else 1.0}
 
+    #: ``bioflow predict --confidence``: a per-pixel confidence map (the probability of the chosen class).
+    gives_confidence: ClassVar[bool] = True
+
     def prediction_outputs(self) -> list[OutputSpec]:
         classes = self.out_channels()
         outputs = [OutputSpec("labels", None, np.uint8 if classes <= 256 else np.uint16)]
+        if self.context.predict.get("confidence"):
+            outputs.append(OutputSpec("confidence", None, np.float32))
         if self.postprocessor is not None:
             outputs.append(OutputSpec("instances", None, np.int32, streamed=False))
         return outputs
@@ -211,10 +216,14 @@ class _SegmentationSession(PredictionSession):
         super().__init__(task.prediction_outputs(), self._labels)
         self.task = task
         self.dtype = self.outputs[0].dtype
+        self.confidence = any(o.name == "confidence" for o in self.outputs)
         self.spool = SpooledArray((task.out_channels(), *shape), workdir) if task.postprocessor is not None else None
 
     def _labels(self, raw: torch.Tensor) -> dict[str, np.ndarray]:
-        return {"labels": raw.argmax(dim=0).cpu().numpy().astype(self.dtype)}
+        out = {"labels": raw.argmax(dim=0).cpu().numpy().astype(self.dtype)}
+        if self.confidence:  # the softmax probability of the class chosen at each pixel
+            out["confidence"] = raw.float().softmax(dim=0).amax(dim=0).cpu().numpy()
+        return out
 
     def block(self, start: int, raw: torch.Tensor) -> dict[str, np.ndarray]:
         if self.spool is not None:
