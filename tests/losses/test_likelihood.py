@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from bioflow.losses.likelihood import MIN_SCALE, GaussianNLL, LaplaceNLL, MaskedGaussianNLL, split
+from bioflow.losses.likelihood import MIN_SCALE, SCALE_WEIGHT, GaussianNLL, LaplaceNLL, MaskedGaussianNLL, split
 
 
 def fit_constant(loss_fn, values: torch.Tensor, steps: int = 1500) -> tuple[float, float]:
@@ -44,7 +44,7 @@ def test_the_masked_gaussian_nll_counts_the_blind_spots_only():
     loss = MaskedGaussianNLL()(prediction, torch.cat([values, mask.float()], dim=1))
     location, scale = split(prediction)
     nll = scale.log() + (values - location) ** 2 / (2 * scale**2) + 0.5 * math.log(2 * math.pi)
-    expected = ((values - location) ** 2 + nll)[mask].mean()  # the point loss for the location, plus the likelihood
+    expected = ((values - location) ** 2 + SCALE_WEIGHT * nll)[mask].mean()  # the point loss for the location, plus the likelihood
     assert torch.allclose(loss, expected)
     changed = torch.where(mask, values, values + 100)  # pixels outside the mask do not count
     assert torch.allclose(MaskedGaussianNLL()(prediction, torch.cat([changed, mask.float()], dim=1)), loss)

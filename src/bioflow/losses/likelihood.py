@@ -1,8 +1,10 @@
 """Probabilistic restoration: a location and a scale per pixel, trained by negative log-likelihood.
 
 A probabilistic restoration network has twice its image's channels: channels ``:C`` are the
-location (the restored image), channels ``C:`` a raw scale ``r``, made positive as
-``b = softplus(r) + MIN_SCALE`` (in the normalised units the network works in). Each point loss
+location (the restored image), channels ``C:`` the log of the scale, ``b = exp(r) + MIN_SCALE``
+(in the normalised units the network works in). On the log scale the likelihood's gradient is of
+order one (``1 - |y - mu| / b`` for Laplace); with ``softplus`` it grew as ``1 / b`` as the scale
+shrank, outweighed the location's in the shared layers and held the restored image back. Each point loss
 has its distribution: the mean absolute error is the negative log-likelihood of a Laplace
 distribution up to its scale (its best location is the median), the mean squared error that of a
 Gaussian (its best location is the mean). So ``task.probabilistic=true`` keeps what the location
@@ -21,18 +23,25 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 #: The smallest scale, in normalised units (a 16-bit image's step is about 1.5e-5 of its range).
 MIN_SCALE = 1e-4
+#: The raw output is the log of the scale (clipped to +-LOG_RANGE) minus LOG_START: a network whose
+#: raw outputs start near 0 starts at a scale of 0.1 (a typical error of a restored image whose
+#: percentiles span 0..1) rather than 1, so the scale need not first pull every pixel down.
+LOG_RANGE = 15.0
+LOG_START = math.log(0.1)
+#: Weight of the likelihood (the scale's term) against the point loss (the location's) in the
+#: layers both share: the location learns as in the plain model, the scale follows.
+SCALE_WEIGHT = 0.1
 
 
 def split(prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Location and positive scale from a probabilistic output ``(N, 2C, ...)`` (or ``(2C, ...)``
     with ``channel_axis`` 0: pass ``prediction[None]``)."""
     channels = prediction.shape[1] // 2
-    return prediction[:, :channels], F.softplus(prediction[:, channels:]) + MIN_SCALE
+    return prediction[:, :channels], torch.exp(prediction[:, channels:].clamp(-LOG_RANGE, LOG_RANGE) + LOG_START) + MIN_SCALE
 
 
 class Distribution:
@@ -95,7 +104,7 @@ class LaplaceNLL(nn.Module):
     def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         location, scale = split(prediction)
         nll = DISTRIBUTIONS[self.bioflow_distribution].nll(location.detach(), scale, target)
-        return (_point_loss(self.bioflow_distribution, location, target) + nll).mean()
+        return (_point_loss(self.bioflow_distribution, location, target) + SCALE_WEIGHT * nll).mean()
 
     @staticmethod
     def bioflow_example_inputs(spatial_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +134,7 @@ class MaskedGaussianNLL(nn.Module):
         channels = location.shape[1]
         values, mask = target[:, :channels], target[:, channels:] > 0.5
         nll = DISTRIBUTIONS[self.bioflow_distribution].nll(location.detach(), scale, values)
-        per_pixel = _point_loss(self.bioflow_distribution, location, values) + nll
+        per_pixel = _point_loss(self.bioflow_distribution, location, values) + SCALE_WEIGHT * nll
         return torch.where(mask, per_pixel, 0.0).sum() / mask.sum().clamp(min=1)
 
     @staticmethod
