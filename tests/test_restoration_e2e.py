@@ -37,6 +37,9 @@ def test_train_then_predict_a_restored_image(experiment, caveat, project_dir: Pa
         assert tif.series[0].axes == "YX" and 'PhysicalSizeX="0.1"' in tif.ome_metadata
     assert restored.shape == noisy.shape and restored.dtype == np.float32
     assert 0.1 * noisy.mean() < restored.mean() < 10 * noisy.mean()  # back in the image's intensity units
+    report = (tmp_path / "out" / "fit_report.csv").read_text().splitlines()  # the input against the training data
+    assert report[0] == "file,score,threshold,fits,reason,intensity,noise,content" and len(report) == 2
+    assert report[1].startswith(str(tmp_path / "noisy.tif"))
 
 
 @pytest.mark.parametrize("experiment", ["demo_care", "demo_n2v"])

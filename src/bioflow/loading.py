@@ -58,6 +58,11 @@ def task_from_checkpoint(checkpoint: dict[str, Any], origin: str, inference: boo
     task = create_task(with_legacy_settings(hparams["config"]), hparams["data_info"], inference=inference)
     task.load_state_dict(checkpoint["state_dict"])
     task.eval()
+    fit = (checkpoint.get("bioflow") or {}).get("fit")
+    if fit is not None:  # the training data's fingerprint (bioflow.inference.fit)
+        from bioflow.inference.fit import FitReference
+
+        task.fit_reference = FitReference(fit)
     return task
 
 

@@ -227,10 +227,10 @@ def predict(
     request_outputs(task, opts)
     task.to(device)
     plan = output_paths(files, out_dir, task.prediction_outputs(), opts.overwrite)
-    results, failures = [], []
+    results, failures, fit_rows = [], [], []
     for f, targets in zip(files, plan):
         try:
-            _predict_file(task, f, targets, out_dir, opts)
+            verdict = _predict_file(task, f, targets, out_dir, opts)
         except BioflowError as exc:
             if len(files) == 1:
                 raise
@@ -239,9 +239,41 @@ def predict(
             continue
         results.append(targets)
         print(f"bioflow: {f} -> {', '.join(str(t) for t in targets.values())}", flush=True)
+        if verdict is not None:
+            fit_rows.append({"file": str(f), **verdict})
+            if not verdict["fits"]:
+                log.warning("%s does not look like the training data (score %.2f above %.2f; most unlike it: %s): "
+                            "doubt its outputs", f, verdict["score"], verdict["threshold"], verdict["reason"])
+    if fit_rows:
+        write_fit_report(out_dir / FIT_REPORT, fit_rows)
     if failures:
         raise PredictionErrors(failures, len(files))
     return results
+
+
+#: Written beside the outputs: how well each input fits the model's training data.
+FIT_REPORT = "fit_report.csv"
+
+
+def write_fit_report(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The inputs' fit to the training data as CSV (written under a hidden name, then renamed);
+    rows of other files from an earlier prediction into the same folder are kept."""
+    import csv
+
+    columns = ["file", "score", "threshold", "fits", "reason", "intensity", "noise", "content"]
+    ours = {str(row["file"]) for row in rows}
+    earlier = []
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as fh:
+            earlier = [r for r in csv.DictReader(fh) if r.get("file") not in ours]
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(earlier)
+        writer.writerows({c: f"{row[c]:.4g}" if isinstance(row.get(c), float) else row.get(c, "") for c in columns}
+                         for row in rows)
+    os.replace(partial, path)
 
 
 def request_outputs(task, opts: PredictionOptions) -> None:
@@ -261,8 +293,9 @@ class PredictionErrors(BioflowError):
         super().__init__(f"{len(messages)} of {total} input file(s) failed (each reported above); the others were predicted")
 
 
-def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: PredictionOptions) -> None:
-    """Predict one file (every time point of a time-lapse) into its outputs."""
+def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: PredictionOptions):
+    """Predict one file (every time point of a time-lapse) into its outputs; returns how its first
+    frame fits the model's training data (None for models without a fingerprint)."""
     import torch
 
     from bioflow.data.tiff import read_tiff_frames
@@ -324,6 +357,13 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
             w.close()
         for partial in partials:
             os.replace(partial, partial.with_name(partial.name[1:-len(".partial")]))
+        reference = getattr(task, "fit_reference", None)
+        if reference is None:
+            return None
+        from bioflow.inference.fit import image_features
+
+        with torch.no_grad():
+            return reference.verdict(image_features(task, arrays[0])[0])
     except BaseException:
         for w in writers.values():
             w.abort()

@@ -307,15 +307,21 @@ def finish_best_checkpoint(task, data, trainer, logger, path: str) -> dict[str, 
     """
     import torch
 
+    from bioflow.inference.fit import fit_reference
+
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     task.load_state_dict(checkpoint["state_dict"])
     extras = task.after_fit(data)
+    fit = fit_reference(task, data)  # the training data's fingerprint: does a later input fit it?
     if trainer.is_global_zero:
-        if extras:
+        if fit is not None:
+            checkpoint.setdefault("bioflow", {})["fit"] = fit
+        if extras or fit is not None:
             checkpoint["state_dict"] = {k: v.detach().cpu() for k, v in task.state_dict().items()}
             partial = f"{path}.partial"  # a kill mid-write must not ruin the best checkpoint
             torch.save(checkpoint, partial)
             os.replace(partial, path)
+        if extras:
             log_values(logger, extras)
         log_checkpoint(logger, path)
     trainer.strategy.barrier()

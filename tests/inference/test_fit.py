@@ -1,0 +1,75 @@
+"""Does an input fit the training data: the fingerprint flags shifted inputs, not unshifted ones."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bioflow.inference.fit import GROUPS, FitReference
+
+
+def features(rng, n, shift=None):
+    """Patch features of three groups (2 intensity, 1 noise, 3 content), correlated within groups."""
+    base = rng.normal(size=(n, 6)) @ np.diag([1, 1, 0.5, 2, 1, 1])
+    if shift is not None:
+        base[:, shift] += 6.0
+    return base
+
+
+GROUP_OF = ["intensity", "intensity", "noise", "content", "content", "content"]
+
+
+def test_unshifted_images_pass_and_a_shift_is_flagged_with_its_group_named():
+    rng = np.random.default_rng(0)
+    reference = FitReference.fitted(features(rng, 2000), GROUP_OF, [features(rng, 16) for _ in range(30)])
+    flagged = [not reference.verdict(features(rng, 16))["fits"] for _ in range(200)]
+    assert np.mean(flagged) <= 0.05
+    for column, group in ((0, "intensity"), (2, "noise"), (4, "content")):
+        verdict = reference.verdict(features(rng, 16, shift=column))
+        assert not verdict["fits"] and verdict["reason"] == group, (group, verdict)
+    assert set(GROUPS) <= set(reference.record["group_thresholds"])
+
+
+def test_the_fingerprint_is_plain_data_that_round_trips():
+    import json
+
+    rng = np.random.default_rng(1)
+    reference = FitReference.fitted(features(rng, 500), GROUP_OF, [])
+    again = FitReference(json.loads(json.dumps(reference.record)))  # what a checkpoint stores
+    sample = features(rng, 16)
+    assert again.verdict(sample) == reference.verdict(sample)
+
+
+def test_a_trained_model_flags_an_image_unlike_its_training_images_and_not_a_brighter_one():
+    """CARE demo data, per-image normalisation: a brighter copy fits (the network never sees the
+    scale), a textured image of another kind does not."""
+    from bioflow.data.module import BioflowDataModule
+    from bioflow.inference.fit import fit_reference, image_features
+    from bioflow.tasks import create_task, get_task
+    from bioflow.testing import compose_config
+
+    config = compose_config("experiment=demo_care", "data.source.n_images=8", "data.source.shape=[96,96]",
+                            "data.patch_size=[32,32]", "model.base_channels=4", "model.depth=1")
+    cls = get_task(config["task"]["name"])
+    data = BioflowDataModule(config["data"], config["sampler"], 0, cls.target_kind, None)
+    data.prepare()
+    task = create_task(config, {"in_channels": 1, "spatial_dims": 2, "pixel_size": None, "split": data.split,
+                                "normalization": data.normalizer.as_dict()})
+    reference = FitReference(fit_reference(task, data))
+    image = np.asarray(data.splits["test"][0].image)
+    assert reference.verdict(image_features(task, image)[0])["fits"]
+    assert reference.verdict(image_features(task, image * 4)[0])["fits"]
+    yy, xx = np.mgrid[:96, :96]
+    texture = (np.sin(xx / 3.0) * np.cos(yy / 5.0) * 60 + 100)[None].astype(np.float32)
+    verdict = reference.verdict(image_features(task, texture)[0])
+    assert not verdict["fits"] and verdict["reason"] in GROUPS
+
+
+def test_a_second_prediction_into_the_same_folder_keeps_the_first_ones_rows(tmp_path):
+    from bioflow.prediction import write_fit_report
+
+    row = {"score": 0.1, "threshold": 0.2, "fits": True, "reason": "", "intensity": 0.1, "noise": 0.1, "content": 0.1}
+    write_fit_report(tmp_path / "r.csv", [{"file": "a, b.tif", **row}, {"file": "c.tif", **row}])
+    write_fit_report(tmp_path / "r.csv", [{"file": "c.tif", **row, "fits": False, "reason": "noise"}])
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert lines[1:] == ['"a, b.tif",0.1,0.2,True,,0.1,0.1,0.1', "c.tif,0.1,0.2,False,noise,0.1,0.1,0.1"]
+    assert not list(tmp_path.glob(".*partial"))
