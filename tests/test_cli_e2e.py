@@ -112,6 +112,8 @@ def test_evaluate_by_run_id_logs_into_the_same_run(trained):
     assert "test/dice_fg_mean" in result.stdout
     reported = float(result.stdout.split("test/dice_fg_mean = ")[1].split()[0])
     assert reported == pytest.approx(before, abs=1e-4)  # same checkpoint, same split, same metric
+    flagged = float(result.stdout.split("test/fit_flagged_fraction = ")[1].split()[0])  # the fit check's view of it
+    assert 0 <= flagged <= 1 and "test/fit_score_mean" in result.stdout
     assert "evaluation/test_metrics.json" in artifact_paths(client, run_id)
     assert len(client.search_runs([runs[0].info.experiment_id])) == 1
 

@@ -40,11 +40,28 @@ def evaluate(
     results = trainer.test(task, datamodule=data, verbose=False)
     prefix = "test/" if split == "test" else f"eval_{split}/"
     metrics = {prefix + k.split("/", 1)[1]: float(v) for k, v in (results[0] if results else {}).items()}
+    metrics.update({prefix + k: v for k, v in fit_scores(task, data.splits[split]).items()})
     logged = False
     if log_to_run and run_id is not None:
         logged = _log_to_run(store, run_id, metrics, split, task)
     return {"model": model, "split": split, "n_images": len(data.splits[split]), "metrics": metrics,
             "run_id": run_id, "logged": logged, "tracking_uri": store.tracking_uri}
+
+
+def fit_scores(task, records) -> dict[str, float]:
+    """How the split's images fit the model's training data: mean score and fraction flagged."""
+    reference = getattr(task, "fit_reference", None)
+    if reference is None or not records:
+        return {}
+    import numpy as np
+    import torch
+
+    from bioflow.inference.fit import image_features
+
+    with torch.no_grad():
+        verdicts = [reference.verdict(image_features(task, r.image)[0]) for r in records]
+    return {"fit_score_mean": float(np.mean([v["score"] for v in verdicts])),
+            "fit_flagged_fraction": float(np.mean([not v["fits"] for v in verdicts]))}
 
 
 def _log_to_run(store: Store, run_id: str, metrics: Mapping[str, float], split: str, task) -> bool:

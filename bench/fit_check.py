@@ -1,0 +1,143 @@
+"""Does the fit check tell shifted inputs from unshifted ones? ROC AUC and flag rates per shift.
+
+For each experiment, trains the model through ``bioflow.train``, generates held-out images as its
+data source does (another seed), and shifts copies of them after acquisition:
+
+- ``intensity_x4`` / ``intensity_x0.25``: the pixel values scaled (invisible to a model that
+  normalises each image by its own percentiles, the default; visible with
+  ``data.normalize.mode=dataset``);
+- ``noise_x3``: three times the noise (restoration pairs: the clean image plus three times the
+  degradation; images without a clean version: Gaussian noise of about twice the image's own
+  pixel noise added);
+- ``pixel_size_x2`` / ``pixel_size_x0.5``: resampled by 2 (cropped back) and by 0.5 (linear), the
+  metadata not saying so;
+- ``content``: a textured image of another kind (sinusoid gratings with noise) at the same
+  intensity range.
+
+Prints one JSON object: per experiment, the fraction of unshifted images flagged, and per shift the
+ROC AUC of the score (shifted against unshifted) and the fraction flagged at the stored threshold;
+and the seconds the check takes per image against those of the prediction itself.
+
+Run:   .venv/bin/python bench/fit_check.py [--images 20]
+Smoke: .venv/bin/python bench/fit_check.py --smoke     (tiny sizes, seconds; run by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+EXPERIMENTS = {
+    "demo_care": [],
+    "demo_unet": [],
+    "demo_unet_dataset_norm": ["experiment=demo_unet", "data.normalize.mode=dataset"],
+}
+SMOKE = ["data.source.n_images=6", "data.patch_size=[32,32]", "data.patches_per_epoch=8", "data.batch_size=4",
+         "model.depth=1", "model.base_channels=4", "trainer.max_epochs=1"]
+
+
+def auc(negative: list[float], positive: list[float]) -> float:
+    """P(a shifted image scores above an unshifted one), ties counted half."""
+    neg, pos = np.asarray(negative)[:, None], np.asarray(positive)[None, :]
+    return float(((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (neg.size * pos.size))
+
+
+def held_out(config: dict, n: int, shape: list[int] | None) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """``n`` images (and clean versions where the source has them) as the source makes them, another seed."""
+    from bioflow.config import component
+    from bioflow.registry import registry
+
+    name, kwargs = component(config["data"]["source"])
+    kwargs = {**kwargs, "seed": int(kwargs.get("seed", 0)) + 1000, "n_images": n}
+    if shape is not None:
+        kwargs["shape"] = shape
+    records = registry.create("sources", name, **kwargs)
+    return [(np.asarray(r.image, np.float32), None if r.target is None or np.asarray(r.target).ndim == np.asarray(r.image).ndim - 1
+             else np.asarray(r.target, np.float32)) for r in records]
+
+
+def noise_level(image: np.ndarray) -> float:
+    step = np.diff(image, axis=-1)
+    return float(1.4826 * np.median(np.abs(step - np.median(step))) / np.sqrt(2))
+
+
+def shifted(image: np.ndarray, clean: np.ndarray | None, rng) -> dict[str, np.ndarray]:
+    from scipy import ndimage
+
+    spatial = image.shape[1:]
+    out = {"intensity_x4": image * 4, "intensity_x0.25": image * 0.25}
+    if clean is not None:
+        out["noise_x3"] = clean + 3 * (image - clean)
+    else:
+        out["noise_x3"] = image + rng.normal(0, 2.0 * max(noise_level(image), 1e-3 * float(np.ptp(image))), image.shape)
+    zoomed = ndimage.zoom(image, (1, 2, 2), order=1)
+    out["pixel_size_x2"] = zoomed[:, : spatial[0], : spatial[1]]
+    out["pixel_size_x0.5"] = ndimage.zoom(image, (1, 0.5, 0.5), order=1)
+    yy, xx = np.mgrid[: spatial[0], : spatial[1]]
+    texture = np.sin(xx / 3.0 + rng.uniform(0, 6)) * np.cos(yy / 5.0) + 0.2 * rng.normal(size=spatial)
+    low, high = np.percentile(image, [1, 99])
+    out["content"] = (low + (texture - texture.min()) / np.ptp(texture) * (high - low))[None]
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def measure(experiment: str, overrides: list[str], images: int, shape, project: Path) -> dict:
+    import bioflow
+    from bioflow.inference.fit import image_features
+    from bioflow.prediction import predict_array
+
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = bioflow.train([*(overrides or [f"experiment={experiment}"]), f"project_dir={project}",
+                                 f"logger.experiment_name=fit_{experiment}", "trainer.enable_progress_bar=false",
+                                 *([] if shape is None else [f"data.source.shape={shape}"]), *EXTRA])
+    model = bioflow.load_model(summary["run_id"], project_dir=str(project))
+    task, reference = model.task, model.task.fit_reference
+    rng = np.random.default_rng(0)
+    scores: dict[str, list[float]] = {"unshifted": []}
+    check_seconds, predict_seconds = [], []
+    for image, clean in held_out(task.config, images, shape):
+        start = time.perf_counter()
+        scores["unshifted"].append(reference.score(image_features(task, image)[0])["score"])
+        check_seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        predict_array(task, image)
+        predict_seconds.append(time.perf_counter() - start)
+        for name, version in shifted(image, clean, rng).items():
+            scores.setdefault(name, []).append(reference.score(image_features(task, version)[0])["score"])
+    threshold = reference.threshold
+    return {
+        "threshold": threshold,
+        "unshifted_flagged": float(np.mean(np.asarray(scores["unshifted"]) > threshold)),
+        "shifts": {name: {"auc": auc(scores["unshifted"], s), "flagged": float(np.mean(np.asarray(s) > threshold))}
+                   for name, s in scores.items() if name != "unshifted"},
+        "seconds_per_image": {"fit_check": float(np.median(check_seconds)), "prediction": float(np.median(predict_seconds))},
+    }
+
+
+EXTRA: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS))
+    parser.add_argument("--images", type=int, default=20, help="held-out images per experiment")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the bench runs")
+    parser.add_argument("--project-dir", default=None)
+    args = parser.parse_args(argv)
+    project = Path(args.project_dir or tempfile.mkdtemp(prefix="bioflow-fit-"))
+    EXTRA[:] = SMOKE if args.smoke else []
+    shape = [64, 64] if args.smoke else None
+    images = 3 if args.smoke else args.images
+    result = {e: measure(e, EXPERIMENTS[e], images, shape, project) for e in args.experiments}
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
