@@ -40,6 +40,11 @@ def test_train_then_predict_a_restored_image(experiment, caveat, project_dir: Pa
     report = (tmp_path / "out" / "fit_report.csv").read_text().splitlines()  # the input against the training data
     assert report[0] == "file,score,threshold,fits,reason,intensity,noise,content" and len(report) == 2
     assert report[1].startswith(str(tmp_path / "noisy.tif"))
+    import bioflow
+
+    verdict = bioflow.load_model(run.info.run_id, project_dir=str(project_dir)).predict(noisy)["fit"]
+    score, threshold, fits = report[1].split(",")[1:4]
+    assert verdict["score"] == pytest.approx(float(score), rel=1e-3) and str(verdict["fits"]) == fits
 
 
 @pytest.mark.parametrize("experiment", ["demo_care", "demo_n2v"])

@@ -46,6 +46,7 @@ def train(overrides: Sequence[str] | Mapping[str, Any] | None = None, *, job_dir
         ``output_dir``, ``predict`` and ``dashboard`` (commands), ``performance``.
     """
     from bioflow.config import compose
+    from bioflow.errors import BioflowError
     from bioflow.training.validation import validate
     from bioflow.training.job import run_training
 
@@ -56,8 +57,17 @@ def train(overrides: Sequence[str] | Mapping[str, Any] | None = None, *, job_dir
         now = datetime.datetime.now()
         job_dir = Path(config["project_dir"]) / "outputs" / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S-%f")
     job_dir = Path(job_dir).expanduser().resolve()
+    created = [p for p in (job_dir, *job_dir.parents) if not p.exists()]  # deepest first
     job_dir.mkdir(parents=True, exist_ok=True)
-    return run_training(config, job_dir, overrides)
+    try:
+        return run_training(config, job_dir, overrides)
+    except BioflowError:  # bad data or settings: leave no empty folders behind, as the CLI does
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def predict(model: str, inputs: str | Path | Sequence[str | Path], out: str | Path, **options: Any) -> list[dict[str, Path]]:
@@ -136,7 +146,9 @@ class Model:
             Output name -> array: label images ``([T], [Z], Y, X)``, restored images
             ``([T], C, [Z], Y, X)``; a ``T`` axis first when ``axes`` has one. Tables (StarDist's
             ``objects``: label, probability, area or volume, centroid) are numpy structured
-            arrays, a list of them (one per frame) for a time-lapse.
+            arrays, a list of them (one per frame) for a time-lapse. ``fit``, for models bioflow
+            trained: how the (first) image fits the training data (``score``, ``threshold``,
+            ``fits``, ``reason``), as ``bioflow predict``'s ``fit_report.csv`` has it.
         """
         import dataclasses
 
@@ -166,6 +178,7 @@ class Model:
         frame_axes = axes.replace("T", "")
         wanted = getattr(self.task, "channel_selection", None)  # packages of other tools choose none
         results: list[dict[str, Any]] = []
+        laid_first = None
         for frame in frames:
             take, add_channel = layout_plan(frame_axes, frame.shape, Path("the image"), want_channels=True)
             kept = [i for i, pos in enumerate(take) if pos is not None]
@@ -174,12 +187,20 @@ class Model:
             laid = laid[None] if add_channel else laid
             if wanted:  # data.channels, as for files: the channels the model was trained on
                 laid = laid[channel_indices(wanted, laid.shape[0], None, "the image")]
+            laid_first = laid if laid_first is None else laid_first
             results.append(predict_array(self.task, laid, checked))
+        reference = getattr(self.task, "fit_reference", None)
+        if reference is not None:  # how the (first) image fits the training data: as bioflow predict reports it
+            from bioflow.inference.fit import image_features
+
+            verdict = reference.verdict(image_features(self.task, laid_first)[0])
+            for r in results:
+                r["fit"] = verdict
         if "T" not in axes:
             return results[0]
         tables = {spec.name for spec in self.task.prediction_outputs() if spec.table}
-        return {name: [r[name] for r in results] if name in tables else np.stack([r[name] for r in results])
-                for name in results[0]}
+        return {name: [r[name] for r in results] if name in tables else
+                results[0][name] if name == "fit" else np.stack([r[name] for r in results]) for name in results[0]}
 
 
 def load_model(model: str, *, project_dir: str | Path | None = None, tracking_uri: str | None = None,
