@@ -189,11 +189,10 @@ class Model:
                 laid = laid[channel_indices(wanted, laid.shape[0], None, "the image")]
             laid_first = laid if laid_first is None else laid_first
             results.append(predict_array(self.task, laid, checked))
-        reference = getattr(self.task, "fit_reference", None)
-        if reference is not None:  # how the (first) image fits the training data: as bioflow predict reports it
-            from bioflow.inference.fit import image_features
+        from bioflow.inference.fit import fit_verdict
 
-            verdict = reference.verdict(image_features(self.task, laid_first)[0])
+        verdict = fit_verdict(self.task, laid_first)  # how the (first) image fits the training data
+        if verdict is not None:
             for r in results:
                 r["fit"] = verdict
         if "T" not in axes:

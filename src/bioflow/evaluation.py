@@ -50,16 +50,13 @@ def evaluate(
 
 def fit_scores(task, records) -> dict[str, float]:
     """How the split's images fit the model's training data: mean score and fraction flagged."""
-    reference = getattr(task, "fit_reference", None)
-    if reference is None or not records:
-        return {}
     import numpy as np
-    import torch
 
-    from bioflow.inference.fit import image_features
+    from bioflow.inference.fit import fit_verdict
 
-    with torch.no_grad():
-        verdicts = [reference.verdict(image_features(task, r.image)[0]) for r in records]
+    verdicts = [v for v in (fit_verdict(task, r.image) for r in records) if v is not None]
+    if not verdicts:
+        return {}
     return {"fit_score_mean": float(np.mean([v["score"] for v in verdicts])),
             "fit_flagged_fraction": float(np.mean([not v["fits"] for v in verdicts]))}
 

@@ -357,13 +357,9 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
             w.close()
         for partial in partials:
             os.replace(partial, partial.with_name(partial.name[1:-len(".partial")]))
-        reference = getattr(task, "fit_reference", None)
-        if reference is None:
-            return None
-        from bioflow.inference.fit import image_features
+        from bioflow.inference.fit import fit_verdict
 
-        with torch.no_grad():
-            return reference.verdict(image_features(task, arrays[0])[0])
+        return fit_verdict(task, arrays[0])
     except BaseException:
         for w in writers.values():
             w.abort()

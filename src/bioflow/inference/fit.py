@@ -163,3 +163,13 @@ def fit_reference(task, data) -> dict[str, Any] | None:
     finally:
         task.train(was_training)
     return FitReference.fitted(np.concatenate(features), groups, validation).record
+
+
+def fit_verdict(task, image: Any) -> dict[str, Any] | None:
+    """How one raw channel-first image fits the task's training data (:meth:`FitReference.verdict`),
+    or None for a model without a fingerprint (written before the check, or a package)."""
+    reference = getattr(task, "fit_reference", None)
+    if reference is None:
+        return None
+    with torch.no_grad():
+        return reference.verdict(image_features(task, image)[0])
