@@ -16,7 +16,9 @@ data source does (another seed), and shifts copies of them after acquisition:
 
 Prints one JSON object: per experiment, the fraction of unshifted images flagged, and per shift the
 ROC AUC of the score (shifted against unshifted) and the fraction flagged at the stored threshold;
-and the seconds the check takes per image against those of the prediction itself.
+and the seconds per image of prediction alone and with the check (which rides along on the
+prediction's own tiles), median over the held-out images, and the check's overhead; the same on
+a field 4x4 as large (a mosaic of held-out images), as the check's cost does not grow with the image.
 
 Run:   .venv/bin/python bench/fit_check.py [--images 20]
 Smoke: .venv/bin/python bench/fit_check.py --smoke     (tiny sizes, seconds; run by the tests)
@@ -89,7 +91,6 @@ def shifted(image: np.ndarray, clean: np.ndarray | None, rng) -> dict[str, np.nd
 
 def measure(experiment: str, overrides: list[str], images: int, shape, project: Path) -> dict:
     import bioflow
-    from bioflow.inference.fit import image_features
     from bioflow.prediction import predict_array
 
     with contextlib.redirect_stdout(sys.stderr):
@@ -100,23 +101,44 @@ def measure(experiment: str, overrides: list[str], images: int, shape, project: 
     task, reference = model.task, model.task.fit_reference
     rng = np.random.default_rng(0)
     scores: dict[str, list[float]] = {"unshifted": []}
-    check_seconds, predict_seconds = [], []
+    plain_seconds, checked_seconds = [], []
     for image, clean in held_out(task.config, images, shape):
-        start = time.perf_counter()
-        scores["unshifted"].append(reference.score(image_features(task, image)[0])["score"])
-        check_seconds.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        predict_array(task, image)
-        predict_seconds.append(time.perf_counter() - start)
+        for _ in range(2):  # prediction alone and with the check riding along, interleaved; the first warms up
+            start = time.perf_counter()
+            predict_array(task, image)
+            plain = time.perf_counter() - start
+            start = time.perf_counter()
+            verdict = predict_array(task, image, check_fit=True)["fit"]
+            checked = time.perf_counter() - start
+        plain_seconds.append(plain)
+        checked_seconds.append(checked)
+        scores["unshifted"].append(verdict["score"])
         for name, version in shifted(image, clean, rng).items():
-            scores.setdefault(name, []).append(reference.score(image_features(task, version)[0])["score"])
+            scores.setdefault(name, []).append(predict_array(task, version, check_fit=True)["fit"]["score"])
     threshold = reference.threshold
+    plain, checked = float(np.median(plain_seconds)), float(np.median(checked_seconds))
+    # the same on a field 4x4 as large, a mosaic of the held-out images (the check's cost is fixed)
+    images_only = [image for image, _ in held_out(task.config, 16, shape)]
+    mosaic = np.concatenate([np.concatenate(images_only[r * 4:(r + 1) * 4], axis=2) for r in range(4)], axis=1)
+    large_plain, large_checked = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        predict_array(task, mosaic)
+        large_plain.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        predict_array(task, mosaic, check_fit=True)
+        large_checked.append(time.perf_counter() - start)
+    large = float(np.median(large_plain)), float(np.median(large_checked))
     return {
         "threshold": threshold,
         "unshifted_flagged": float(np.mean(np.asarray(scores["unshifted"]) > threshold)),
         "shifts": {name: {"auc": auc(scores["unshifted"], s), "flagged": float(np.mean(np.asarray(s) > threshold))}
                    for name, s in scores.items() if name != "unshifted"},
-        "seconds_per_image": {"fit_check": float(np.median(check_seconds)), "prediction": float(np.median(predict_seconds))},
+        "seconds_per_image": {"prediction": plain, "prediction_with_check": checked},
+        "check_overhead": checked / plain - 1.0,
+        "image_shape": list(image.shape),
+        "large_image": {"shape": list(mosaic.shape), "prediction": large[0], "prediction_with_check": large[1],
+                        "check_overhead": large[1] / large[0] - 1.0},
     }
 
 

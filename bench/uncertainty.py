@@ -12,7 +12,10 @@ one JSON object with, per experiment:
 - ``worst_ratio_error`` (largest ``|observed/predicted - 1|`` over the test bins),
   ``mean_abs_log_ratio``, and ``top5_error_ratio`` (mean absolute error of the 5% of pixels with
   the highest predicted std over that of the rest);
-- seconds of training of each model.
+- seconds of training of each model;
+- for Noise2Void, ``signal``: the noise model fitted after training (variance = a * signal + b,
+  intensity units) and the calibration of the signal's std (the observation's std less the noise)
+  against the error from the clean images of the test split.
 
 Run:   .venv/bin/python bench/uncertainty.py [--experiments demo_care demo_n2v] [--epochs 10]
 Smoke: .venv/bin/python bench/uncertainty.py --smoke     (tiny sizes, seconds; run by the tests)
@@ -66,6 +69,13 @@ def compare(experiment: str, overrides: list[str], project: Path) -> dict:
         "calibration_before_on_validation": prob["after_fit"].get("calibration_before"),
         "bins": {k: tables.get(k) for k in ("val_before", "val_after", "test")},
         "train_seconds": {"plain": plain_seconds, "probabilistic": prob_seconds},
+        # Noise2Void: the signal's std (the observation's less the noise model's) against the clean image
+        "signal": None if "test/signal_calibration_mean_abs_log_ratio" not in test else {
+            "noise_model": {k: prob["after_fit"].get(k) for k in ("noise_model_a", "noise_model_b")},
+            "mean_abs_log_ratio": test.get("test/signal_calibration_mean_abs_log_ratio"),
+            "worst_ratio_error": test.get("test/signal_calibration_worst_ratio_error"),
+            "bins": tables.get("test_signal"),
+        },
     }
 
 

@@ -48,3 +48,19 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     return subprocess.run(
         [BIOFLOW, *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout
     )
+
+
+def task_and_data(*overrides: str):
+    """A task built from a composed config (untrained) and its prepared data module, as training
+    builds them, without training."""
+    from bioflow.data.module import BioflowDataModule
+    from bioflow.tasks import create_task, get_task
+    from bioflow.testing import compose_config
+
+    config = compose_config(*overrides)
+    cls = get_task(config["task"]["name"])
+    data = BioflowDataModule(config["data"], config["sampler"], 0, cls.target_kind, None)
+    data.prepare()
+    task = create_task(config, {"in_channels": 1, "spatial_dims": 2, "pixel_size": None, "split": data.split,
+                                "normalization": data.normalizer.as_dict()})
+    return task, data

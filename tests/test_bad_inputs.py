@@ -229,6 +229,7 @@ PREDICT_CASES = [
     ("unknown-run", ["0123456789abcdef0123456789abcdef", "{good}", "--out", "{out}", "--project-dir", "{root}"], "0123456789abcdef"),
     ("neither-file-nor-run", ["mymodel", "{good}", "--out", "{out}"], "mymodel"),
     ("confidence-of-a-restoration", ["{care}", "{good}", "--out", "{out}", "--confidence"], "--confidence"),
+    ("tta-spread-output-exists", ["{model}", "{good}", "--out", "{taken}", "--tta-spread"], "good_tta_spread.tif"),
 ]
 
 
@@ -243,8 +244,11 @@ def predict_world(world, tmp_path) -> dict[str, str]:
     (tmp_path / "garbage.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
     (tmp_path / "afile").write_text("keep me")
     _crafted_checkpoint(tmp_path / "evil.ckpt")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "good_tta_spread.tif").write_bytes(b"a spread map of an earlier run")
     names = {"model": "model.ckpt", "good": "good.tif", "stack": "stack.tif", "rgb": "rgb.tif", "garbage": "garbage.ckpt",
-             "evil": "evil.ckpt", "afile": "afile", "out": "out", "care": "care.ckpt"}
+             "evil": "evil.ckpt", "afile": "afile", "out": "out", "care": "care.ckpt",
+             "taken": "taken"}
     return {"root": str(tmp_path), **{k: str(tmp_path / v) for k, v in names.items()}}
 
 

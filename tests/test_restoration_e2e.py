@@ -81,5 +81,13 @@ def test_a_probabilistic_model_writes_its_uncertainty_beside_the_restored_image(
     assert outputs["uncertainty"].shape == outputs["restored"].shape == (1, *noisy.shape)  # (C, Y, X) both
     np.testing.assert_allclose(outputs["uncertainty"][0], std, rtol=1e-4, atol=1e-4 * float(std.max()))
     np.testing.assert_allclose(outputs["restored"][0], restored, rtol=1e-4, atol=1e-3)
+    if experiment == "demo_n2v":  # the signal's std: the observation's less the noise model's
+        assert "signal_uncertainty" in model.outputs and "test/signal_calibration_mean_abs_log_ratio" in run.data.metrics
+        assert float(run.data.params["noise_model_b"]) >= 0 and float(run.data.params["noise_model_a"]) >= 0
+        signal = tifffile.imread(tmp_path / "out" / "noisy_signal_uncertainty.tif")
+        assert signal.shape == noisy.shape and np.all(signal >= 0) and np.all(signal <= std * (1 + 1e-5) + 1e-4)
+        np.testing.assert_allclose(outputs["signal_uncertainty"][0], signal, rtol=1e-4, atol=1e-4 * float(std.max()))
+    else:
+        assert "signal_uncertainty" not in model.outputs
     exported = run_cli("export", run.info.run_id, "--out", str(tmp_path / "m.zip"), "--project-dir", str(project_dir))
     assert exported.returncode == 2 and "probabilistic" in exported.stderr and not (tmp_path / "m.zip").exists()

@@ -137,8 +137,10 @@ class Model:
             spatial axes (``YX`` / ``ZYX``), with a leading channel axis if it has one more.
         **options
             The tiler's options of ``bioflow predict``: ``tile_size``, ``overlap``, ``batch_size``,
-            ``tta``, ``blend`` (:class:`bioflow.inference.options.PredictionOptions`), and
-            ``confidence=True`` for a segmentation model's per-pixel confidence map.
+            ``tta``, ``blend`` (:class:`bioflow.inference.options.PredictionOptions`),
+            ``tta_spread=True`` for the spread between the augmented predictions (``"tta_spread"``,
+            per pixel; implies ``tta``), and ``confidence=True`` for a segmentation model's
+            per-pixel confidence map.
 
         Returns
         -------
@@ -178,7 +180,6 @@ class Model:
         frame_axes = axes.replace("T", "")
         wanted = getattr(self.task, "channel_selection", None)  # packages of other tools choose none
         results: list[dict[str, Any]] = []
-        laid_first = None
         for frame in frames:
             take, add_channel = layout_plan(frame_axes, frame.shape, Path("the image"), want_channels=True)
             kept = [i for i, pos in enumerate(take) if pos is not None]
@@ -187,11 +188,8 @@ class Model:
             laid = laid[None] if add_channel else laid
             if wanted:  # data.channels, as for files: the channels the model was trained on
                 laid = laid[channel_indices(wanted, laid.shape[0], None, "the image")]
-            laid_first = laid if laid_first is None else laid_first
-            results.append(predict_array(self.task, laid, checked))
-        from bioflow.inference.fit import fit_verdict
-
-        verdict = fit_verdict(self.task, laid_first)  # how the (first) image fits the training data
+            results.append(predict_array(self.task, laid, checked, check_fit=not results))
+        verdict = results[0].pop("fit", None)  # how the (first) image fits the training data
         if verdict is not None:
             for r in results:
                 r["fit"] = verdict

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -126,6 +127,7 @@ class TiffWriter:
         from bioflow.data.rawfile import RawArrayFile
 
         self.target = target
+        self.spatial_shape = tuple(int(n) for n in spatial_shape)
         self.partial = target.with_name(f".{target.name}.partial")
         axes, self.perm = output_axes(file_axes, spec.channels, frames)
         self.timed = "T" in axes
@@ -226,7 +228,7 @@ def predict(
         task.context.predict["precision"] = opts.precision
     request_outputs(task, opts)
     task.to(device)
-    plan = output_paths(files, out_dir, task.prediction_outputs(), opts.overwrite)
+    plan = output_paths(files, out_dir, outputs_of(task, opts.tta_spread), opts.overwrite)
     results, failures, fit_rows = [], [], []
     for f, targets in zip(files, plan):
         try:
@@ -300,6 +302,7 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
 
     from bioflow.data.tiff import read_tiff_frames
     from bioflow.data.views import SubArray, channel_indices
+    from bioflow.inference.fit import FitObserver
 
     frames = read_tiff_frames(f, opts.axes, channels=True, axes_option="--axes")
     options = opts.tiling()
@@ -326,6 +329,7 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
             writers[spec.name] = TiffWriter(targets[spec.name], shape, spec, first.file_axes, first.pixel_size, len(frames))
         return writers[spec.name]
 
+    verdict = None
     try:
         for t, array in enumerate(arrays):
             session = task.prediction_session(shape, out_dir)
@@ -333,12 +337,17 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
                 for spec in session.outputs:
                     if spec.streamed:
                         writer(spec)
-                sink = _session_sink(session, writers, t)
-                with torch.no_grad():
+                if opts.tta_spread:
+                    writer(SPREAD)
+                sink = _session_sink(session, writers, t, _spread_stride(task) if opts.tta_spread else None)
+                watch = t == 0 and getattr(task, "fit_reference", None) is not None
+                with torch.no_grad(), (FitObserver(task) if watch else nullcontext()) as seen:
                     if factor is None:
                         task.predict_array(array, sink=sink, **options)
                     else:
                         _predict_rescaled(task, array, factor, sink, options)
+                if watch:
+                    verdict = seen.verdict()  # the first frame's fit, from the tiles just predicted
                 finished = session.finish()
                 for spec in session.outputs:
                     if not spec.streamed and not spec.table:
@@ -357,9 +366,7 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
             w.close()
         for partial in partials:
             os.replace(partial, partial.with_name(partial.name[1:-len(".partial")]))
-        from bioflow.inference.fit import fit_verdict
-
-        return fit_verdict(task, arrays[0])
+        return verdict
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -374,6 +381,7 @@ class ArrayWriter:
     def __init__(self, spatial_shape: Sequence[int], spec: OutputSpec) -> None:
         shape = ((spec.channels,) if spec.channels is not None else ()) + tuple(spatial_shape)
         self.array = np.zeros(shape, dtype=spec.dtype)
+        self.spatial_shape = tuple(int(n) for n in spatial_shape)
         self.has_channels = spec.channels is not None
 
     def write(self, start: int, block: np.ndarray, frame: int = 0) -> None:
@@ -381,11 +389,15 @@ class ArrayWriter:
         self.array[(slice(None), rows) if self.has_channels else rows] = block
 
 
-def predict_array(task, array, options: PredictionOptions | None = None, **tiling: Any) -> dict[str, np.ndarray]:
+def predict_array(task, array, options: PredictionOptions | None = None, check_fit: bool = False,
+                  **tiling: Any) -> dict[str, Any]:
     """Every output of ``task`` (a predictor) for one channel-first image in memory, tiled like
     ``bioflow predict`` with ``options`` (or the tiler's options as keywords: ``tile_size``,
-    ``overlap``, ``batch_size``, ``tta``, ``blend``, ``progress``)."""
+    ``overlap``, ``batch_size``, ``tta``, ``blend``, ``progress``). With ``check_fit``, and a
+    model that has a fingerprint of its training data, also ``"fit"``: how the image fits it."""
     import torch
+
+    from bioflow.inference.fit import FitObserver
 
     if options is None:
         options = PredictionOptions.of(allowed=TILING, **{"progress": False, **tiling})
@@ -394,26 +406,66 @@ def predict_array(task, array, options: PredictionOptions | None = None, **tilin
     _check_compatible(task, array, Path("the image"))
     shape = tuple(array.shape[1:])
     session = task.prediction_session(shape)
-    writers = {spec.name: ArrayWriter(shape, spec) for spec in session.outputs if spec.streamed}
+    spread = bool(options.get("tta_spread"))
+    writers = {spec.name: ArrayWriter(shape, spec) for spec in [*session.outputs, *([SPREAD] if spread else [])]
+               if spec.streamed}
     tables = {spec.name for spec in session.outputs if spec.table}
     try:
-        with torch.no_grad():
-            task.predict_array(array, sink=_session_sink(session, writers), **options)
+        watch = check_fit and getattr(task, "fit_reference", None) is not None
+        with torch.no_grad(), (FitObserver(task) if watch else nullcontext()) as seen:
+            task.predict_array(array, sink=_session_sink(session, writers, 0, _spread_stride(task) if spread else None),
+                               **options)
         finished = session.finish()
-        out = {name: w.array for name, w in writers.items()}
+        out: dict[str, Any] = {name: w.array for name, w in writers.items()}
         out.update({name: np.asarray(value) for name, value in finished.items() if name not in tables})
         out.update({name: finished[name]() for name in tables})  # after the images: counted as they pass
+        if watch:
+            out["fit"] = seen.verdict()
     finally:
         session.close()
     return out
+
+
+#: ``--tta-spread``: how much the predictions of the flipped and turned image disagree, per pixel.
+SPREAD = OutputSpec("tta_spread", None, np.float32)
+
+
+def outputs_of(task, tta_spread: bool = False) -> list[OutputSpec]:
+    """The outputs a prediction writes per input: the task's, and the TTA spread on request."""
+    return [*task.prediction_outputs(), *([SPREAD] if tta_spread else [])]
+
+
+def _spread_stride(task) -> tuple[int, ...]:
+    stride = task.output_stride() if hasattr(task, "output_stride") else getattr(task, "stride", None)
+    return tuple(int(g) for g in stride) if stride else ()
+
+
+def _write_spread(writer, start: int, block, stride: Sequence[int], frame: int) -> None:
+    """A strip of the spread, brought from the output grid (``stride``) to the image's pixels."""
+    import torch
+
+    spatial = writer.spatial_shape
+    if stride and tuple(block.shape[1:]) != spatial[1:]:  # on a coarser grid: each value covers its cell
+        for axis, g in enumerate(stride):
+            block = torch.repeat_interleave(block, int(g), dim=axis)
+        start *= int(stride[0])
+    rows = max(0, min(block.shape[0], spatial[0] - start))
+    crop = (slice(0, rows),) + tuple(slice(0, s) for s in spatial[1:])
+    writer.write(start, block[crop].float().cpu().numpy(), frame=frame)
 
 
 # Strips are finalised in chunks of about this many pixels, to bound temporary arrays.
 _FINALIZE_PIXELS = 1 << 21
 
 
-def _session_sink(session, writers: dict[str, TiffWriter], frame: int = 0):
+def _session_sink(session, writers: dict[str, TiffWriter], frame: int = 0, spread_stride: Sequence[int] | None = None):
+    """The sink that hands strips of raw output to the session and writes its blocks; with
+    ``spread_stride``, the last channel is the TTA spread (on the output grid of that stride),
+    written as it is to the ``tta_spread`` output at the image's size."""
     def sink(start: int, raw) -> None:
+        if spread_stride is not None:
+            _write_spread(writers[SPREAD.name], start, raw[-1], spread_stride, frame)
+            raw = raw[:-1]
         row_pixels = max(1, int(np.prod(raw.shape[2:])))
         step = max(1, _FINALIZE_PIXELS // row_pixels)
         for offset in range(0, raw.shape[1], step):

@@ -214,6 +214,10 @@ def test_a_foreign_package_loads_in_python_and_predicts_as_the_command_line(fore
     model = bioflow.load_model(str(foreign_package))
     assert "bioimage.io package" in repr(model) and model.outputs == ["scores"]
     assert np.array_equal(model.predict(data)["scores"], tifffile.imread(tmp_path / "out" / "a.tif"))
+    spread = model.predict(data, tta_spread=True)  # any model: a package of another tool too
+    assert np.array_equal(spread["scores"], model.predict(data, tta=True)["scores"])
+    assert spread["tta_spread"].shape == (72, 88) and np.isfinite(spread["tta_spread"]).all()
+    assert spread["tta_spread"].max() > 0
 
 
 def test_a_foreign_package_meets_the_predictor_contract(foreign_package):

@@ -42,18 +42,11 @@ def test_the_fingerprint_is_plain_data_that_round_trips():
 def test_a_trained_model_flags_an_image_unlike_its_training_images_and_not_a_brighter_one():
     """CARE demo data, per-image normalisation: a brighter copy fits (the network never sees the
     scale), a textured image of another kind does not."""
-    from bioflow.data.module import BioflowDataModule
     from bioflow.inference.fit import fit_reference, image_features
-    from bioflow.tasks import create_task, get_task
-    from bioflow.testing import compose_config
+    from tests.helpers import task_and_data
 
-    config = compose_config("experiment=demo_care", "data.source.n_images=8", "data.source.shape=[96,96]",
-                            "data.patch_size=[32,32]", "model.base_channels=4", "model.depth=1")
-    cls = get_task(config["task"]["name"])
-    data = BioflowDataModule(config["data"], config["sampler"], 0, cls.target_kind, None)
-    data.prepare()
-    task = create_task(config, {"in_channels": 1, "spatial_dims": 2, "pixel_size": None, "split": data.split,
-                                "normalization": data.normalizer.as_dict()})
+    task, data = task_and_data("experiment=demo_care", "data.source.n_images=8", "data.source.shape=[96,96]",
+                          "data.patch_size=[32,32]", "model.base_channels=4", "model.depth=1")
     reference = FitReference(fit_reference(task, data))
     image = np.asarray(data.splits["test"][0].image)
     assert reference.verdict(image_features(task, image)[0])["fits"]
@@ -73,3 +66,30 @@ def test_a_second_prediction_into_the_same_folder_keeps_the_first_ones_rows(tmp_
     lines = (tmp_path / "r.csv").read_text().splitlines()
     assert lines[1:] == ['"a, b.tif",0.1,0.2,True,,0.1,0.1,0.1', "c.tif,0.1,0.2,False,noise,0.1,0.1,0.1"]
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_the_check_rides_along_on_the_prediction_and_scores_as_a_separate_check_does():
+    """Checking an input during its prediction runs the network no more often than predicting it,
+    and gives the score that checking it on its own gives (same windows, same features)."""
+    from bioflow.inference.fit import fit_reference, fit_verdict
+    from bioflow.prediction import predict_array
+    from tests.helpers import task_and_data
+
+    task, data = task_and_data("experiment=demo_care", "data.source.n_images=6", "data.source.shape=[80,80]",
+                          "data.patch_size=[32,32]", "model.base_channels=4", "model.depth=1",
+                          "predict.tile_size=[48,48]")
+    task.eval()
+    task.fit_reference = FitReference(fit_reference(task, data))
+    image = np.asarray(data.splits["test"][0].image)
+    calls = []
+    handle = task.inference_network().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        plain = predict_array(task, image)
+        passes = len(calls)
+        checked = predict_array(task, image, check_fit=True)
+    finally:
+        handle.remove()
+    assert passes > 1 and len(calls) == 2 * passes  # several tiles, and not one pass more for the check
+    np.testing.assert_array_equal(plain["restored"], checked["restored"])
+    assert checked["fit"]["score"] == fit_verdict(task, image)["score"]
+    assert "fit" not in plain

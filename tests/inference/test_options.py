@@ -11,7 +11,7 @@ from bioflow.inference.options import TILING, PredictionOptions
 def test_defaults_and_the_tilers_share():
     opts = PredictionOptions.of(tile_size=256, overlap=[8, 16], tta=True, progress=None)
     assert opts.tile_size == (256,) and opts.overlap == (8, 16) and opts.progress is True  # None: the default
-    assert opts.tiling() == {"tile_size": [256], "overlap": [8, 16], "batch_size": None, "tta": True,
+    assert opts.tiling() == {"tile_size": [256], "overlap": [8, 16], "batch_size": None, "tta": True, "tta_spread": False,
                              "blend": "cosine", "progress": True}
     assert set(opts.tiling()) == set(TILING)
 
@@ -45,3 +45,8 @@ def test_the_predictor_contract_is_met_by_tasks():
     config = compose_config("task=care", "model.depth=1", "model.base_channels=4")
     task = create_task(config, {"in_channels": 1, "spatial_dims": 2, "pixel_size": None, "split": {}}, inference=True)
     assert isinstance(task, Predictor)
+
+
+def test_the_spread_of_augmented_predictions_implies_them():
+    assert PredictionOptions.of(tta_spread=True).tiling()["tta"] is True
+    assert PredictionOptions.of().tiling()["tta"] is False

@@ -199,9 +199,12 @@ class PackageModel:
         return PredictionSession(specs, split)
 
     def predict_array(self, image, sink, tile_size=None, overlap=None, batch_size=None, tta: bool = False,
-                      blend: str = "cosine", progress: bool = False) -> None:
+                      blend: str = "cosine", progress: bool = False, tta_spread: bool = False) -> None:
         """Predict a raw channel-first image of any size; hand strips of the outputs (post-processed,
-        channels of all outputs in a row) to ``sink(start, block)``."""
+        channels of all outputs in a row) to ``sink(start, block)``. With ``tta_spread``, one
+        channel more, last: the spread of the augmented predictions of all output channels (in the
+        units of the outputs; where outputs are mapped back to the input's intensities, scaled by
+        the mean such scale)."""
         import torch
 
         from bioflow.inference.tiling import TilePlan, minimum_overlap, stream_predict
@@ -228,11 +231,19 @@ class PackageModel:
             box = (slice(None), slice(lo - start, hi - start)) + tuple(
                 slice(h, h + n) for h, n in zip(out_halo[1:], out_shape[1:]))
             part = block[box]
-            sink(lo - out_halo[0], finish(part) if finish else part)
+            if not tta_spread:
+                sink(lo - out_halo[0], finish(part) if finish else part)
+                return
+            outputs, spread = part[:-1], part[-1:]
+            if finish:
+                spread = spread * (finish(torch.ones_like(outputs)) - finish(torch.zeros_like(outputs))).mean(dim=0, keepdim=True)
+                outputs = finish(outputs)
+            sink(lo - out_halo[0], torch.cat([outputs, spread]))
 
         with torch.no_grad():
-            stream_predict(self._forward(post, stat), read, padded, plan, cropped, batch_size=int(batch_size or 2), tta=tta,
-                           channel_map=None, device="cpu", progress=progress, stride=self.stride)
+            stream_predict(self._forward(post, stat), read, padded, plan, cropped, batch_size=int(batch_size or 2),
+                           tta=tta or tta_spread, channel_map=None, device="cpu", progress=progress, stride=self.stride,
+                           spread=(lambda y: y) if tta_spread else None)
 
     # -- machinery ----------------------------------------------------------------------------------
     def adapter(self):

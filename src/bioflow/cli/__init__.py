@@ -75,7 +75,7 @@ def predict_command(args: argparse.Namespace) -> int:
     predict(
         args.model, args.inputs, args.out, project_dir=args.project_dir, tracking_uri=args.tracking_uri,
         axes=args.axes, tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-        tta=args.tta, blend=args.blend, rescale=args.rescale, device=args.device, overwrite=args.overwrite,
+        tta=args.tta, tta_spread=args.tta_spread, blend=args.blend, rescale=args.rescale, device=args.device, overwrite=args.overwrite,
         progress=not args.no_progress, precision=args.precision, confidence=args.confidence,
     )
     return 0
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overlap", type=int, nargs="+", metavar="N", help="tile overlap; default: the network's receptive field")
     pr.add_argument("--batch-size", type=int, help="tiles per forward pass")
     pr.add_argument("--tta", action="store_true", help="test-time augmentation: average over flips and 90-degree rotations")
+    pr.add_argument("--tta-spread", action="store_true",
+                    help="with --tta (implied), also write <name>_tta_spread.tif: per pixel, how much the predictions "
+                         "of the flipped and turned image disagree (any model)")
     pr.add_argument("--confidence", action="store_true",
                     help="segmentation: also write name_confidence.tif, the probability of each pixel's class")
     pr.add_argument("--blend", choices=BLENDS, default="cosine", help="how overlapping tiles are combined")

@@ -1,32 +1,39 @@
 """Does this input fit the training data? A fingerprint of the training images, and a score per input.
 
 A network fails quietly on images unlike those it was trained on (another microscope, sample,
-resolution, noise level). After training, bioflow describes the training images as the network
-sees them by features of random patches (normalised as for the network):
+resolution, noise level). bioflow describes images as the network sees them, by features of
+windows of the training patch size taken from the tiles of a prediction (normalised as for the
+network; :class:`FitObserver`), so checking an input costs a few reductions on top of predicting
+it, not another pass of the network:
 
 - **intensity**: the 1st, 50th and 99th percentile of each channel (after the model's
   normalisation, so a pure intensity scaling is invisible to a model that normalises each image
   by its own percentiles, as it is to its network);
 - **noise**: a robust estimate of each channel's pixel noise (the median absolute deviation of
-  the difference of neighbouring pixels, relative to the patch's 1-99 percentile range);
-- **content**: the mean of each feature map at the network's deepest level (``model.bottom``
-  where the network has one, e.g. the U-Net; else each output channel's mean and spread),
-  which sees structures at the scale of the receptive field.
+  the difference of neighbouring pixels, relative to the window's 1-99 percentile range);
+- **content**: the mean of each feature map at the network's deepest level (a module named
+  ``bottom``, e.g. the U-Net's; other networks: each output channel's mean and spread), which
+  sees structures at the scale of the receptive field.
+
+After training, the training images are predicted the same way to make the fingerprint.
 
 The fingerprint holds the mean and a regularised covariance of these features over training
-patches. An input's **score** is the mean Mahalanobis distance of its patches' features; the
+windows. An input's **score** is the mean Mahalanobis distance of its windows' features; the
 **threshold**, chosen on the validation images, is the 99th percentile of scores of validation
-images (and of random draws of validation patches, for few images), so about 1% of images like
+images (and of random draws of validation windows, for few images), so about 1% of images like
 the validation ones would be flagged. The **reason** named for a flagged input is the feature
 group (intensity, noise, content) whose own distance is the most above what validation showed.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 GROUPS = ("intensity", "noise", "content")
 #: Patches drawn per image (fixed seed per image), and the most training images used.
@@ -38,51 +45,179 @@ def _patch_size(task, spatial_shape: Sequence[int]) -> list[int]:
     """The model's training patch size (64 per axis where unknown), within the image."""
     config = getattr(task, "config", None) or {}
     wanted = list((config.get("data") or {}).get("patch_size") or [64] * len(spatial_shape))
-    multiple = int(getattr(task, "size_multiple", 1) or 1)
-    return [max(multiple, min(int(w), int(s)) // multiple * multiple) for w, s in zip(wanted, spatial_shape)]
+    if len(wanted) == 1:
+        wanted = wanted * len(spatial_shape)
+    return [max(1, min(int(w), int(s))) for w, s in zip(wanted, spatial_shape)]
 
 
-def _content_features(task, batch: torch.Tensor) -> torch.Tensor:
-    """Per patch, the mean of each feature map at the deepest level (or of each output channel)."""
-    model = task.model
-    deepest = getattr(model, "bottom", None)
-    if deepest is None:
-        out = task(batch).float()
-        return torch.cat([out.mean(dim=tuple(range(2, out.ndim))), out.std(dim=tuple(range(2, out.ndim)))], dim=1)
-    seen: list[torch.Tensor] = []
-    handle = deepest.register_forward_hook(lambda module, args, out: seen.append(out))
-    try:
-        model(batch)
-    finally:
-        handle.remove()
-    features = seen[-1].float()
-    return features.mean(dim=tuple(range(2, features.ndim)))
+def _deepest(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    """The module whose output describes content: the network's deepest level (a module named
+    ``bottom``, e.g. the U-Net's, also inside a wrapper such as StarDist's), else the whole network
+    (its output channels). The flag says whether it is the deepest level."""
+    for name, module in model.named_modules():
+        if name == "bottom" or name.endswith(".bottom"):
+            return module, True
+    return model, False
+
+
+#: Pixels (and neighbour differences) per window and channel that the intensity and noise
+#: features are measured on: a fixed lattice through the window, so the cost does not grow with it.
+SAMPLES = 2048
+
+
+def _lattice(values: torch.Tensor) -> torch.Tensor:
+    """``SAMPLES`` evenly spaced values of each row of ``values (C, n)`` (repeats where n is smaller)."""
+    index = torch.linspace(0, values.shape[1] - 1, SAMPLES, device=values.device).round().long()
+    return values[:, index]
+
+
+def window_samples(crop: torch.Tensor) -> np.ndarray:
+    """What the intensity and noise features of one normalised window ``crop (C, *window)`` are
+    measured on: ``(C, 2, SAMPLES)``, pixels and differences of neighbours along the last axis."""
+    flat = crop.reshape(crop.shape[0], -1).float()
+    step = (crop[..., 1:] - crop[..., :-1]).reshape(crop.shape[0], -1).float() if crop.shape[-1] > 1 else flat * 0
+    return torch.stack([_lattice(flat), _lattice(step)], dim=1).cpu().numpy()
+
+
+def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[np.ndarray]:
+    """Quantiles along the last axis, interpolated linearly as ``np.quantile`` does (one sort)."""
+    ordered = np.sort(values, axis=-1)
+    n = ordered.shape[-1]
+    out = []
+    for q in qs:
+        position = q * (n - 1)
+        below = int(np.floor(position))
+        above = min(below + 1, n - 1)
+        out.append(ordered[..., below] + (position - below) * (ordered[..., above] - ordered[..., below]))
+    return out
+
+
+def window_features(samples: np.ndarray, content: np.ndarray) -> np.ndarray:
+    """Features of windows: intensity percentiles and noise of their normalised pixels, from
+    ``samples (W, C, 2, SAMPLES)`` (:func:`window_samples`), then their content ``(W, K)``."""
+    low, mid, high = _quantiles(samples[:, :, 0], (0.01, 0.5, 0.99))
+    step = samples[:, :, 1]
+    deviation = np.abs(step - _quantiles(step, (0.5,))[0][..., None])
+    spread = np.maximum(high - low, 1e-6)
+    noise = 1.4826 * _quantiles(deviation, (0.5,))[0] / np.sqrt(2) / spread
+    return np.concatenate([low, mid, high, np.log(np.maximum(noise, 1e-6)), content], axis=1).astype(np.float64)
+
+
+class FitUnavailable(Exception):
+    """The task's prediction does not go through the shared tiled predictor, so nothing was observed."""
+
+
+class FitObserver:
+    """Collects fit features from a prediction as it runs, at the cost of a few small reductions.
+
+    While active (``with FitObserver(task) as seen:`` around ``task.predict_array``), it keeps the
+    normalised tiles the predictor reads and catches the deepest level's activations of their
+    (first, untransformed) forward pass. In each tile it places windows of the training patch size
+    at random (seeded) positions inside the image, and keeps a uniform random sample of
+    ``windows`` of them over the whole image (reservoir sampling: only windows kept at the time
+    are measured). Training images are described the same way (:func:`image_features`), so a
+    window's features mean the same at training and prediction, whatever the tiling.
+    """
+
+    def __init__(self, task, seed: int = 0, windows: int = PATCHES_PER_IMAGE) -> None:
+        self.task = task
+        networks = [task.model]  # and the copy that predicts without gradients, where the task has one
+        if hasattr(task, "inference_network"):
+            networks.append(task.inference_network())
+        found = [_deepest(n) for n in networks]
+        self.modules = list({id(m): m for m, _ in found}.values())
+        self.is_deepest = found[0][1]
+        self.rng = np.random.default_rng(seed)
+        self.windows = windows
+        self.kept: list[tuple[np.ndarray, np.ndarray]] = []  # (samples, content) per window
+        self.seen = 0
+        self.pending: list[tuple[tuple[int, ...], torch.Tensor, tuple[int, ...]]] = []
+        self.handles: list = []
+
+    def __enter__(self) -> "FitObserver":
+        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        self.task._fit_observer = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.task._fit_observer = None
+        self.pending.clear()
+
+    def watch(self, read, image_shape: Sequence[int]):
+        """The predictor's tile reader, noting each tile it reads (and where) for the next forward."""
+        shape = tuple(int(s) for s in image_shape)
+
+        def watched(corner, size):
+            tile = read(corner, size)
+            self.pending.append((tuple(int(a) for a in corner), tile, shape))
+            return tile
+
+        return watched
+
+    def _hook(self, module, args, out) -> None:
+        if not self.pending:  # a further (augmented) pass over the same tiles
+            return
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        for (corner, tile, shape), activations in zip(self.pending, out):
+            self._take(corner, tile, shape, activations)
+        self.pending.clear()
+
+    def _take(self, corner, tile: torch.Tensor, shape, activations: torch.Tensor) -> None:
+        tile_shape = tuple(tile.shape[1:])
+        valid = [max(1, min(t, s - a)) for a, t, s in zip(corner, tile_shape, shape)]
+        scale = [max(1, t // f) for t, f in zip(tile_shape, activations.shape[1:])]
+        size = _patch_size(self.task, valid)
+        cells = [max(1, min(p, v) // g) for p, v, g in zip(size, valid, scale)]  # window, in activation cells
+        room = [max(1, v // g) for v, g in zip(valid, scale)]
+        # as many windows as fit side by side, and at least this tile's share of ``windows`` (they
+        # may overlap then), so that a small image is described by as many windows as a large one
+        share = self.windows * float(np.prod(valid)) / max(1.0, float(np.prod(shape)))
+        count = max(1, int(np.prod([r / c for r, c in zip(room, cells)])), int(np.ceil(share)))
+        for _ in range(count):
+            n = self.seen
+            self.seen += 1
+            slot = n if n < self.windows else int(self.rng.integers(0, n + 1))
+            starts = [int(self.rng.integers(0, r - c + 1)) for r, c in zip(room, cells)]
+            if slot >= self.windows:
+                continue
+            cell_box = tuple(slice(a, a + c) for a, c in zip(starts, cells))
+            pixel_box = tuple(slice(a * g, min((a + c) * g, v)) for a, c, g, v in zip(starts, cells, scale, valid))
+            feature_map = activations[(slice(None),) + cell_box].float().flatten(1)
+            content = feature_map.mean(dim=1)
+            if not self.is_deepest:
+                content = torch.cat([content, feature_map.std(dim=1, unbiased=False)])
+            kept = (window_samples(tile[(slice(None),) + pixel_box]), content.cpu().numpy())
+            if slot < len(self.kept):
+                self.kept[slot] = kept
+            else:
+                self.kept.append(kept)
+
+    def features(self) -> tuple[np.ndarray, list[str]]:
+        """Features ``(windows, F)`` of the windows kept, and each feature's group."""
+        if not self.kept:
+            raise FitUnavailable("the prediction read no tiles through the task's tile reader")
+        samples, content = (np.stack(part) for part in zip(*self.kept))
+        features = window_features(samples, content)
+        channels = samples.shape[1]
+        groups = ["intensity"] * (3 * channels) + ["noise"] * channels + ["content"] * content.shape[1]
+        return features, groups
+
+    def verdict(self) -> dict[str, Any] | None:
+        """How the image predicted fits the task's training data (None: the model has no fingerprint)."""
+        reference = getattr(self.task, "fit_reference", None)
+        if reference is None or not self.kept:
+            return None
+        return reference.verdict(self.features()[0])
 
 
 def image_features(task, image: Any, seed: int = 0, patches: int = PATCHES_PER_IMAGE) -> tuple[np.ndarray, list[str]]:
-    """Features ``(patches, F)`` of random patches of one raw channel-first image, and each feature's group."""
-    image_shape = tuple(int(s) for s in image.shape[1:])
-    size = _patch_size(task, image_shape)
-    rng = np.random.default_rng(seed)
-    norm = task.normalizer().norm_for(image)
-    crops = []
-    for _ in range(patches):
-        start = [int(rng.integers(0, s - p + 1)) for s, p in zip(image_shape, size)]
-        region = (slice(None), *(slice(a, a + p) for a, p in zip(start, size)))
-        crops.append(np.asarray(norm(np.asarray(image[region], dtype=np.float32)), dtype=np.float32))
-    batch = np.stack(crops)
-    flat = batch.reshape(batch.shape[0], batch.shape[1], -1)
-    low, mid, high = (np.percentile(flat, q, axis=2) for q in (1, 50, 99))
-    step = np.diff(batch, axis=-1).reshape(batch.shape[0], batch.shape[1], -1)
-    spread = np.maximum(high - low, 1e-6)
-    noise = 1.4826 * np.median(np.abs(step - np.median(step, axis=2, keepdims=True)), axis=2) / np.sqrt(2) / spread
-    device = next(task.parameters()).device
-    with torch.no_grad():
-        content = _content_features(task, torch.from_numpy(batch).to(device)).cpu().numpy()
-    features = np.concatenate([low, mid, high, np.log(np.maximum(noise, 1e-6)), content], axis=1)
-    channels = batch.shape[1]
-    groups = ["intensity"] * (3 * channels) + ["noise"] * channels + ["content"] * content.shape[1]
-    return features.astype(np.float64), groups
+    """Features ``(patches, F)`` of windows of one raw channel-first image as a prediction sees
+    them (:class:`FitObserver`; the image is predicted, its outputs dropped), and each feature's group."""
+    with FitObserver(task, seed=seed, windows=patches) as seen, torch.no_grad():
+        task.predict_array(image, sink=lambda start, block: None)
+    return seen.features()
 
 
 class FitReference:
@@ -100,7 +235,7 @@ class FitReference:
         index = [i for i, g in enumerate(self.groups) if group is None or g == group]
         centred = features[:, index] - self.mean[index]
         inverse = self.inverse["all" if group is None else group]
-        return np.sqrt(np.maximum(np.einsum("pi,ij,pj->p", centred, inverse, centred), 0.0) / len(index))
+        return np.sqrt(np.maximum(((centred @ inverse) * centred).sum(axis=1), 0.0) / len(index))
 
     def score(self, features: np.ndarray) -> dict[str, float]:
         """The image's score, and each group's, from its patches' features."""
@@ -160,6 +295,9 @@ def fit_reference(task, data) -> dict[str, Any] | None:
             f, groups = image_features(task, record.image, seed=i)
             features.append(f)
         validation = [image_features(task, r.image, seed=10_000 + i)[0] for i, r in enumerate(data.splits["val"][:MOST_IMAGES])]
+    except FitUnavailable as why:
+        log.warning("no fit check for this model: %s", why)
+        return None
     finally:
         task.train(was_training)
     return FitReference.fitted(np.concatenate(features), groups, validation).record
@@ -171,5 +309,4 @@ def fit_verdict(task, image: Any) -> dict[str, Any] | None:
     reference = getattr(task, "fit_reference", None)
     if reference is None:
         return None
-    with torch.no_grad():
-        return reference.verdict(image_features(task, image)[0])
+    return reference.verdict(image_features(task, image)[0])

@@ -17,7 +17,7 @@ from bioflow.precision import PREDICTION_PRECISIONS
 #: How overlapping tiles are combined (see :mod:`bioflow.inference.tiling`).
 BLENDS = ("cosine", "none")
 #: The options of the tiler itself (what a predictor's ``predict_array`` takes).
-TILING = ("tile_size", "overlap", "batch_size", "tta", "blend", "progress")
+TILING = ("tile_size", "overlap", "batch_size", "tta", "tta_spread", "blend", "progress")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class PredictionOptions:
 
     ``tile_size`` / ``overlap``: one value or one per spatial axis (default: from free memory / the
     receptive field); ``batch_size``: tiles per forward pass; ``tta``: average over flips and
-    quarter turns; ``blend``: ``cosine`` or ``none``; ``progress``: a progress bar; ``axes``: the
+    quarter turns; ``tta_spread``: also the spread between those augmented predictions per
+    pixel (an uncertainty for any model; implies ``tta``); ``blend``: ``cosine`` or ``none``; ``progress``: a progress bar; ``axes``: the
     input files' axes where their metadata do not say; ``rescale``: resample images whose pixel
     size differs from training; ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...;
     ``precision``: the network's precision (default: the model's); ``overwrite``: replace earlier
@@ -37,6 +38,7 @@ class PredictionOptions:
     overlap: Optional[tuple[int, ...]] = None
     batch_size: Optional[int] = None
     tta: bool = False
+    tta_spread: bool = False
     blend: str = "cosine"
     progress: bool = True
     axes: Optional[str] = None
@@ -82,6 +84,7 @@ class PredictionOptions:
     def tiling(self) -> dict[str, Any]:
         """The tiler's options, as a predictor's ``predict_array`` takes them."""
         values = {name: getattr(self, name) for name in TILING}
+        values["tta"] = self.tta or self.tta_spread
         for name in ("tile_size", "overlap"):
             values[name] = None if values[name] is None else list(values[name])
         return values

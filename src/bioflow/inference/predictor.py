@@ -47,7 +47,7 @@ class Predictor(Protocol):
 
     def predict_array(self, image: Any, sink: Callable[[int, torch.Tensor], None], tile_size: Sequence[int] | None = None,
                       overlap: Sequence[int] | None = None, batch_size: int | None = None, tta: bool = False,
-                      blend: str = "cosine", progress: bool = False) -> None: ...
+                      blend: str = "cosine", progress: bool = False, tta_spread: bool = False) -> None: ...
 
     def to(self, device: Any) -> Any: ...
 
@@ -84,6 +84,12 @@ class TiledPredictor:
     def tta_channel_map(self):
         """How output channels change under flips and quarter turns (None: they do not)."""
         return None
+
+    def spread_quantity(self, raw: torch.Tensor) -> torch.Tensor:
+        """What ``--tta-spread`` measures the disagreement of, from a batch of raw outputs
+        ``(B, K, ...)``: by default the raw output itself; tasks choose what their outputs mean
+        (class probabilities, object probability, the restored intensity)."""
+        return raw
 
     @property
     def channel_selection(self) -> list | None:
@@ -151,22 +157,30 @@ class TiledPredictor:
         blend: str = "cosine",
         progress: bool = False,
         norm: Any = None,
+        tta_spread: bool = False,
     ) -> None:
         """Predict a raw channel-first image of any size (numpy, memory map or lazy TIFF).
 
         The image is normalised as in training (:meth:`normalizer`, unless ``norm`` is given),
         read tile by tile, and the raw output is handed to ``sink(start, block)`` strip by strip
-        along the first spatial axis.
+        along the first spatial axis. With ``tta_spread`` (which implies ``tta``), each strip has
+        one channel more, last: the spread of the augmented predictions of :meth:`spread_quantity`,
+        on the output's grid. Inside a :class:`bioflow.inference.fit.FitObserver`, the
+        tiles and their activations also describe how the image fits the training data.
         """
         if norm is None:
             norm = self.normalizer().norm_for(image)
         tile, overlap, batch = self.tiling(tile_size, overlap, batch_size)
         shape = tuple(image.shape[1:])
         plan = TilePlan.create(shape, tile, overlap, self.receptive_field(), self.size_multiple, blend)
+        read = array_reader(image, self.device, transform=norm)
+        observer = getattr(self, "_fit_observer", None)  # a fit check riding along (bioflow.inference.fit)
+        if observer is not None:
+            read = observer.watch(read, shape)
         stream_predict(
-            self, array_reader(image, self.device, transform=norm), shape, plan, sink, batch_size=batch,
-            tta=tta, channel_map=self.tta_channel_map(), device=self.device, progress=progress,
-            stride=self.output_stride(),
+            self, read, shape, plan, sink, batch_size=batch,
+            tta=tta or tta_spread, channel_map=self.tta_channel_map(), device=self.device, progress=progress,
+            stride=self.output_stride(), spread=self.spread_quantity if tta_spread else None,
         )
 
 

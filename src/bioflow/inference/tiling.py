@@ -211,14 +211,22 @@ def _dihedral(spatial_dims: int, tile: Sequence[int]) -> list[tuple[int, bool]]:
 ChannelMap = Callable[[torch.Tensor, int, bool], torch.Tensor]
 
 
-def _apply_tta(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, channel_map: ChannelMap | None) -> torch.Tensor:
+Spread = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _apply_tta(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, channel_map: ChannelMap | None,
+               spread: Spread | None = None) -> torch.Tensor:
     """Average ``fn`` over flips and quarter turns of the last two axes, each undone on the output.
 
     ``channel_map(output, k, flip)`` fixes outputs whose channels depend on orientation (e.g.
-    StarDist's ray distances); pixel-wise scalar outputs need none.
+    StarDist's ray distances); pixel-wise scalar outputs need none. With ``spread``, one more
+    channel follows the average: how much the augmented predictions disagree, per pixel the root
+    mean over the channels of ``spread(output)`` (e.g. class probabilities) of their standard
+    deviation over the transforms.
     """
     dims = (batch.ndim - 2, batch.ndim - 1)
     total = None
+    moments = None
     transforms = _dihedral(batch.ndim - 2, batch.shape[2:])
     for k, flip in transforms:
         x = torch.flip(batch, (dims[1],)) if flip else batch
@@ -228,7 +236,15 @@ def _apply_tta(fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, 
         if channel_map is not None:
             y = channel_map(y, k, flip)
         total = y.float() if total is None else total + y.float()
-    return total / len(transforms)
+        if spread is not None:
+            q = spread(y).double()
+            moments = [q, q * q] if moments is None else [moments[0] + q, moments[1] + q * q]
+    mean = total / len(transforms)
+    if spread is None:
+        return mean
+    first, second = (m / len(transforms) for m in moments)
+    variance = (second - first * first).clamp(min=0).mean(dim=1, keepdim=True)
+    return torch.cat([mean, variance.sqrt().to(mean.dtype)], dim=1)
 
 
 # -- the streaming predictor --------------------------------------------------------------------
@@ -247,14 +263,18 @@ def stream_predict(
     device: torch.device | str = "cpu",
     progress: bool = False,
     stride: Sequence[int] | None = None,
+    spread: Spread | None = None,
 ) -> None:
     """Predict an image tile by tile and hand the blended output to ``sink`` strip by strip.
 
     ``sink(start, block)`` receives the final output for positions ``start .. start + len`` of the
     first spatial axis, as a tensor ``(K, rows, *rest)`` cropped to the image, in order. A network
     whose output is subsampled by ``stride`` (e.g. StarDist on a grid) gets its blocks in output
-    coordinates, cropped to ``ceil(image_shape / stride)``.
+    coordinates, cropped to ``ceil(image_shape / stride)``. With ``tta`` and ``spread``, the blocks
+    carry one channel more, last: the spread of the augmented predictions (:func:`_apply_tta`).
     """
+    if spread is not None and not tta:
+        raise ValueError("stream_predict: a spread needs tta")
     stride = tuple(int(g) for g in (stride or (1,) * len(image_shape)))
     image_shape = tuple(-(-int(s) // g) for s, g in zip(image_shape, stride))
     tiles_total = len(plan)
@@ -298,7 +318,7 @@ def stream_predict(
             chunk = corners[b:b + batch_size]
             batch = torch.stack([read(corner, plan.tile) for corner in chunk])
             with torch.no_grad():
-                pred = _apply_tta(fn, batch, channel_map) if tta else fn(batch)
+                pred = _apply_tta(fn, batch, channel_map, spread) if tta else fn(batch)
             if acc is None:
                 dtype = torch.promote_types(pred.dtype, torch.float32)
                 acc = torch.zeros((pred.shape[1], out_plan.tile[0]) + out_plan.shape[1:], device=device, dtype=dtype)

@@ -122,6 +122,10 @@ class RestorationTask(BaseTask):
         _, scale = split(output[None])
         return self.distribution.std(scale[0])
 
+    def spread_quantity(self, raw: torch.Tensor) -> torch.Tensor:
+        """``--tta-spread`` measures how the restored image (not the predicted scale) varies."""
+        return raw[:, : self.data_info.in_channels]
+
     def uncertainty(self, output: torch.Tensor) -> torch.Tensor:
         """The recalibrated standard deviation (normalised units) of one raw output."""
         return recalibrate(self.raw_std(output), self.calibration_knots)
@@ -252,10 +256,19 @@ class RestorationTask(BaseTask):
         return [path, tables]
 
     # -- prediction ---------------------------------------------------------------------------------
+    def uncertainty_names(self) -> list[str]:
+        """The per-pixel std outputs of a probabilistic model, after the restored image."""
+        return ["uncertainty"] if self.distribution is not None else []
+
+    def uncertainty_images(self, raw: torch.Tensor, norm: torch.Tensor) -> list[torch.Tensor]:
+        """Those outputs of one raw output ``(2C, ...)`` in the image's units (``norm``: low, high)."""
+        span = (norm[1] - norm[0]).clamp(min=1e-6).reshape((-1,) + (1,) * (raw.ndim - 1))
+        return [self.uncertainty(raw) * span]
+
     def prediction_outputs(self) -> list[OutputSpec]:
         outputs = [OutputSpec("restored", self.data_info.in_channels, np.float32)]
-        if self.distribution is not None:  # the std of each pixel, in the image's intensity units
-            outputs.append(OutputSpec("uncertainty", self.data_info.in_channels, np.float32))
+        for name in self.uncertainty_names():  # the std of each pixel, in the image's intensity units
+            outputs.append(OutputSpec(name, self.data_info.in_channels, np.float32))
         return outputs
 
     def prediction_session(self, shape, workdir=None) -> PredictionSession:
@@ -267,23 +280,26 @@ class RestorationTask(BaseTask):
         norm = self.normalizer().norm_for(image)
         norm_tensor = torch.from_numpy(np.stack([norm.low, norm.high]))
 
+        spread = bool(options.get("tta_spread"))
+
         def to_image_units(start: int, raw: torch.Tensor) -> None:
             norm_here = norm_tensor.to(raw.device)
+            span = (norm_here[1] - norm_here[0]).clamp(min=1e-6).reshape((-1,) + (1,) * (raw.ndim - 1))
+            extra = [raw[-1:] * span.mean(dim=0, keepdim=True)] if spread else []  # the TTA spread, last
+            raw = raw[:-1] if spread else raw
             restored = to_units(self.location(raw), norm_here)
             if self.distribution is None:
-                sink(start, restored)
+                sink(start, torch.cat([restored, *extra]))
                 return
-            span = (norm_here[1] - norm_here[0]).clamp(min=1e-6).reshape((-1,) + (1,) * (raw.ndim - 1))
-            sink(start, torch.cat([restored, self.uncertainty(raw) * span]))
+            sink(start, torch.cat([restored, *self.uncertainty_images(raw, norm_here), *extra]))
 
         super().predict_array(image, to_image_units, norm=norm, **options)
 
     def _restored(self, raw: torch.Tensor) -> dict[str, np.ndarray]:
         channels = self.data_info.in_channels
-        out = {"restored": raw[:channels].detach().cpu().numpy().astype(np.float32)}
-        if self.distribution is not None:
-            out["uncertainty"] = raw[channels:].detach().cpu().numpy().astype(np.float32)
-        return out
+        names = ["restored", *self.uncertainty_names()]
+        return {name: raw[i * channels:(i + 1) * channels].detach().cpu().numpy().astype(np.float32)
+                for i, name in enumerate(names)}
 
     # -- model exchange ---------------------------------------------------------------------------
     def package_outputs(self) -> list[PackageOutput]:
@@ -365,6 +381,82 @@ class N2VTask(RestorationTask):
         name, kwargs = component(node)
         self.masking = None if inference else registry.create("batch_transforms", name, where="batch_transform", **kwargs)
         self._generators: dict[str, torch.Generator] = {}
+        if self.distribution is not None:
+            #: The noise model (a, b) per channel, variance = a * signal + b in intensity units
+            #: (metrics.noise_model), fitted after training; NaN: none.
+            self.register_buffer("noise_model", torch.full((self.data_info.in_channels, 2), float("nan")))
+            self._calibration_samples.update(signal_val=[], signal_test=[])
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.distribution is not None and "noise_model" not in state_dict:  # saved before the noise model
+            state_dict = {**state_dict, "noise_model": torch.full_like(self.noise_model, float("nan"))}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @property
+    def has_noise_model(self) -> bool:
+        return self.distribution is not None and bool(torch.isfinite(self.noise_model).all())
+
+    # -- the signal's uncertainty: the observation's minus the noise's --------------------------------
+    def signal_std(self, raw: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """The std of the signal (normalised units) of one raw output: the recalibrated std of the
+        noisy observation with the noise model's variance taken out, in intensity units."""
+        from bioflow.metrics.noise_model import noise_variance
+
+        span = (norm[1] - norm[0]).clamp(min=1e-6).reshape((-1,) + (1,) * (raw.ndim - 1))
+        observed = (self.uncertainty(raw) * span).double()
+        signal = to_units(self.location(raw), norm)
+        variance = (observed * observed - noise_variance(self.noise_model.double(), signal.double())).clamp(min=0)
+        return (variance.sqrt() / span).to(raw.dtype)
+
+    def uncertainty_names(self) -> list[str]:
+        return [*super().uncertainty_names(), *(["signal_uncertainty"] if self.has_noise_model else [])]
+
+    def uncertainty_images(self, raw: torch.Tensor, norm: torch.Tensor) -> list[torch.Tensor]:
+        images = super().uncertainty_images(raw, norm)
+        if self.has_noise_model:
+            span = (norm[1] - norm[0]).clamp(min=1e-6).reshape((-1,) + (1,) * (raw.ndim - 1))
+            images.append(self.signal_std(raw, norm) * span)
+        return images
+
+    def after_fit(self, data) -> dict[str, float]:
+        """The recalibration, then the noise model, from the validation images (training images
+        where there are none) and the network's restored versions of them."""
+        from bioflow.metrics.noise_model import fit_noise_model, residual_differences
+
+        extras = super().after_fit(data)
+        if self.distribution is None:
+            return extras
+        loader = data.val_dataloader_all() if data.splits["val"] else None
+        if loader is None:
+            return extras
+        pooled: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(self.data_info.in_channels)]
+        self.eval()
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                image, norm = batch["image"][0].to(self.device), batch["norm"][0].to(self.device)
+                restored = to_units(self.location(self.predict_image(image)), norm)
+                for c, pair in enumerate(residual_differences(to_units(image, norm), restored, seed=i)):
+                    pooled[c].append(pair)
+        try:
+            fitted = [fit_noise_model(np.concatenate([s for s, _ in p]), np.concatenate([d for _, d in p])) for p in pooled]
+        except ValueError:  # too few pixels
+            return extras
+        self.noise_model.copy_(torch.tensor(fitted, dtype=self.noise_model.dtype))
+        for c, (a, b) in enumerate(fitted):
+            suffix = "" if len(fitted) == 1 else f"_c{c}"
+            extras.update({f"noise_model_a{suffix}": a, f"noise_model_b{suffix}": b})
+        return extras
+
+    def log_metrics(self, stage: str) -> None:
+        super().log_metrics(stage)
+        if self.distribution is None:
+            return
+        pooled = self._pooled(f"signal_{stage}")
+        if pooled is None or pooled[0].size < 100:
+            return
+        measured = calibration(*pooled)  # the signal's std against the error from the clean image
+        self.calibration_tables[f"{stage}_signal"] = measured
+        self.log_scores(stage, measured.summary("signal_"))
 
     def _generator(self, kind: str) -> torch.Generator:
         """Per-rank, per-device random streams: ranks mask differently, runs repeat exactly."""
@@ -397,8 +489,12 @@ class N2VTask(RestorationTask):
             if self.wants_figure_sample(stage):
                 self.figure_sample(stage, batch, image, to_units(self.location(self.predict_image(image)), norm), None, norm)
             return
-        output = self.location(self.predict_image(image))
+        raw = self.predict_image(image)
+        output = self.location(raw)
         prediction = self.update_quality(stage, output, batch["target"][0], norm)
+        if self.has_noise_model:  # a clean image: the signal's std can be checked against it
+            std, error = self.signal_std(raw, norm), output - batch["target"][0]
+            self.collect_calibration(f"signal_{stage}", std, error)
         self.figure_sample(stage, batch, image, prediction, batch["target"][0], norm)
 
     def calibration_pairs(self, batch, output=None, enough: int = 2000, most_passes: int = 16):

@@ -192,6 +192,10 @@ class SegmentationTask(BaseTask):
     #: ``bioflow predict --confidence``: a per-pixel confidence map (the probability of the chosen class).
     gives_confidence: ClassVar[bool] = True
 
+    def spread_quantity(self, raw: torch.Tensor) -> torch.Tensor:
+        """``--tta-spread`` measures how the class probabilities vary."""
+        return raw.float().softmax(dim=1)
+
     def prediction_outputs(self) -> list[OutputSpec]:
         classes = self.out_channels()
         outputs = [OutputSpec("labels", None, np.uint8 if classes <= 256 else np.uint16)]

@@ -198,6 +198,10 @@ class StarDistTask(BaseTask):
     def tta_channel_map(self):
         return _ray_permutation_map(self.n_rays)
 
+    def spread_quantity(self, raw: torch.Tensor) -> torch.Tensor:
+        """``--tta-spread`` measures how the object probability varies (on the grid)."""
+        return torch.sigmoid(raw[:, :1].float())
+
     def prediction_outputs(self) -> list[OutputSpec]:
         # the label image, and a table of its objects (label, probability, size, centroid)
         return [OutputSpec("labels", None, np.int32, streamed=False), OutputSpec("objects", None, None, False, table=True)]

@@ -91,6 +91,6 @@ class StarDist3DTask(StarDistTask):
     def tta_channel_map(self):
         def refuse(output, k, flip):
             raise BioflowError("tta: not available for 3D StarDist (its rays on the sphere do not map onto each "
-                               "other under flips and turns); predict without --tta")
+                               "other under flips and turns); predict without --tta and --tta-spread")
 
         return refuse
