@@ -20,7 +20,13 @@ and the seconds per image of prediction alone and with the check (which rides al
 prediction's own tiles), median over the held-out images, and the check's overhead; the same on
 a field 4x4 as large (a mosaic of held-out images), as the check's cost does not grow with the image.
 
+On the real nuclei image of the ``stardist`` package (``--experiments real_nuclei_unet``, with
+``--reference-python`` pointing at an interpreter that has the package): a U-Net trained on
+regions of it (left half: 4 training images; top right quarter: 2 validation images), held-out
+images cropped (128 x 128, seeded) from the bottom right quarter, shifted as above.
+
 Run:   .venv/bin/python bench/fit_check.py [--images 20]
+       .venv/bin/python bench/fit_check.py --experiments real_nuclei_unet --reference-python ~/.cache/stardist-ref/bin/python
 Smoke: .venv/bin/python bench/fit_check.py --smoke     (tiny sizes, seconds; run by the tests)
 """
 
@@ -89,20 +95,21 @@ def shifted(image: np.ndarray, clean: np.ndarray | None, rng) -> dict[str, np.nd
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def measure(experiment: str, overrides: list[str], images: int, shape, project: Path) -> dict:
+def measure(experiment: str, overrides: list[str], images: int, shape, project: Path, held=None) -> dict:
     import bioflow
     from bioflow.prediction import predict_array
 
     with contextlib.redirect_stdout(sys.stderr):
         summary = bioflow.train([*(overrides or [f"experiment={experiment}"]), f"project_dir={project}",
                                  f"logger.experiment_name=fit_{experiment}", "trainer.enable_progress_bar=false",
-                                 *([] if shape is None else [f"data.source.shape={shape}"]), *EXTRA])
+                                 *([] if shape is None else [f"data.source.shape={shape}"]),
+                                 *[o for o in EXTRA if held is None or not o.startswith("data.source.")]])
     model = bioflow.load_model(summary["run_id"], project_dir=str(project))
     task, reference = model.task, model.task.fit_reference
     rng = np.random.default_rng(0)
     scores: dict[str, list[float]] = {"unshifted": []}
     plain_seconds, checked_seconds = [], []
-    for image, clean in held_out(task.config, images, shape):
+    for image, clean in held if held is not None else held_out(task.config, images, shape):
         for _ in range(2):  # prediction alone and with the check riding along, interleaved; the first warms up
             start = time.perf_counter()
             predict_array(task, image)
@@ -118,7 +125,8 @@ def measure(experiment: str, overrides: list[str], images: int, shape, project: 
     threshold = reference.threshold
     plain, checked = float(np.median(plain_seconds)), float(np.median(checked_seconds))
     # the same on a field 4x4 as large, a mosaic of the held-out images (the check's cost is fixed)
-    images_only = [image for image, _ in held_out(task.config, 16, shape)]
+    images_only = [image for image, _ in (held if held is not None else held_out(task.config, 16, shape))][:16]
+    images_only = (images_only * 16)[:16]
     mosaic = np.concatenate([np.concatenate(images_only[r * 4:(r + 1) * 4], axis=2) for r in range(4)], axis=1)
     large_plain, large_checked = [], []
     for _ in range(3):
@@ -144,6 +152,46 @@ def measure(experiment: str, overrides: list[str], images: int, shape, project: 
 
 EXTRA: list[str] = []
 
+#: The real image: U-Net (binary) on the nuclei image of the ``stardist`` package, read by this
+#: interpreter or by ``--reference-python``; training and validation on regions of it, held-out
+#: images cropped from the region left out.
+REAL = "real_nuclei_unet"
+
+
+def real_nuclei(reference_python: str | None, folder: Path, crops: int, size: int = 128):
+    """Write the regions of the real nuclei image as training (4) and validation (2) images with
+    masks into ``folder``; returns the config overrides and ``crops`` held-out crops of the
+    remaining quarter (seeded), or None without the stardist package."""
+    import importlib.util
+
+    import tifffile
+
+    spec = importlib.util.spec_from_file_location("bench_stardist_real", Path(__file__).with_name("stardist_real.py"))
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    found = real.stardist_nuclei(reference_python)
+    if found is None:
+        return None
+    image, labels = found
+    h, w = image.shape
+    parts = {f"train{i}": (slice(i * h // 4, (i + 1) * h // 4), slice(0, w // 2)) for i in range(4)}
+    parts.update({f"val{i}": (slice(i * h // 4, (i + 1) * h // 4), slice(w // 2, w)) for i in range(2)})
+    for kind in ("images", "masks"):
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+    for name, region in parts.items():
+        tifffile.imwrite(folder / "images" / f"{name}.tif", np.ascontiguousarray(image[region]))
+        tifffile.imwrite(folder / "masks" / f"{name}.tif", np.ascontiguousarray(labels[region]).astype(np.int32))
+    rest = image[h // 2:, w // 2:].astype(np.float32)
+    rng = np.random.default_rng(7)
+    held = []
+    for _ in range(crops):
+        y, x = (int(rng.integers(0, n - size + 1)) for n in rest.shape)
+        held.append((rest[None, y:y + size, x:x + size].copy(), None))
+    overrides = ["data=tiff_folder", f"data.source.images={folder / 'images'}", f"data.source.masks={folder / 'masks'}",
+                 "data.split.val=[val0,val1]", "data.split.test=[]", "data.patch_size=[128,128]", "trainer.max_epochs=15",
+                 "logger.experiment_name=fit_real_nuclei"]
+    return overrides, held
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,12 +199,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=20, help="held-out images per experiment")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the bench runs")
     parser.add_argument("--project-dir", default=None)
+    parser.add_argument("--reference-python", default=None,
+                        help=f"an interpreter with the stardist package, for --experiments {REAL} (the real nuclei image)")
     args = parser.parse_args(argv)
     project = Path(args.project_dir or tempfile.mkdtemp(prefix="bioflow-fit-"))
     EXTRA[:] = SMOKE if args.smoke else []
     shape = [64, 64] if args.smoke else None
     images = 3 if args.smoke else args.images
-    result = {e: measure(e, EXPERIMENTS[e], images, shape, project) for e in args.experiments}
+    result = {e: measure(e, EXPERIMENTS[e], images, shape, project) for e in args.experiments if e != REAL}
+    if REAL in args.experiments:
+        found = real_nuclei(args.reference_python, project / "real", images)
+        if found is None:
+            result[REAL] = {"skipped": "no stardist package here or in --reference-python"}
+        else:
+            result[REAL] = measure(REAL, found[0], images, None, project, held=found[1])
     print(json.dumps(result, indent=1))
     return result
 

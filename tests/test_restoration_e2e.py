@@ -90,4 +90,4 @@ def test_a_probabilistic_model_writes_its_uncertainty_beside_the_restored_image(
     else:
         assert "signal_uncertainty" not in model.outputs
     exported = run_cli("export", run.info.run_id, "--out", str(tmp_path / "m.zip"), "--project-dir", str(project_dir))
-    assert exported.returncode == 2 and "probabilistic" in exported.stderr and not (tmp_path / "m.zip").exists()
+    assert exported.returncode == 0 and (tmp_path / "m.zip").exists(), exported.stderr[-2000:]  # with its std

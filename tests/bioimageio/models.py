@@ -18,13 +18,17 @@ TINY = {
                  "task.stem_channels=4", "task.features=4", "task.head_features=8"),
     "care": ("experiment=demo_care", "model.depth=1", "model.base_channels=4", "data.normalize.mode=dataset"),
     "n2v": ("experiment=demo_n2v", "model.depth=1", "model.base_channels=4"),
+    "care_probabilistic": ("experiment=demo_care", "model.depth=1", "model.base_channels=4", "task.probabilistic=true",
+                           "data.normalize.mode=dataset"),
+    "n2v_probabilistic": ("experiment=demo_n2v", "model.depth=1", "model.base_channels=4", "task.probabilistic=true"),
     "stardist_3d": ("experiment=demo_stardist3d", "data.source.shape=[24,40,40]", "data.patch_size=[16,32,32]",
                     "model.depth=1", "model.base_channels=4", "task.n_rays=16", "task.stem_channels=4", "task.features=4",
                     "task.head_features=8"),
     "plugin": ("model=dilated_resnet", "model.width=4", "model.blocks=2", "loss=cross_entropy"),
     "plugin_task": ("task=field_classifier", "model.depth=1", "model.base_channels=4"),
 }
-_PREFIX = {"care": "restoration", "n2v": "restoration"}
+_PREFIX = {"care": "restoration", "n2v": "restoration", "care_probabilistic": "restoration",
+           "n2v_probabilistic": "restoration"}
 
 
 def data_checkpoint(path: Path, kind: str, n_images: int = 4, seed: int = 0) -> Path:

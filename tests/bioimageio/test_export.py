@@ -262,6 +262,45 @@ def test_every_task_exports_a_package_that_predicts_like_its_checkpoint(kind, tm
         assert of_package[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
+@pytest.mark.parametrize("kind", ["care_probabilistic", "n2v_probabilistic"])
+def test_a_probabilistic_model_exports_its_calibrated_std_as_a_second_output(kind, tmp_path):
+    """The package's network computes the recalibrated std (fitted knots, not the identity), in the
+    input's units through the format's post-processing (fixed normalisation) or through bioflow's
+    record (per-image normalisation); bioflow predicts the package as the checkpoint, uncertainty
+    included, and other tools see two outputs."""
+    checkpoint = data_checkpoint(tmp_path / "model.ckpt", kind)
+    saved = torch.load(checkpoint, weights_only=True)
+    knots = saved["state_dict"]["calibration_knots"]
+    saved["state_dict"]["calibration_knots"] = torch.stack([knots[0], knots[1] * torch.linspace(0.5, 3.0, knots.shape[1])])
+    if kind.startswith("n2v"):  # a fitted noise model: the signal's std comes with the package too
+        saved["state_dict"]["noise_model"] = torch.tensor([[0.5, 10.0]])
+    torch.save(saved, checkpoint)
+    package = export(checkpoint, tmp_path / "model.zip")
+    passed, line = check_package(package)
+    assert passed, line
+    description = rdf(package)
+    assert [o["id"] for o in description["outputs"]] == ["restored", "uncertainty"]
+    data = image((96, 104), seed=5)
+    tifffile.imwrite(tmp_path / "a.tif", data)
+    for model, out in ((checkpoint, "c"), (package, "p")):
+        predict(str(model), [str(tmp_path / "a.tif")], str(tmp_path / out), project_dir=str(tmp_path), tile_size=[64],
+                progress=False)
+    for name in ("a.tif", "a_uncertainty.tif", *(["a_signal_uncertainty.tif"] if kind.startswith("n2v") else [])):
+        expected, actual = (tifffile.imread(tmp_path / o / name) for o in ("c", "p"))
+        assert max_relative(actual, expected) < 1e-5, name
+    # other tools: the package's tensors after its own post-processing
+    task = task_from_checkpoint(load_checkpoint(checkpoint), "model")
+    outside = stream(tensors(package), data[None], tile_size=[64])
+    std = tifffile.imread(tmp_path / "c" / "a_uncertainty.tif")
+    if kind.startswith("care"):  # fixed normalisation: the format maps the std back (scale, no offset)
+        assert description["outputs"][1]["postprocessing"][0]["kwargs"]["offset"] == 0.0
+        assert max_relative(outside[1], std) < 1e-5
+    else:  # per-image normalisation: bioflow's record says the std takes the input's percentile range
+        assert description["config"]["bioflow"]["per_image_scale"] == ["uncertainty"]
+        assert max_relative(outside[1], std) < 1e-5
+    assert task.distribution is not None
+
+
 def test_a_package_written_before_the_task_state_predicts_as_its_checkpoint(tmp_path):
     """Packages of the previous release have no task state, components or per-image list in
     config.bioflow: StarDist's thresholds then come from config.stardist, as they did."""

@@ -93,3 +93,20 @@ def test_the_check_rides_along_on_the_prediction_and_scores_as_a_separate_check_
     np.testing.assert_array_equal(plain["restored"], checked["restored"])
     assert checked["fit"]["score"] == fit_verdict(task, image)["score"]
     assert "fit" not in plain
+
+
+def test_images_that_differ_from_each_other_are_not_flagged_for_it():
+    """Windows of one image are alike, images differ: the threshold must come from whole images the
+    fingerprint did not see (each training image against the others), not from windows."""
+    rng = np.random.default_rng(3)
+
+    def image_windows():
+        return features(rng, 1)[0] * 1.5 + 0.2 * features(rng, 16)  # an image's own offset, small spread inside
+
+    reference = FitReference.fitted([image_windows() for _ in range(12)], GROUP_OF, [])
+    assert reference.record["held_out_images"] == 12
+    flagged = [not reference.verdict(image_windows())["fits"] for _ in range(300)]
+    assert np.mean(flagged) <= 0.05
+    shifted = image_windows()
+    shifted[:, 4] += 12.0
+    assert not reference.verdict(shifted)["fits"]

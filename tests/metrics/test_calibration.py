@@ -51,3 +51,17 @@ def test_recalibration_is_monotone_the_identity_changes_nothing_and_keeps_its_sh
 def test_too_few_pixels_is_an_error_not_a_guess():
     with pytest.raises(ValueError, match="calibration bins"):
         calibration(np.ones(5), np.ones(5))
+
+
+def test_bins_of_one_predicted_std_get_one_calibrated_std():
+    """A model that predicts one std everywhere: its bins share it, and the recalibration maps it
+    to one value (their pooled RMSE), with no step between the knots it nudges apart."""
+    rng = np.random.default_rng(0)
+    std = np.full(10_000, 0.05)
+    error = rng.normal(size=10_000) * np.linspace(0.02, 0.2, 10_000)  # errors that vary, a std that does not
+    knots = fit_knots(calibration(std, error))
+    assert torch.allclose(knots[1], knots[1][0].expand_as(knots[1]))
+    assert float(knots[1][0]) == pytest.approx(float(np.sqrt(np.mean(error**2))), rel=1e-3)
+    near = torch.tensor([0.05 * (1 - 1e-6), 0.05, 0.05 * (1 + 1e-6)])
+    out = recalibrate(near, knots)
+    assert float(out.max() / out.min()) < 1 + 1e-4

@@ -8,13 +8,13 @@ hooks (:mod:`bioflow.tasks.exchange`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bioflow.bioimageio.package import PER_IMAGE_UNITS, first_error
+from bioflow.bioimageio.package import PER_IMAGE_SCALE, PER_IMAGE_UNITS, first_error
 from bioflow.errors import BioflowError
 from bioflow.tasks.exchange import TASK_STATE, PackageOutput
 
@@ -34,6 +34,7 @@ class Layout:
     outputs: list[PackageOutput]
     notes: list[str]
     per_image_units: list[str]  # outputs whose inverse normalisation only bioflow applies
+    per_image_scale: list[str] = field(default_factory=list)  # the same for spreads (scale only)
 
     @property
     def output_channels(self) -> list[int]:
@@ -73,23 +74,28 @@ def layout(task) -> Layout:
     normalizer = task.normalizer()
     pre, inverse, norm_note = normalization_ops(normalizer, info.in_channels, _SPATIAL_IDS[info.spatial_dims])
     notes = [f"Input: {norm_note}."]
-    outputs, per_image = [], []
+    outputs, per_image, per_image_scale = [], [], []
     for out in task.package_outputs():
         ops = list(out.postprocessing)
-        if out.in_input_units and inverse:
-            ops += inverse
-            notes.append(f"Output `{out.id}`: mapped back to the input's intensity units with the inverse of the input "
-                         "normalisation (`scale_linear`).")
-        elif out.in_input_units and normalizer.mode == "per_image":
-            per_image.append(out.id)
+        kind = "an image" if out.in_input_units else "a spread" if out.in_input_scale else None
+        back = inverse if out.in_input_units else [  # a spread: the scale of the inverse mapping, not its offset
+            {**op, "kwargs": {**op["kwargs"], "offset": 0.0 if np.isscalar(op["kwargs"]["offset"])
+                              else [0.0] * len(op["kwargs"]["offset"])}} for op in inverse]
+        if kind and inverse:
+            ops += back
+            notes.append(f"Output `{out.id}`: {kind} mapped back to the input's intensity units with the inverse of "
+                         "the input normalisation (`scale_linear`" + (", its scale only)." if out.in_input_scale else ")."))
+        elif kind and normalizer.mode == "per_image":
+            (per_image if out.in_input_units else per_image_scale).append(out.id)
             notes.append(
-                f"Output `{out.id}`: in the normalised range of the input (its percentiles map to 0 and 1). Mapping it back "
-                "to the input's intensity units needs the percentiles of the input, which the format's post-processing "
-                "cannot refer to; `bioflow predict` does it, other tools show the normalised image.")
-        outputs.append(PackageOutput(out.id, list(out.channel_names), ops, out.description, out.in_input_units))
+                f"Output `{out.id}`: {kind} in the normalised range of the input (its percentiles map to 0 and 1). Mapping "
+                "it back to the input's intensity units needs the percentiles of the input, which the format's "
+                f"post-processing cannot refer to; `bioflow predict` does it, other tools show the normalised {kind[2:]}.")
+        outputs.append(PackageOutput(out.id, list(out.channel_names), ops, out.description, out.in_input_units,
+                                     out.in_input_scale))
     if not outputs or len({o.id for o in outputs}) != len(outputs) or INPUT_ID in {o.id for o in outputs}:
         raise ExportError(f"export: the task's package_outputs() must name distinct outputs other than '{INPUT_ID}'")
-    return Layout(pre, outputs, notes + list(task.package_notes()), per_image)
+    return Layout(pre, outputs, notes + list(task.package_notes()), per_image, per_image_scale)
 
 
 # -- geometry ------------------------------------------------------------------------------------------
@@ -152,6 +158,7 @@ def package_config(task, loaded, geo: Geometry, lay: Layout) -> dict[str, Any]:
             "version": __version__, "task": hparams["config"]["task"]["name"], "run_id": loaded.run_id,
             "receptive_field": geo.receptive_field, "size_multiple": geo.step,
             "outputs": [o.id for o in lay.outputs], PER_IMAGE_UNITS: lay.per_image_units,
+            PER_IMAGE_SCALE: lay.per_image_scale,
             "components": checkpoint.get("bioflow", {}).get("components", {}),
             TASK_STATE: task.task_state(),
             "config": hparams["config"], "data_info": hparams["data_info"],

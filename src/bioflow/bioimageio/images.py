@@ -91,7 +91,7 @@ def reference_outputs(task, image: np.ndarray, lay: Layout) -> list[np.ndarray]:
 
     x = normalized(task, image)
     with torch.no_grad():
-        raw = task.model(torch.from_numpy(x)[None]).float().numpy()
+        raw = task.package_network()(torch.from_numpy(x)[None]).float().numpy()
     if raw.shape[1] != sum(lay.output_channels):
         raise ExportError(f"export: the network gives {raw.shape[1]} output channels, the task's package_outputs() "
                           f"declare {sum(lay.output_channels)}")

@@ -51,6 +51,24 @@ def stardist_network(in_channels, n_rays, grid, features, head_features, stem_ch
 '''
 
 
+# Appended to the probabilistic restoration source: the restored image and its calibrated std as two
+# tensors (two outputs of the package). Its state dict is the one of WithStd.
+_PROBABILISTIC_FACTORY = '''
+
+class WithStdOutputs(WithStd):
+    """WithStd returning (restored image, calibrated std) as two tensors."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out[:, : self.channels], out[:, self.channels:]
+
+
+def probabilistic_network(channels, std_per_scale, log_range, log_start, min_scale, points, unet):
+    """The U-Net (``unet``: its arguments) with the location and calibrated std of its output."""
+    return WithStdOutputs(UNet(**unet), channels, std_per_scale, log_range, log_start, min_scale, points)
+'''
+
+
 @dataclass
 class TorchSource:
     """An architecture as a source file's text, the callable in it and its keyword arguments."""
@@ -82,12 +100,16 @@ def _module_text(module: types.ModuleType) -> str:
 
 
 def torch_source(task) -> TorchSource | None:
-    """A torch-only source of ``task.model`` (bioflow's U-Net, alone or as StarDist's backbone), or None."""
+    """A torch-only source of ``task.package_network()`` (bioflow's U-Net, alone, as StarDist's
+    backbone, or inside :class:`bioflow.models.probabilistic.WithStd`), or None."""
+    import bioflow.models.probabilistic as probabilistic_module
     import bioflow.models.unet as unet_module
     import bioflow.stardist.model as stardist_module
     from bioflow.config import component
 
-    net = task.model
+    net = task.package_network()
+    wrapper = net if isinstance(net, probabilistic_module.WithStd) else None
+    net = wrapper.net if wrapper is not None else net
     backbone = getattr(net, "backbone", None) if isinstance(net, stardist_module.StarDistNet) else net
     if type(backbone) is not unet_module.UNet:
         return None
@@ -95,6 +117,14 @@ def torch_source(task) -> TorchSource | None:
     kwargs = {k: v for k, v in kwargs.items() if k not in ("in_channels", "out_channels")}
     kwargs["spatial_dims"] = task.data_info.spatial_dims
     header = "# The network of a bioflow model, rebuilt with PyTorch alone (bioflow is not needed).\nfrom __future__ import annotations\n"
+    if backbone is net and wrapper is not None:
+        kwargs.update(in_channels=task.data_info.in_channels, out_channels=task.out_channels())
+        text = header + _module_text(unet_module) + "\n\n" + _module_text(probabilistic_module) + _PROBABILISTIC_FACTORY
+        return TorchSource(text, "probabilistic_network", {
+            "channels": wrapper.channels, "std_per_scale": wrapper.std_per_scale, "log_range": wrapper.log_range,
+            "log_start": wrapper.log_start, "min_scale": wrapper.min_scale, "points": int(wrapper.knots.shape[1]),
+            "unet": kwargs,
+        })
     if backbone is net:
         kwargs.update(in_channels=task.data_info.in_channels, out_channels=task.out_channels())
         return TorchSource(header + _module_text(unet_module) + "\n", "UNet", kwargs)

@@ -26,6 +26,8 @@ _BACKENDS = {"pytorch_state_dict": "torch", "torchscript": "torch", "onnx": "onn
 #: normalisation inverted, which the format's post-processing cannot express (written by the
 #: exporter, applied by the runtime).
 PER_IMAGE_UNITS = "per_image_units"
+#: Outputs that are spreads in the input's units (a std): only the per-image scale is undone.
+PER_IMAGE_SCALE = "per_image_scale"
 
 
 class PackageError(BioflowError):

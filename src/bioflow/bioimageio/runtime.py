@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bioflow.bioimageio.package import (  # noqa: F401 (is_package, require_core: this module's interface too)
-    PER_IMAGE_UNITS, OutputInfo, PackageError, TensorAxes, axis_of, bioflow_section, create_adapter, is_package,
+    PER_IMAGE_SCALE, PER_IMAGE_UNITS, OutputInfo, PackageError, TensorAxes, axis_of, bioflow_section, create_adapter, is_package,
     open_package, require_core,
 )
 from bioflow.errors import RegistryError
@@ -386,21 +386,23 @@ class PackageModel:
         import torch
 
         wanted = set((self.bioflow or {}).get(PER_IMAGE_UNITS) or ())
+        spreads = set((self.bioflow or {}).get(PER_IMAGE_SCALE) or ())
         quantiles = sorted((m for m in stat if getattr(m, "q", None) is not None and str(m.member_id) == self.input_id),
                            key=lambda m: m.q)
-        if not wanted or len(quantiles) < 2:
+        if not (wanted or spreads) or len(quantiles) < 2:
             return None
         low, high = (np.asarray(stat[m].data, dtype=np.float64).reshape(-1) for m in (quantiles[0], quantiles[-1]))
         scale = torch.from_numpy((high - low + 1e-6).astype(np.float32))
         offset = torch.from_numpy(low.astype(np.float32))
         bounds = np.cumsum([0] + [o.channels or 1 for o in self.outputs])
-        ranges = [(int(bounds[i]), int(bounds[i + 1])) for i, o in enumerate(self.outputs) if o.id in wanted]
+        ranges = [(int(bounds[i]), int(bounds[i + 1]), o.id in wanted) for i, o in enumerate(self.outputs)
+                  if o.id in wanted or o.id in spreads]
 
         def to_units(block):
             block = block.clone()
-            for a, b in ranges:
+            for a, b, with_offset in ranges:
                 shape = (-1,) + (1,) * (block.ndim - 1)
-                block[a:b] = block[a:b] * scale.reshape(shape).to(block) + offset.reshape(shape).to(block)
+                block[a:b] = block[a:b] * scale.reshape(shape).to(block) + (offset.reshape(shape).to(block) if with_offset else 0)
             return block
 
         return to_units

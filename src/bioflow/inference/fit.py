@@ -19,9 +19,10 @@ After training, the training images are predicted the same way to make the finge
 
 The fingerprint holds the mean and a regularised covariance of these features over training
 windows. An input's **score** is the mean Mahalanobis distance of its windows' features; the
-**threshold**, chosen on the validation images, is the 99th percentile of scores of validation
-images (and of random draws of validation windows, for few images), so about 1% of images like
-the validation ones would be flagged. The **reason** named for a flagged input is the feature
+**threshold** is the 99th percentile of the scores of images the fingerprint did not see: the
+validation images, and each training image scored against the fingerprint of the others (the
+larger of the empirical percentile and that of a log-normal fitted to the scores, as few images
+say little about the tail), so about 1% of images like them would be flagged. The **reason** named for a flagged input is the feature
 group (intensity, noise, content) whose own distance is the most above what validation showed.
 """
 
@@ -246,17 +247,19 @@ class FitReference:
         return out
 
     def verdict(self, features: np.ndarray) -> dict[str, Any]:
-        """Score, threshold, whether the input fits, and the likely reason when it does not."""
+        """Score, threshold, whether the input fits, and the likely reason when it does not.
+
+        It does not fit when its score, or one group's, is above its threshold: a shift in a few
+        features of one group (e.g. content) is diluted in the score over all features."""
         scores = self.score(features)
-        fits = scores["score"] <= self.threshold
         ratios = {g: scores[g] / max(self.group_thresholds[g], 1e-9) for g in GROUPS if g in scores}
+        fits = scores["score"] <= self.threshold and all(r <= 1 for r in ratios.values())
         reason = "" if fits else max(ratios, key=ratios.get)
         return {**scores, "threshold": self.threshold, "fits": fits, "reason": reason}
 
     @classmethod
-    def fitted(cls, train: np.ndarray, groups: list[str], validation: list[np.ndarray]) -> "FitReference":
-        """The fingerprint of training patch features ``train`` (P, F), its threshold from the
-        validation images' patch features (a list of (P_i, F); training images when empty)."""
+    def _untested(cls, train: np.ndarray, groups: list[str]) -> "FitReference":
+        """Mean and inverse (shrunk) covariances of windows' features ``train`` (P, F), no thresholds yet."""
         mean = train.mean(axis=0)
         inverse = {}
         for g in ("all", *GROUPS):
@@ -267,19 +270,41 @@ class FitReference:
             scale = np.trace(cov) / len(index) if np.trace(cov) > 0 else 1.0
             shrunk = 0.8 * cov + 0.2 * np.diag(np.diag(cov)) + 1e-3 * scale * np.eye(len(index))
             inverse[g] = np.linalg.inv(shrunk)
-        reference = cls({"mean": mean.tolist(), "groups": groups, "inverse": {g: m.tolist() for g, m in inverse.items()},
-                         "threshold": np.inf, "group_thresholds": {g: np.inf for g in GROUPS}})
-        held = validation or [train]
-        per_image = [reference.score(f) for f in held]
-        pooled = np.concatenate(held)
-        rng = np.random.default_rng(0)
-        draws = [reference.score(pooled[rng.choice(len(pooled), PATCHES_PER_IMAGE)]) for _ in range(200)]
-        keys = ["score", *[g for g in GROUPS if g in inverse]]
-        limits = {k: float(max(np.percentile([s[k] for s in per_image], 99), np.percentile([s[k] for s in draws], 99)))
-                  for k in keys}
+        return cls({"mean": mean.tolist(), "groups": groups, "inverse": {g: m.tolist() for g, m in inverse.items()},
+                    "threshold": np.inf, "group_thresholds": {g: np.inf for g in GROUPS}})
+
+    @classmethod
+    def fitted(cls, train: np.ndarray | list[np.ndarray], groups: list[str], validation: list[np.ndarray]) -> "FitReference":
+        """The fingerprint of the training images' window features (a list of (P_i, F), or one
+        array), with thresholds from images it did not see: the validation images, and each
+        training image scored by the fingerprint of the others. The threshold is the larger of
+        the 99th percentile of these scores and a log-normal fit's 99th percentile (few images
+        say little about the tail); with fewer than 3 such images, random sets of windows stand in."""
+        images = list(train) if isinstance(train, list) else [np.asarray(train)]
+        reference = cls._untested(np.concatenate(images), groups)
+        held = [reference.score(f) for f in validation]
+        if len(images) > 1:
+            for i in range(len(images)):
+                others = cls._untested(np.concatenate(images[:i] + images[i + 1:]), groups)
+                held.append(others.score(images[i]))
+        if len(held) < 3:
+            pooled = np.concatenate(validation or images)
+            rng = np.random.default_rng(0)
+            held += [reference.score(pooled[rng.choice(len(pooled), PATCHES_PER_IMAGE)]) for _ in range(200)]
+        keys = ["score", *[g for g in GROUPS if g in reference.inverse]]
+        limits = {k: _upper_tail([h[k] for h in held]) for k in keys}
         record = {**reference.record, "threshold": limits["score"],
-                  "group_thresholds": {g: limits[g] for g in GROUPS if g in limits}}
+                  "group_thresholds": {g: limits[g] for g in GROUPS if g in limits}, "held_out_images": len(held)}
         return cls(record)
+
+
+def _upper_tail(values: Sequence[float], z: float = 2.326) -> float:
+    """The 99th percentile of scores of held-out images: empirical, or of a log-normal fitted to
+    them, whichever is larger."""
+    values = np.maximum(np.asarray(values, np.float64), 1e-12)
+    logs = np.log(values)
+    fitted = float(np.exp(logs.mean() + z * logs.std(ddof=1))) if len(values) > 1 else float(values[0])
+    return max(float(np.percentile(values, 99)), fitted)
 
 
 def fit_reference(task, data) -> dict[str, Any] | None:
@@ -300,7 +325,7 @@ def fit_reference(task, data) -> dict[str, Any] | None:
         return None
     finally:
         task.train(was_training)
-    return FitReference.fitted(np.concatenate(features), groups, validation).record
+    return FitReference.fitted(features, groups, validation).record
 
 
 def fit_verdict(task, image: Any) -> dict[str, Any] | None:

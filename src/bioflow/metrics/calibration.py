@@ -98,6 +98,12 @@ def fit_knots(measured: Calibration) -> torch.Tensor:
     fitted = np.empty_like(y)
     for value, span in zip(values, spans):
         fitted[span] = np.sqrt(value)
+    # bins of one and the same predicted std get one calibrated std (their pooled variance): a
+    # prediction cannot map to two values, and a step between knots nudged apart below would
+    # turn rounding of the prediction into jumps of the calibrated std
+    for same in np.split(np.arange(len(x)), np.flatnonzero(np.diff(x) > 0) + 1):
+        if len(same) > 1:
+            fitted[same] = np.sqrt(np.sum(fitted[same] ** 2 * weights[same]) / max(np.sum(weights[same]), 1e-12))
     # strictly increasing predicted knots (bins of one constant prediction are nudged apart), so
     # that the knots keep their shape (BINS points) for the model's state
     x = np.maximum.accumulate(x) * (1 + 1e-6 * np.arange(len(x)))

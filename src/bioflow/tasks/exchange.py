@@ -39,7 +39,9 @@ class PackageOutput:
     """One output tensor of a package: id, channel names, post-processing, what it holds.
 
     ``in_input_units``: the output is an image in the intensity units of the input (restoration),
-    so the inverse of the input normalisation belongs to its post-processing.
+    so the inverse of the input normalisation belongs to its post-processing. ``in_input_scale``:
+    the output is a spread in those units (e.g. a standard deviation): only the normalisation's
+    scale is undone, not its offset.
     """
 
     id: str
@@ -47,6 +49,7 @@ class PackageOutput:
     postprocessing: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
     in_input_units: bool = False
+    in_input_scale: bool = False
 
 
 class ModelExchange:
@@ -77,6 +80,10 @@ class ModelExchange:
         return [PackageOutput("output", [f"channel{i}" for i in range(channels)], [],
                               f"the raw output of the {self.title()} network")]
 
+    def package_network(self):
+        """The module whose output channels are the package's outputs (default: the network)."""
+        return self.model  # type: ignore[attr-defined]
+
     def package_notes(self) -> list[str]:
         """Sentences for the package's README about its outputs."""
         return []
@@ -93,10 +100,13 @@ class ModelExchange:
     def load_package_config(self, package: Mapping[str, Any]) -> None:
         """Restore what a package records besides the network (``package`` is the package's whole
         ``config`` section): by default the task's buffers recorded by :meth:`task_state`."""
+        import numpy as np
         import torch
 
         recorded = (package.get("bioflow") or {}).get(TASK_STATE) or {}
         own = self.state_dict()  # type: ignore[attr-defined]
-        state = {k: torch.as_tensor(v, dtype=own[k].dtype) for k, v in recorded.items() if k in own}
+        # a NaN (e.g. "not fitted") comes back from the package's JSON as None
+        state = {k: torch.as_tensor(np.asarray(v, dtype=np.float64) if own[k].is_floating_point() else v, dtype=own[k].dtype)
+                 for k, v in recorded.items() if k in own}
         if state:
             self.load_state_dict(state, strict=False)  # type: ignore[attr-defined]

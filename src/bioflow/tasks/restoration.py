@@ -117,6 +117,9 @@ class RestorationTask(BaseTask):
         """The restored image (normalised units) of one raw output ``(C or 2C, ...)``."""
         return output[: self.data_info.in_channels]
 
+    #: True for a model read from its bioimage.io package, whose network gives the calibrated std itself.
+    packaged_std = False
+
     def raw_std(self, output: torch.Tensor) -> torch.Tensor:
         """The predicted standard deviation (normalised units) before recalibration."""
         _, scale = split(output[None])
@@ -128,6 +131,8 @@ class RestorationTask(BaseTask):
 
     def uncertainty(self, output: torch.Tensor) -> torch.Tensor:
         """The recalibrated standard deviation (normalised units) of one raw output."""
+        if self.packaged_std:
+            return output[self.data_info.in_channels:]
         return recalibrate(self.raw_std(output), self.calibration_knots)
 
     def calibration_pairs(self, batch: dict[str, Any], output: torch.Tensor | None = None):
@@ -303,11 +308,29 @@ class RestorationTask(BaseTask):
 
     # -- model exchange ---------------------------------------------------------------------------
     def package_outputs(self) -> list[PackageOutput]:
-        if self.distribution is not None:
-            raise ConfigError("export: a probabilistic restoration model (task.probabilistic=true) cannot be written as "
-                              "a bioimage.io package yet; predict with bioflow, or export a model trained without it")
         channels = [f"channel{i}" for i in range(self.data_info.in_channels)]
-        return [PackageOutput("restored", channels, [], "restored image", in_input_units=True)]
+        outputs = [PackageOutput("restored", channels, [], "restored image", in_input_units=True)]
+        if self.distribution is not None:  # the network of the package computes the calibrated std
+            outputs.append(PackageOutput("uncertainty", channels, [], f"per-pixel standard deviation ({self.distribution.name}, "
+                                         "recalibrated on validation)", in_input_scale=True))
+        return outputs
+
+    def package_network(self) -> torch.nn.Module:
+        """A probabilistic model's network returns location and calibrated std (models.probabilistic)."""
+        if self.distribution is None:
+            return self.model
+        from bioflow.losses.likelihood import LOG_RANGE, LOG_START, MIN_SCALE
+        from bioflow.models.probabilistic import WithStd
+
+        wrapped = WithStd(self.model, self.data_info.in_channels, self.distribution.std_per_scale, LOG_RANGE, LOG_START,
+                          MIN_SCALE, self.calibration_knots.shape[1])
+        wrapped.knots.copy_(self.calibration_knots)
+        return wrapped
+
+    def load_package_config(self, package) -> None:
+        """A probabilistic model read from its package: the package's network gives the calibrated std."""
+        super().load_package_config(package)
+        self.packaged_std = self.distribution is not None and "uncertainty" in ((package.get("bioflow") or {}).get("outputs") or [])
 
 
 class CARETask(RestorationTask):
