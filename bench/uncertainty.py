@@ -12,7 +12,8 @@ one JSON object with, per experiment:
 - ``worst_ratio_error`` (largest ``|observed/predicted - 1|`` over the test bins),
   ``mean_abs_log_ratio``, and ``top5_error_ratio`` (mean absolute error of the 5% of pixels with
   the highest predicted std over that of the rest);
-- seconds of training of each model;
+- seconds of training of each model, and of predicting a test image with each (the uncertainty's
+  cost at prediction: one more output channel, its recalibration and its image);
 - for Noise2Void, ``signal``: the noise model fitted after training (variance = a * signal + b,
   intensity units) and the calibration of the signal's std (the observation's std less the noise)
   against the error from the clean images of the test split.
@@ -53,6 +54,29 @@ def calibration_tables(summary: dict) -> dict:
         return json.loads(Path(path).read_text())
 
 
+def prediction_seconds(plain: dict, prob: dict, project: Path, rounds: int = 5) -> dict:
+    """Seconds to predict one test image with each model (restored image; and its std), the two
+    interleaved, median over ``rounds`` after one warm-up each."""
+    import bioflow
+    import numpy as np
+
+    models = {name: bioflow.load_model(s["run_id"], project_dir=str(project)) for name, s in (("plain", plain), ("probabilistic", prob))}
+    task = models["plain"].task
+    from bioflow.data.module import BioflowDataModule
+
+    data = BioflowDataModule(task.config["data"], task.config["sampler"], 0, type(task).target_kind, None)
+    data.prepare()
+    image = np.asarray(data.splits["test"][0].image)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds + 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.predict(image[0] if image.shape[0] == 1 else image)
+            times[name].append(time.perf_counter() - start)
+    out = {name: float(np.median(t[1:])) for name, t in times.items()}
+    return {**out, "overhead": out["probabilistic"] / out["plain"] - 1.0, "image_shape": list(image.shape)}
+
+
 def compare(experiment: str, overrides: list[str], project: Path) -> dict:
     plain, plain_seconds = train(experiment, [*overrides, f"logger.experiment_name=bench_{experiment}_plain"], project)
     prob, prob_seconds = train(experiment, [*overrides, "task.probabilistic=true",
@@ -69,6 +93,7 @@ def compare(experiment: str, overrides: list[str], project: Path) -> dict:
         "calibration_before_on_validation": prob["after_fit"].get("calibration_before"),
         "bins": {k: tables.get(k) for k in ("val_before", "val_after", "test")},
         "train_seconds": {"plain": plain_seconds, "probabilistic": prob_seconds},
+        "prediction_seconds": prediction_seconds(plain, prob, project),
         # Noise2Void: the signal's std (the observation's less the noise model's) against the clean image
         "signal": None if "test/signal_calibration_mean_abs_log_ratio" not in test else {
             "noise_model": {k: prob["after_fit"].get(k) for k in ("noise_model_a", "noise_model_b")},

@@ -60,9 +60,10 @@ def task_from_checkpoint(checkpoint: dict[str, Any], origin: str, inference: boo
     task.eval()
     fit = (checkpoint.get("bioflow") or {}).get("fit")
     if fit is not None:  # the training data's fingerprint (bioflow.inference.fit)
-        from bioflow.inference.fit import FitReference
+        from bioflow.inference.fit import FINGERPRINT_VERSION, FitReference
 
-        task.fit_reference = FitReference(fit)
+        if fit.get("version") == FINGERPRINT_VERSION:  # features defined otherwise before: no check
+            task.fit_reference = FitReference(fit)
     return task
 
 

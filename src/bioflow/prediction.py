@@ -339,7 +339,9 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
                         writer(spec)
                 if opts.tta_spread:
                     writer(SPREAD)
-                sink = _session_sink(session, writers, t, _spread_stride(task) if opts.tta_spread else None)
+                # a rescaled prediction comes back at the image's size, grid or not
+                stride = (_spread_stride(task) if factor is None else ()) if opts.tta_spread else None
+                sink = _session_sink(session, writers, t, stride)
                 watch = t == 0 and getattr(task, "fit_reference", None) is not None
                 with torch.no_grad(), (FitObserver(task) if watch else nullcontext()) as seen:
                     if factor is None:
@@ -441,11 +443,12 @@ def _spread_stride(task) -> tuple[int, ...]:
 
 
 def _write_spread(writer, start: int, block, stride: Sequence[int], frame: int) -> None:
-    """A strip of the spread, brought from the output grid (``stride``) to the image's pixels."""
+    """A strip of the spread, brought from the output grid (``stride``; empty: the image's own) to
+    the image's pixels."""
     import torch
 
     spatial = writer.spatial_shape
-    if stride and tuple(block.shape[1:]) != spatial[1:]:  # on a coarser grid: each value covers its cell
+    if any(int(g) > 1 for g in stride):  # on a coarser grid: each value covers its cell
         for axis, g in enumerate(stride):
             block = torch.repeat_interleave(block, int(g), dim=axis)
         start *= int(stride[0])

@@ -299,6 +299,14 @@ def test_a_probabilistic_model_exports_its_calibrated_std_as_a_second_output(kin
         assert description["config"]["bioflow"]["per_image_scale"] == ["uncertainty"]
         assert max_relative(outside[1], std) < 1e-5
     assert task.distribution is not None
+    # bioflow evaluate of the package measures the calibration as of the checkpoint (the std as
+    # the package gives it, not recalibrated twice)
+    from bioflow.evaluation import evaluate
+
+    of_checkpoint = evaluate(str(checkpoint), project_dir=str(tmp_path), log_to_run=False)["metrics"]
+    of_package = evaluate(str(package), project_dir=str(tmp_path), log_to_run=False)["metrics"]
+    key = "test/calibration_mean_abs_log_ratio"
+    assert of_package[key] == pytest.approx(of_checkpoint[key], rel=1e-3, abs=1e-4)
 
 
 def test_a_package_written_before_the_task_state_predicts_as_its_checkpoint(tmp_path):

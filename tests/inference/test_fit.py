@@ -110,3 +110,34 @@ def test_images_that_differ_from_each_other_are_not_flagged_for_it():
     shifted = image_windows()
     shifted[:, 4] += 12.0
     assert not reference.verdict(shifted)["fits"]
+
+
+def test_with_few_images_the_threshold_stays_near_what_unseen_images_score():
+    """Two training images (64 windows each, as the fingerprint takes of few images) and one
+    validation image: too few to score each training image against the others; a shifted image
+    is still flagged, unshifted ones mostly not."""
+    rng = np.random.default_rng(5)
+    reference = FitReference.fitted([features(rng, 64) for _ in range(2)], GROUP_OF, [features(rng, 16)])
+    assert reference.threshold < 3.0
+    assert np.mean([not reference.verdict(features(rng, 16))["fits"] for _ in range(200)]) <= 0.1
+    assert not reference.verdict(features(rng, 16, shift=4))["fits"]
+
+
+def test_a_fingerprint_of_other_features_is_not_used(tmp_path):
+    """A checkpoint whose fingerprint was made with an older definition of the features predicts
+    without a check rather than with a wrong one."""
+    import torch
+
+    from bioflow.checkpoint import load_checkpoint
+    from bioflow.loading import task_from_checkpoint
+    from bioflow.testing import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m.ckpt", "experiment=demo_unet", "model.depth=1", "model.base_channels=4")
+    saved = torch.load(path, weights_only=True)
+    record = FitReference.fitted(features(np.random.default_rng(0), 64), GROUP_OF, []).record
+    for version, expected in ((None, False), (record["version"], True)):
+        fit = {k: v for k, v in record.items() if k != "version"} if version is None else record
+        saved.setdefault("bioflow", {})["fit"] = fit
+        torch.save(saved, path)
+        task = task_from_checkpoint(load_checkpoint(path), "model")
+        assert (getattr(task, "fit_reference", None) is not None) == expected

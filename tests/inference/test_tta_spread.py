@@ -78,3 +78,13 @@ def test_restoration_spread_is_in_the_images_intensity_units():
     assert once["tta_spread"].max() > 0
     np.testing.assert_allclose(tenfold["tta_spread"], 10 * once["tta_spread"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(tenfold["restored"], 10 * once["restored"], rtol=1e-3, atol=1e-3)
+
+
+def test_a_grid_coarser_along_one_axis_only_is_brought_to_the_image_size():
+    from bioflow.inference.outputs import OutputSpec
+    from bioflow.prediction import ArrayWriter, _write_spread
+
+    writer = ArrayWriter((10, 4), OutputSpec("tta_spread", None, np.float32))
+    block = torch.arange(20.0).reshape(5, 4)  # 5 grid rows of 2 image rows each
+    _write_spread(writer, 0, block, (2, 1), frame=0)
+    assert np.array_equal(writer.array, np.repeat(block.numpy(), 2, axis=0))

@@ -206,7 +206,11 @@ class BioflowDataModule(L.LightningDataModule):
 
     def val_dataloader_all(self) -> DataLoader:
         """Every validation image in this process, whatever the rank (for work done on each rank)."""
-        records = self.splits["val"]
+        return self.whole_images("val")
+
+    def whole_images(self, split: str) -> DataLoader:
+        """Every image of ``split``, whole and normalised, in this process whatever the rank."""
+        records = self.splits[split]
         dataset = WholeImageDataset(records, self._norms(records), self.target_fn)
         return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
 

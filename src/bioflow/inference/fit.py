@@ -29,6 +29,7 @@ group (intensity, noise, content) whose own distance is the most above what vali
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -40,6 +41,12 @@ GROUPS = ("intensity", "noise", "content")
 #: Patches drawn per image (fixed seed per image), and the most training images used.
 PATCHES_PER_IMAGE = 16
 MOST_IMAGES = 64
+#: At least this many training windows in all (more per image when there are few images).
+MOST_WINDOWS = 128
+#: Training images from which each is also scored against the fingerprint of the others.
+LEAVE_ONE_OUT_FROM = 4
+#: The features' definition; a fingerprint of another version is not used (no check).
+FINGERPRINT_VERSION = 2
 
 
 def _patch_size(task, spatial_shape: Sequence[int]) -> list[int]:
@@ -129,9 +136,13 @@ class FitObserver:
         self.modules = list({id(m): m for m, _ in found}.values())
         self.is_deepest = found[0][1]
         self.rng = np.random.default_rng(seed)
+        from bioflow.inference.tiling import context_margin
+
+        self.margin = context_margin(task.receptive_field()) if hasattr(task, "receptive_field") else 0
         self.windows = windows
-        self.kept: list[tuple[np.ndarray, np.ndarray]] = []  # (samples, content) per window
-        self.seen = 0
+        # per kind of window (with the network's full context or not): (samples, content) per window kept
+        self.reservoirs: dict[bool, dict[str, Any]] = {True: {"kept": [], "seen": 0}, False: {"kept": [], "seen": 0}}
+        self.seconds = 0.0  # spent measuring windows (not predicting)
         self.pending: list[tuple[tuple[int, ...], torch.Tensor, tuple[int, ...]]] = []
         self.handles: list = []
 
@@ -160,27 +171,40 @@ class FitObserver:
     def _hook(self, module, args, out) -> None:
         if not self.pending:  # a further (augmented) pass over the same tiles
             return
+        start = time.perf_counter()
         out = out[0] if isinstance(out, (tuple, list)) else out
         for (corner, tile, shape), activations in zip(self.pending, out):
             self._take(corner, tile, shape, activations)
         self.pending.clear()
+        self.seconds += time.perf_counter() - start
 
     def _take(self, corner, tile: torch.Tensor, shape, activations: torch.Tensor) -> None:
         tile_shape = tuple(tile.shape[1:])
         valid = [max(1, min(t, s - a)) for a, t, s in zip(corner, tile_shape, shape)]
         scale = [max(1, t // f) for t, f in zip(tile_shape, activations.shape[1:])]
+        # windows where the tile has the network's full context: away from the tile's edges inside
+        # the image (at the image's own edges every tiling sees the same padding); a tile too small
+        # for a window there keeps its whole valid part
+        low = [self.margin if a > 0 else 0 for a in corner]
+        high = [v - (self.margin if a + t < s else 0) for a, t, s, v in zip(corner, tile_shape, shape, valid)]
         size = _patch_size(self.task, valid)
-        cells = [max(1, min(p, v) // g) for p, v, g in zip(size, valid, scale)]  # window, in activation cells
-        room = [max(1, v // g) for v, g in zip(valid, scale)]
+        full = all(h - lo >= min(p, v) for lo, h, p, v in zip(low, high, size, valid))
+        if not full:  # used only when no tile of the image has room for a window with full context
+            low, high = [0] * len(valid), list(valid)
+        reservoir = self.reservoirs[full]
+        offset = [-(-lo // g) for lo, g in zip(low, scale)]  # first whole activation cell inside
+        inner = [max(1, (h - o * g)) for h, o, g in zip(high, offset, scale)]
+        cells = [max(1, min(p, n) // g) for p, n, g in zip(size, inner, scale)]  # window, in activation cells
+        room = [max(1, n // g) for n, g in zip(inner, scale)]
         # as many windows as fit side by side, and at least this tile's share of ``windows`` (they
         # may overlap then), so that a small image is described by as many windows as a large one
         share = self.windows * float(np.prod(valid)) / max(1.0, float(np.prod(shape)))
         count = max(1, int(np.prod([r / c for r, c in zip(room, cells)])), int(np.ceil(share)))
         for _ in range(count):
-            n = self.seen
-            self.seen += 1
+            n = reservoir["seen"]
+            reservoir["seen"] += 1
             slot = n if n < self.windows else int(self.rng.integers(0, n + 1))
-            starts = [int(self.rng.integers(0, r - c + 1)) for r, c in zip(room, cells)]
+            starts = [o + int(self.rng.integers(0, max(0, r - c) + 1)) for o, r, c in zip(offset, room, cells)]
             if slot >= self.windows:
                 continue
             cell_box = tuple(slice(a, a + c) for a, c in zip(starts, cells))
@@ -190,10 +214,20 @@ class FitObserver:
             if not self.is_deepest:
                 content = torch.cat([content, feature_map.std(dim=1, unbiased=False)])
             kept = (window_samples(tile[(slice(None),) + pixel_box]), content.cpu().numpy())
-            if slot < len(self.kept):
-                self.kept[slot] = kept
+            if slot < len(reservoir["kept"]):
+                reservoir["kept"][slot] = kept
             else:
-                self.kept.append(kept)
+                reservoir["kept"].append(kept)
+
+    @property
+    def kept(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The windows measured: those with the network's full context, else (tiles too small for
+        any) the others, and then :attr:`full_context` is False."""
+        return self.reservoirs[True]["kept"] or self.reservoirs[False]["kept"]
+
+    @property
+    def full_context(self) -> bool:
+        return bool(self.reservoirs[True]["kept"])
 
     def features(self) -> tuple[np.ndarray, list[str]]:
         """Features ``(windows, F)`` of the windows kept, and each feature's group."""
@@ -210,7 +244,12 @@ class FitObserver:
         reference = getattr(self.task, "fit_reference", None)
         if reference is None or not self.kept:
             return None
-        return reference.verdict(self.features()[0])
+        start = time.perf_counter()
+        verdict = reference.verdict(self.features()[0])
+        if not self.full_context:
+            log.warning("fit check: the tiles leave no room for windows of the training patch size with the network's "
+                        "full context; the check may flag inputs that fit (predict with a larger --tile-size)")
+        return {**verdict, "seconds": self.seconds + time.perf_counter() - start}  # what the check cost
 
 
 def image_features(task, image: Any, seed: int = 0, patches: int = PATCHES_PER_IMAGE) -> tuple[np.ndarray, list[str]]:
@@ -283,28 +322,44 @@ class FitReference:
         images = list(train) if isinstance(train, list) else [np.asarray(train)]
         reference = cls._untested(np.concatenate(images), groups)
         held = [reference.score(f) for f in validation]
-        if len(images) > 1:
+        rng = np.random.default_rng(0)
+        if len(images) >= LEAVE_ONE_OUT_FROM:  # with fewer, a fingerprint of the others is too thin to judge by
             for i in range(len(images)):
                 others = cls._untested(np.concatenate(images[:i] + images[i + 1:]), groups)
-                held.append(others.score(images[i]))
+                n = len(images[i])  # scored as an input is: an image's worth of its windows
+                subsets = [images[i]] if n <= PATCHES_PER_IMAGE else [
+                    images[i][rng.choice(n, PATCHES_PER_IMAGE, replace=False)] for _ in range(4)]
+                held += [others.score(subset) for subset in subsets]
+        elif len(np.concatenate(images)) >= 4 * PATCHES_PER_IMAGE:
+            # few images: windows held out instead (two halves, each scored by a fingerprint of the
+            # other in random sets of an image's worth of windows); blind to how images differ
+            pooled = np.concatenate(images)
+            order = rng.permutation(len(pooled))
+            halves = [pooled[order[: len(order) // 2]], pooled[order[len(order) // 2:]]]
+            for own, other in ((0, 1), (1, 0)):
+                fingerprint = cls._untested(halves[other], groups)
+                held += [fingerprint.score(halves[own][rng.choice(len(halves[own]), PATCHES_PER_IMAGE, replace=False)])
+                         for _ in range(50)]
         if len(held) < 3:
             pooled = np.concatenate(validation or images)
-            rng = np.random.default_rng(0)
             held += [reference.score(pooled[rng.choice(len(pooled), PATCHES_PER_IMAGE)]) for _ in range(200)]
         keys = ["score", *[g for g in GROUPS if g in reference.inverse]]
         limits = {k: _upper_tail([h[k] for h in held]) for k in keys}
         record = {**reference.record, "threshold": limits["score"],
-                  "group_thresholds": {g: limits[g] for g in GROUPS if g in limits}, "held_out_images": len(held)}
+                  "group_thresholds": {g: limits[g] for g in GROUPS if g in limits}, "held_out_images": len(held),
+                  "version": FINGERPRINT_VERSION}
         return cls(record)
 
 
 def _upper_tail(values: Sequence[float], z: float = 2.326) -> float:
     """The 99th percentile of scores of held-out images: empirical, or of a log-normal fitted to
-    them, whichever is larger."""
+    them, whichever is larger (the fit only from 8 images on: from fewer its spread is noise)."""
     values = np.maximum(np.asarray(values, np.float64), 1e-12)
+    empirical = float(np.percentile(values, 99))
+    if len(values) < 8:
+        return empirical
     logs = np.log(values)
-    fitted = float(np.exp(logs.mean() + z * logs.std(ddof=1))) if len(values) > 1 else float(values[0])
-    return max(float(np.percentile(values, 99)), fitted)
+    return max(empirical, float(np.exp(logs.mean() + z * logs.std(ddof=1))))
 
 
 def fit_reference(task, data) -> dict[str, Any] | None:
@@ -316,8 +371,9 @@ def fit_reference(task, data) -> dict[str, Any] | None:
     task.eval()
     try:
         features, groups = [], None
+        per_image = max(PATCHES_PER_IMAGE, -(-MOST_WINDOWS // len(train)))  # few images: more windows of each
         for i, record in enumerate(train):
-            f, groups = image_features(task, record.image, seed=i)
+            f, groups = image_features(task, record.image, seed=i, patches=per_image)
             features.append(f)
         validation = [image_features(task, r.image, seed=10_000 + i)[0] for i, r in enumerate(data.splits["val"][:MOST_IMAGES])]
     except FitUnavailable as why:

@@ -121,13 +121,23 @@ class RestorationTask(BaseTask):
     packaged_std = False
 
     def raw_std(self, output: torch.Tensor) -> torch.Tensor:
-        """The predicted standard deviation (normalised units) before recalibration."""
+        """The predicted standard deviation (normalised units) before recalibration (a package's
+        network gives it recalibrated already: its recalibration is then the identity)."""
+        if self.packaged_std:
+            return output[self.data_info.in_channels:]
         _, scale = split(output[None])
         return self.distribution.std(scale[0])
 
+    #: The image's normalisation span per channel while it is predicted (for the TTA spread's units).
+    _spread_span: torch.Tensor | None = None
+
     def spread_quantity(self, raw: torch.Tensor) -> torch.Tensor:
-        """``--tta-spread`` measures how the restored image (not the predicted scale) varies."""
-        return raw[:, : self.data_info.in_channels]
+        """``--tta-spread`` measures how the restored image (not the predicted scale) varies, in the
+        image's intensity units channel by channel."""
+        location = raw[:, : self.data_info.in_channels]
+        if self._spread_span is None:
+            return location
+        return location * self._spread_span.to(location).reshape((1, -1) + (1,) * (location.ndim - 2))
 
     def uncertainty(self, output: torch.Tensor) -> torch.Tensor:
         """The recalibrated standard deviation (normalised units) of one raw output."""
@@ -289,8 +299,7 @@ class RestorationTask(BaseTask):
 
         def to_image_units(start: int, raw: torch.Tensor) -> None:
             norm_here = norm_tensor.to(raw.device)
-            span = (norm_here[1] - norm_here[0]).clamp(min=1e-6).reshape((-1,) + (1,) * (raw.ndim - 1))
-            extra = [raw[-1:] * span.mean(dim=0, keepdim=True)] if spread else []  # the TTA spread, last
+            extra = [raw[-1:]] if spread else []  # the TTA spread, last (in image units: spread_quantity)
             raw = raw[:-1] if spread else raw
             restored = to_units(self.location(raw), norm_here)
             if self.distribution is None:
@@ -298,7 +307,11 @@ class RestorationTask(BaseTask):
                 return
             sink(start, torch.cat([restored, *self.uncertainty_images(raw, norm_here), *extra]))
 
-        super().predict_array(image, to_image_units, norm=norm, **options)
+        self._spread_span = (norm_tensor[1] - norm_tensor[0]).clamp(min=1e-6)
+        try:
+            super().predict_array(image, to_image_units, norm=norm, **options)
+        finally:
+            self._spread_span = None
 
     def _restored(self, raw: torch.Tensor) -> dict[str, np.ndarray]:
         channels = self.data_info.in_channels
@@ -331,6 +344,8 @@ class RestorationTask(BaseTask):
         """A probabilistic model read from its package: the package's network gives the calibrated std."""
         super().load_package_config(package)
         self.packaged_std = self.distribution is not None and "uncertainty" in ((package.get("bioflow") or {}).get("outputs") or [])
+        if self.packaged_std:  # applied inside the package's network already
+            self.calibration_knots.copy_(identity_knots())
 
 
 class CARETask(RestorationTask):
@@ -449,9 +464,7 @@ class N2VTask(RestorationTask):
         extras = super().after_fit(data)
         if self.distribution is None:
             return extras
-        loader = data.val_dataloader_all() if data.splits["val"] else None
-        if loader is None:
-            return extras
+        loader = data.whole_images("val" if data.splits["val"] else "train")
         pooled: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(self.data_info.in_channels)]
         self.eval()
         with torch.no_grad():
