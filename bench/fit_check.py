@@ -24,8 +24,8 @@ a field 4x4 as large (a mosaic of held-out images), as the check's cost does not
 
 On the real nuclei image of the ``stardist`` package (``--experiments real_nuclei_unet``, with
 ``--reference-python`` pointing at an interpreter that has the package): a U-Net trained on 8 of
-its 16 tiles (128 x 128), validated on 4, held-out images cropped (96 x 96, seeded) from the 4
-others, shifted as above.
+its 16 tiles (128 x 128), validated on 4; the held-out images are the 4 others in their 8 flips
+and turns (20 of these 32, seeded), shifted as above.
 
 Run:   .venv/bin/python bench/fit_check.py [--images 20]
        .venv/bin/python bench/fit_check.py --experiments real_nuclei_unet --reference-python ~/.cache/stardist-ref/bin/python
@@ -164,10 +164,11 @@ EXTRA: list[str] = []
 REAL = "real_nuclei_unet"
 
 
-def real_nuclei(reference_python: str | None, folder: Path, crops: int, size: int = 96):
+def real_nuclei(reference_python: str | None, folder: Path, crops: int, size: int | None = None):
     """Write the real nuclei image, cut into 4 x 4 tiles, as training (8 tiles) and validation (4)
     images with masks into ``folder``; returns the config overrides and ``crops`` held-out crops
-    (seeded) of the 4 tiles left out, or None without the stardist package. The tiles of each kind
+    (seeded; ``size`` None: the 4 tiles left out themselves, flipped and turned, 32 images) of the
+    4 tiles left out, or None without the stardist package. The tiles of each kind
     are spread over the image (one of each per row and column where it can), so that no kind holds
     only one corner of it (its regions differ)."""
     import importlib.util
@@ -193,6 +194,12 @@ def real_nuclei(reference_python: str | None, folder: Path, crops: int, size: in
             box = (slice(r * th, (r + 1) * th), slice(c * tw, (c + 1) * tw))
             if (r, c) in held_tiles:
                 tile = image[box].astype(np.float32)
+                if size is None:  # whole tiles (the training images' size), in their 8 flips and turns
+                    for k in range(4):
+                        for flip in (False, True):
+                            turned = np.rot90(tile[:, ::-1] if flip else tile, k)
+                            held.append((np.ascontiguousarray(turned)[None], None))
+                    continue
                 for _ in range(max(1, -(-crops // len(held_tiles)))):
                     y, x = (int(rng.integers(0, n - size + 1)) for n in tile.shape)
                     held.append((tile[None, y:y + size, x:x + size].copy(), None))
@@ -200,7 +207,7 @@ def real_nuclei(reference_python: str | None, folder: Path, crops: int, size: in
             name = f"{'val' if (r, c) in val_tiles else 'train'}_{r}{c}"
             tifffile.imwrite(folder / "images" / f"{name}.tif", np.ascontiguousarray(image[box]))
             tifffile.imwrite(folder / "masks" / f"{name}.tif", np.ascontiguousarray(labels[box]).astype(np.int32))
-    held = held[:crops]
+    held = [held[i] for i in np.random.default_rng(3).permutation(len(held))[:crops]]
     val = ",".join(f"val_{r}{c}" for r, c in val_tiles)
     overrides = ["data=tiff_folder", f"data.source.images={folder / 'images'}", f"data.source.masks={folder / 'masks'}",
                  f"data.split.val=[{val}]", "data.split.test=[]", "data.patch_size=[64,64]", "trainer.max_epochs=15",
