@@ -25,7 +25,8 @@ TOP_LEVEL = re.compile(r"(?<![\w./+-])(init_from|resume|seed|project_dir|test_af
 #: Configs a user could be in when following a piece of advice.
 CONTEXTS = [
     [], ["task=stardist"], ["task=n2v"], ["task=care"], ["experiment=stardist_own_data"], ["experiment=n2v_own_data"],
-    ["data=tiff_folder"], ["data=tiff_pairs"], ["data=tiff_images"], ["data=synthetic_restoration"], ["sampler=foreground"], ["sampler=class_weighted"],
+    ["data=tiff_folder"], ["data=tiff_pairs"], ["data=tiff_images"], ["data=synthetic_restoration"],
+    ["sampler=foreground"], ["sampler=class_weighted"],
     ["scheduler=plateau"], ["scheduler=cosine"], ["scheduler=onecycle"], ["batch_transform=structn2v", "task=n2v"],
     ["postprocessor=connected_components"], ["trainer=ddp"], ["trainer=multinode"], ["optimizer=sgd"],
     ["task=field_classifier"],  # the example plugin's task (docs/writing-a-task.md), installed with the test set-up
