@@ -64,3 +64,28 @@ def task_and_data(*overrides: str):
     task = create_task(config, {"in_channels": 1, "spatial_dims": 2, "pixel_size": None, "split": data.split,
                                 "normalization": data.normalizer.as_dict()})
     return task, data
+
+
+def write_ome_zarr(path: Path, image, axes: str, scale: dict[str, float] | None = None, labels: dict | None = None,
+                   version: str = "0.5", chunks=None) -> Path:
+    """An OME-Zarr store as other tools write it (ome-zarr-py): ``image`` with ``axes`` (e.g.
+    ``"czyx"``), physical ``scale`` per axis, label images ``{name: array}`` (spatial axes only),
+    NGFF ``version`` 0.4 (zarr v2) or 0.5 (zarr v3), no pyramid."""
+    import zarr
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.io import parse_url
+    from ome_zarr.writer import write_image, write_labels
+
+    fmt = FormatV04() if version == "0.4" else FormatV05()
+    location = parse_url(str(path), mode="w", fmt=fmt)
+    root = zarr.group(store=location.store, zarr_format=2 if version == "0.4" else 3, overwrite=True)
+    units = {a: "micrometer" for a in axes if a in "zyx"}
+    extra = {"storage_options": {"chunks": chunks}} if chunks is not None else {}
+    write_image(image, root, axes=axes, scale=scale, axes_units=units if scale else None, scale_factors=[], fmt=fmt,
+                **extra)
+    spatial = "".join(a for a in axes if a in "zyx")
+    for name, mask in (labels or {}).items():
+        write_labels(mask, root, name=name, axes=spatial, scale={a: scale[a] for a in spatial} if scale else None,
+                     axes_units={a: "micrometer" for a in spatial} if scale else None, scaler=None, scale_factors=[],
+                     fmt=fmt)
+    return path

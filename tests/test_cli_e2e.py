@@ -214,3 +214,30 @@ def test_export_by_run_id_finds_the_run_from_another_folder(trained, tmp_path):
     result = run_cli("export", runs[0].info.run_id, "--out", str(tmp_path / "model.zip"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "model.zip").is_file() and "bioimage.io package" in result.stdout
+
+
+def test_a_prediction_by_run_id_is_recorded_beside_its_training_run(trained, tmp_path):
+    """Which model made this file: the prediction job is a run of 'predictions' in the model's store,
+    linked to the training run both ways, and its OME-Zarr outputs name both runs."""
+    pytest.importorskip("ome_zarr")
+    import numpy as np
+    import zarr
+
+    from tests.helpers import write_ome_zarr
+
+    _, client, runs, project_dir = trained
+    model_run = runs[0].info.run_id
+    image = np.random.default_rng(0).gamma(2.0, 200.0, (64, 64)).astype(np.uint16)
+    write_ome_zarr(tmp_path / "a.ome.zarr", image, "yx", {"y": 1.0, "x": 1.0})
+    result = run_cli("predict", model_run, str(tmp_path / "a.ome.zarr"), "--out", str(tmp_path / "out"),
+                     "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = client.search_runs([client.get_experiment_by_name("predictions").experiment_id],
+                              filter_string=f"tags.`bioflow.model_run_id` = '{model_run}'")
+    assert len(jobs) == 1 and jobs[0].info.status == "FINISHED"
+    assert model_run in jobs[0].data.tags["mlflow.note.content"]  # a link to the training run
+    assert client.get_run(model_run).data.tags["bioflow.predictions"] == "1"
+    made = zarr.open_group(str(tmp_path / "out" / "a.ome.zarr"), mode="r").attrs["bioflow"]
+    assert made["model_run_id"] == model_run and made["prediction_run_id"] == jobs[0].info.run_id
+    # the training experiment holds only the training run still
+    assert len(client.search_runs([client.get_experiment_by_name("e2e").experiment_id])) == 1

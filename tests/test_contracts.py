@@ -24,10 +24,26 @@ def _tiff_folders(tmp_path: Path, second: str, second_dtype) -> dict[str, Path]:
     return folders
 
 
+def _ome_zarr_stores(tmp_path: Path) -> dict[str, object]:
+    """Two small OME-Zarr stores written by ome-zarr-py, each with a label image."""
+    from tests.helpers import write_ome_zarr
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "stores"
+    folder.mkdir()
+    for name in ("a", "b"):
+        labels = np.zeros((40, 48), np.int32)
+        labels[5:20, 8:30] = 3
+        write_ome_zarr(folder / f"{name}.ome.zarr", rng.integers(0, 4000, (40, 48), dtype=np.uint16), "yx",
+                       {"y": 0.5, "x": 0.5}, {"cells": labels})
+    return {"images": folder, "labels": "cells"}
+
+
 #: Arguments for built-in components that read the user's files: the suite writes the files.
 _FILES = {
     ("sources", "bioflow:tiff_folder"): lambda tmp: _tiff_folders(tmp, "masks", np.int32),
     ("sources", "bioflow:tiff_pairs"): lambda tmp: _tiff_folders(tmp, "targets", np.float32),
+    ("sources", "bioflow:ome_zarr"): _ome_zarr_stores,
 }
 
 

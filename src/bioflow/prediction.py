@@ -1,13 +1,17 @@
-"""``bioflow predict``: apply a trained model to TIFF files of any size.
+"""``bioflow predict``: apply a trained model to TIFF files and OME-Zarr stores of any size.
 
-Images are read lazily, predicted tile by tile (see :mod:`bioflow.inference.tiling`) and the
-results are written strip by strip into memory-mapped TIFF files, so memory depends on the tile
-and not on the image. Each output is first written under a temporary name and renamed when
-complete: an interrupted or failed prediction leaves no half-written file under a final name, and
-no input or existing file is ever overwritten (unless ``overwrite`` is given for earlier outputs).
+Images are read lazily and predicted tile by tile (see :mod:`bioflow.inference.tiling`): TIFF
+outputs are written strip by strip, OME-Zarr outputs block by block in whole chunks (see
+:mod:`bioflow.inference.blocks`), so memory depends on the tile and the block, not on the image.
+Each output is first written under a temporary name and renamed when complete: an interrupted or
+failed prediction leaves no half-written file under a final name, and no input or existing file is
+ever overwritten (unless ``overwrite`` is given for earlier outputs). The same command into the
+same folder resumes an interrupted job (:mod:`bioflow.inference.journal`); started by torchrun or
+under SLURM, several processes share out the inputs and blocks
+(:mod:`bioflow.inference.distributed`).
 
 Outputs keep the input's axis order (without the channel axis for label images) and its pixel
-size, as OME-TIFF metadata.
+size, as OME-TIFF or NGFF metadata.
 """
 
 from __future__ import annotations
@@ -22,27 +26,35 @@ from typing import Any, Sequence
 import numpy as np
 
 from bioflow.data.records import check_finite
+from bioflow.data.output_files import make_writer, provenance
+from bioflow.data.writers import TiffWriter, output_axes  # noqa: F401 (part of this module's interface)
 from bioflow.errors import BioflowError, DataError
+from bioflow.inference.blocks import BlockedFile, blocked_file
+from bioflow.inference.journal import Journal
 from bioflow.inference.objects import write_csv
 from bioflow.inference.options import TILING, PredictionOptions
 from bioflow.inference.outputs import OutputSpec, output_blocks
+from bioflow.inference.streams import (SPREAD, ArrayWriter, check_compatible, input_pixels, open_input,  # noqa: F401
+                                       outputs_of, predict_rescaled, resolution_factor, session_sink, spread_stride,
+                                       write_spread)
 
 log = logging.getLogger(__name__)
-
-_PIXEL_SIZE_TOLERANCE = 0.05
-
+_write_spread = write_spread  # the name tests know
 
 def collect_inputs(inputs: Sequence[str]) -> list[Path]:
-    """TIFF files given directly or found in given folders, in a stable order."""
-    from bioflow.data.tiff import TIFF_SUFFIXES
+    """TIFF files and OME-Zarr stores given directly or found in given folders, in a stable order."""
+    from bioflow.data.images import find_images
+    from bioflow.data.omezarr import is_zarr
 
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(TIFF_SUFFIXES))
+        if is_zarr(path):
+            files.append(path)
+        elif path.is_dir():
+            found = find_images(path)
             if not found:
-                raise DataError(f"{path}: no .tif/.tiff files in this folder")
+                raise DataError(f"{path}: no .tif/.tiff files or OME-Zarr stores in this folder")
             files += found
         elif path.is_file():
             files.append(path)
@@ -51,112 +63,56 @@ def collect_inputs(inputs: Sequence[str]) -> list[Path]:
     return files
 
 
-def output_paths(files: Sequence[Path], out_dir: Path, specs: Sequence[OutputSpec], overwrite: bool) -> list[dict[str, Path]]:
-    """The output files of every input; refuses to overwrite inputs (always) or other files."""
-    from bioflow.data.tiff import file_stem
+def output_format(f: Path, out_format: str) -> str:
+    """``tiff`` or ``ome-zarr``: as asked, or (``auto``) the input's own."""
+    from bioflow.data.omezarr import is_zarr
+
+    if out_format != "auto":
+        return out_format
+    return "ome-zarr" if is_zarr(f) else "tiff"
+
+
+def output_paths(files: Sequence[Path], out_dir: Path, specs: Sequence[OutputSpec], overwrite: bool,
+                 out_format: str = "auto", journal: Journal | None = None) -> tuple[list[dict[str, Path]], list[bool]]:
+    """The output files of every input, and whether each input is done already (all its outputs
+    made by an earlier run of the same job, see :mod:`bioflow.inference.journal`). Refuses to
+    overwrite inputs (always) or files that are not the same job's (unless ``overwrite``)."""
+    from bioflow.data.images import image_stem
 
     inputs = {f.resolve() for f in files}
     seen: dict[Path, Path] = {}
-    plan = []
+    plan, done = [], []
+    ours = journal is not None and journal.same and not overwrite
     for f in files:
         targets = {}
+        suffix = ".ome.zarr" if output_format(f, out_format) == "ome-zarr" else ".tif"
         for i, spec in enumerate(specs):
-            name = file_stem(f) + ("" if i == 0 else f"_{spec.name}") + (".csv" if spec.table else ".tif")
+            name = image_stem(f) + ("" if i == 0 else f"_{spec.name}") + (".csv" if spec.table else suffix)
             target = (out_dir / name).resolve()
-            if target in inputs:
+            if target in inputs or any(target == p or p in target.parents for p in inputs):
                 raise DataError(
                     f"{out_dir}: writing {name} there would overwrite the input {target}; choose another --out folder"
                 )
             if target in seen:
                 raise DataError(f"{f} and {seen[target]} would both be written to {target}; rename one of them")
-            if target.exists() and not overwrite:
-                raise DataError(f"{target}: exists already; remove it, choose another --out folder, or pass --overwrite")
+            if target.exists() and not overwrite and not ours:
+                raise DataError(f"{target}: exists already; remove it, choose another --out folder, or pass --overwrite "
+                                f"(the same command resumes a job it started there)")
             seen[target] = f
             targets[spec.name] = target
         plan.append(targets)
-    return plan
+        done.append(ours and all(t.exists() for t in targets.values()))
+    return plan, done
 
 
-def output_axes(file_axes: str, channels: int | None, frames: int = 1) -> tuple[str, list[int]]:
-    """Axes of an output in the input's order, and the permutation from bioflow's layout to them.
+def job_identity(model: str, opts: PredictionOptions, specs: Sequence[OutputSpec]) -> dict[str, Any]:
+    """What makes two prediction jobs the same (for resuming): the model, the outputs and every
+    option that changes them."""
+    import dataclasses
 
-    The layout is ([T], [C], [Z], Y, X): T for a time-lapse (``frames`` > 1), C when the output has
-    channels. Input axes other than time, channels and Z/Y/X are dropped; a channel axis goes where
-    the input had one, or first (after T).
-    """
-    keep = "TCSZYX" if frames > 1 else "CSZYX"
-    axes = "".join("C" if a in "CS" else a for a in file_axes.upper() if a in keep)
-    if channels is None:
-        axes = axes.replace("C", "")
-    elif "C" not in axes:
-        axes = axes.replace("T", "TC") if "T" in axes else "C" + axes
-    layout = ("T" if "T" in axes else "") + ("C" if channels is not None else "") + "".join(a for a in "ZYX" if a in axes)
-    return axes, [layout.index(a) for a in axes]
-
-
-def _spatial_sizes(axes: str, pixel_size: Sequence[float] | None) -> dict[str, float]:
-    if pixel_size is None:
-        return {}
-    spatial = [a for a in "ZYX" if a in axes]
-    return {a: float(size) for a, size in zip(spatial[-len(pixel_size):], pixel_size[-len(spatial):])}
-
-
-def _ome_metadata(axes: str, pixel_size: Sequence[float] | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"axes": axes}
-    for a, size in _spatial_sizes(axes, pixel_size).items():
-        meta[f"PhysicalSize{a}"] = size
-        meta[f"PhysicalSize{a}Unit"] = "µm"
-    return meta
-
-
-def _resolution(axes: str, pixel_size: Sequence[float] | None) -> dict[str, Any]:
-    """TIFF resolution tags (pixels per centimetre) for simple readers that ignore OME metadata."""
-    sizes = _spatial_sizes(axes, pixel_size)
-    if "X" not in sizes or "Y" not in sizes or min(sizes["X"], sizes["Y"]) <= 0:
-        return {}
-    return {"resolution": (1e4 / sizes["X"], 1e4 / sizes["Y"]), "resolutionunit": "CENTIMETER"}
-
-
-class TiffWriter:
-    """An output TIFF written strip by strip with plain file writes, renamed into place when done."""
-
-    def __init__(self, target: Path, spatial_shape: Sequence[int], spec: OutputSpec, file_axes: str,
-                 pixel_size: Sequence[float] | None, frames: int = 1) -> None:
-        import tifffile
-
-        from bioflow.data.rawfile import RawArrayFile
-
-        self.target = target
-        self.spatial_shape = tuple(int(n) for n in spatial_shape)
-        self.partial = target.with_name(f".{target.name}.partial")
-        axes, self.perm = output_axes(file_axes, spec.channels, frames)
-        self.timed = "T" in axes
-        layout_shape = ((frames,) if self.timed else ()) + ((spec.channels,) if spec.channels is not None else ())
-        layout_shape += tuple(spatial_shape)
-        shape = tuple(layout_shape[i] for i in self.perm)
-        # An empty, uncompressed TIFF of the final size; its data block is then filled in place.
-        tifffile.imwrite(str(self.partial), shape=shape, dtype=spec.dtype, ome=True,
-                         metadata=_ome_metadata(axes, pixel_size), **_resolution(axes, pixel_size))
-        with tifffile.TiffFile(str(self.partial)) as tif:
-            offset = tif.series[0].dataoffset
-        self.file = RawArrayFile(self.partial, offset, shape, np.dtype(spec.dtype).newbyteorder("<"), writable=True)
-        self.has_channels = spec.channels is not None
-
-    def write(self, start: int, block: np.ndarray, frame: int = 0) -> None:
-        """Write rows ``start..`` of the first spatial axis of time point ``frame`` (``block`` in
-        bioflow's layout order: [C], [Z], Y, X)."""
-        layout_start = ([frame] if self.timed else []) + ([0, start] if self.has_channels else [start])
-        layout_start += [0] * (block.ndim + self.timed - len(layout_start))
-        data = block[None] if self.timed else block
-        self.file.write([layout_start[i] for i in self.perm], np.transpose(data, self.perm))
-
-    def close(self) -> None:
-        self.file.close()
-        os.replace(self.partial, self.target)
-
-    def abort(self) -> None:
-        self.file.close()
-        self.partial.unlink(missing_ok=True)
+    named = str(Path(model).resolve()) if Path(model).exists() else model
+    options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("progress", "overwrite")}
+    return {"model": named, "outputs": [s.name for s in specs], "options": options}
 
 
 def choose_device(device: str, option: str = "--device") -> str:
@@ -193,21 +149,29 @@ def predict(
     project_dir: str | None = None,
     tracking_uri: str | None = None,
     options: PredictionOptions | None = None,
+    record: bool = True,
     **settings: Any,
 ) -> list[dict[str, Path]]:
-    """Predict every input TIFF with ``model`` (a checkpoint file, an MLflow run id or a bioimage.io package).
+    """Predict every input (TIFF files, OME-Zarr stores) with ``model`` (a checkpoint file, an
+    MLflow run id or a bioimage.io package).
 
-    ``options`` (or the same names as keyword arguments: ``tile_size``, ``tta``, ``axes``, ...; see
-    :class:`~bioflow.inference.options.PredictionOptions`) say how; they are checked before any work.
-    Every readable input is predicted even when others fail; the failures are reported one line
-    each, and then raised together as a :class:`PredictionErrors`. Outputs are written under
-    temporary names and renamed when complete, so a failed input leaves nothing behind; ``out``
-    is created only when there is something to write.
+    ``options`` (or the same names as keyword arguments: ``tile_size``, ``tta``, ``axes``,
+    ``out_format``, ...; see :class:`~bioflow.inference.options.PredictionOptions`) say how; they
+    are checked before any work. Every readable input is predicted even when others fail; the
+    failures are reported one line each, and then raised together as a :class:`PredictionErrors`.
+    Outputs are written under temporary names and renamed when complete, so a failed input leaves
+    nothing behind under a final name; ``out`` is created only when there is something to write.
+    The same call into the same ``out`` again resumes: inputs that are done are skipped, and
+    OME-Zarr outputs continue at their first unfinished block.
 
-    Returns, for each input predicted, the output files written (by output name).
+    Started by ``torchrun`` or under SLURM with several tasks, the processes share out the inputs
+    and the blocks of OME-Zarr outputs (see :mod:`bioflow.inference.distributed`); the outputs are
+    the same as one process writes. With ``record`` the job is recorded as an MLflow run
+    (:mod:`bioflow.tracking.predictions`).
+
+    Returns, for each input predicted (or done before), the output files (by output name).
     """
-    from bioflow.loading import load_model
-    from bioflow.tracking.store import Store, default_project_dir
+    from bioflow.inference.distributed import Ranks
 
     if options is not None and settings:
         raise BioflowError(f"predict: give the options as one PredictionOptions or as keywords, not both ({', '.join(settings)})")
@@ -215,42 +179,199 @@ def predict(
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir}: exists and is not a folder; give a folder for the outputs")
-    device = choose_device(opts.device)
+    ranks = Ranks.detect()
+    try:
+        return _predict_job(model, inputs, out_dir, opts, ranks, project_dir, tracking_uri, record)
+    finally:
+        ranks.stop()
+
+
+def _say(ranks, line: str, err: bool = False) -> None:
+    if ranks.main:
+        print(line, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, project_dir, tracking_uri,
+                 record: bool) -> list[dict[str, Path]]:
+    import time
+
+    from bioflow.inference.distributed import assign
+    from bioflow.loading import load_model
+    from bioflow.tracking.predictions import start_record
+    from bioflow.tracking.store import Store, default_project_dir
+
+    started = time.perf_counter()
+    device = ranks.start(choose_device(opts.device))
     files = collect_inputs(inputs)
     explicit = project_dir is not None or tracking_uri is not None
     store = Store.create(project_dir or default_project_dir(), tracking_uri)
-    task = load_model(model, store, inference=True, explicit_store=explicit).task
+    loaded = load_model(model, store, inference=True, explicit_store=explicit)
+    task = loaded.task
     for line in task.prediction_caveats():
-        print(f"bioflow: note: {line}", file=sys.stderr)
+        _say(ranks, f"bioflow: note: {line}", err=True)
     if opts.precision is not None:  # instead of the model's predict.precision
         if getattr(task, "context", None) is None:
             raise BioflowError(f"--precision: {model} does not predict through bioflow's network; predict without it")
         task.context.predict["precision"] = opts.precision
     request_outputs(task, opts)
     task.to(device)
-    plan = output_paths(files, out_dir, outputs_of(task, opts.tta_spread), opts.overwrite)
-    results, failures, fit_rows = [], [], []
-    for f, targets in zip(files, plan):
-        try:
-            verdict = _predict_file(task, f, targets, out_dir, opts)
-        except BioflowError as exc:
-            if len(files) == 1:
-                raise
-            failures.append(exc.one_line())
-            print(f"bioflow: error: {exc.one_line()}", file=sys.stderr, flush=True)
-            continue
-        results.append(targets)
-        print(f"bioflow: {f} -> {', '.join(str(t) for t in targets.values())}", flush=True)
-        if verdict is not None:
-            fit_rows.append({"file": str(f), **verdict})
-            if not verdict["fits"]:
-                log.warning("%s does not look like the training data (score %.2f above %.2f; most unlike it: %s): "
-                            "doubt its outputs", f, verdict["score"], verdict["threshold"], verdict["reason"])
-    if fit_rows:
-        write_fit_report(out_dir / FIT_REPORT, fit_rows)
+    specs = outputs_of(task, opts.tta_spread)
+    journal = Journal.open(out_dir, job_identity(model, opts, specs))
+    plan, done = output_paths(files, out_dir, specs, opts.overwrite, opts.out_format, journal)
+    results: dict[int, dict[str, Path]] = {i: plan[i] for i in range(len(files)) if done[i]}
+    for i in results:
+        _say(ranks, f"bioflow: {files[i]}: done in an earlier run of this command; kept")
+    if len(results) == len(files):
+        return [plan[i] for i in sorted(results)]
+
+    recorder = None
+    fresh_folder, fresh_journal = not out_dir.exists(), not journal.same
+    if ranks.main:
+        journal.write()
+        if record:
+            recorder = start_record(store, explicit, loaded, model, out_dir, inputs, opts, ranks.world)
+    try:
+        record_id = ranks.gather(recorder.run_id if recorder else None)[0]
+
+        # Inputs whose outputs are OME-Zarr stores of streamed outputs go block by block; others whole.
+        failures: dict[int, str] = {}
+        blocked: dict[int, BlockedFile] = {}
+        setup_error = None
+        for i, f in enumerate(files):
+            if i in results:
+                continue
+            try:
+                job = blocked_file(task, f, plan[i], opts, journal, record_id, loaded.run_id, model, create=ranks.main)
+            except BioflowError as exc:
+                if len(files) == 1 and ranks.world == 1:
+                    raise
+                failures[i] = exc.one_line()
+                _say(ranks, f"bioflow: error: {exc.one_line()}", err=True)
+                continue
+            except Exception as exc:  # e.g. a store that cannot be written
+                setup_error = f"{f}: {type(exc).__name__}: {exc}"
+                break
+            if job is not None:
+                blocked[i] = job
+        setup_error = ranks.agree(setup_error)
+        if setup_error:
+            raise BioflowError(setup_error)
+        ranks.barrier()  # the first process made the blocked outputs' stores; now all may open them
+        for i, job in blocked.items():
+            if not ranks.main:
+                job.open_writers()
+        items: list[tuple[int, int | None, int]] = []  # (input, frame, block) or (input, None, 0) for a whole input
+        costs: list[float] = []
+        for i, f in enumerate(files):
+            if i in results or i in failures:
+                continue
+            if i in blocked:
+                for t, b in blocked[i].pending():
+                    items.append((i, t, b))
+                    costs.append(blocked[i].blocks[b].pixels)
+            else:
+                items.append((i, None, 0))
+                costs.append(input_pixels(f, opts))
+        owner = assign(costs, ranks.world)
+        mine = [item for item, rank in zip(items, owner) if rank == ranks.rank]
+
+        verdicts: dict[int, Any] = {}
+        finished: dict[int, dict[str, Path]] = {}
+        for i, t, b in mine:
+            if i in failures:
+                continue
+            f = files[i]
+            try:
+                if t is None:
+                    verdicts[i] = _predict_file(task, f, plan[i], out_dir, opts, record_id=record_id,
+                                                model_run_id=loaded.run_id, model=model)
+                    finished[i] = plan[i]
+                    if ranks.world == 1:
+                        print(f"bioflow: {f} -> {', '.join(str(p) for p in plan[i].values())}", flush=True)
+                else:
+                    verdict = blocked[i].predict(t, b)
+                    if verdict is not None:
+                        verdicts[i] = verdict
+            except BioflowError as exc:
+                failures[i] = exc.one_line()
+                if len(files) == 1 and ranks.world == 1:
+                    for job in blocked.values():
+                        job.release()
+                    raise
+                print(f"bioflow: error: {exc.one_line()}", file=sys.stderr, flush=True)
+        for job in blocked.values():
+            job.release()
+
+        gathered = ranks.gather((finished, failures, verdicts))
+        for part_finished, part_failures, part_verdicts in gathered:
+            finished.update(part_finished)
+            failures.update(part_failures)
+            verdicts.update(part_verdicts)
+        if ranks.main:
+            for i, job in blocked.items():
+                if i in failures:  # bad data: nothing of it is kept (a killed job keeps its blocks)
+                    job.abort()
+                    continue
+                try:
+                    job.complete()
+                except BioflowError as exc:
+                    failures[i] = exc.one_line()
+                    continue
+                finished[i] = plan[i]
+                print(f"bioflow: {files[i]} -> {', '.join(str(p) for p in plan[i].values())}", flush=True)
+            if ranks.world > 1:
+                for i in sorted(finished):
+                    if i not in blocked:
+                        print(f"bioflow: {files[i]} -> {', '.join(str(p) for p in plan[i].values())}", flush=True)
+            fit_rows = []
+            for i in sorted(verdicts):
+                verdict = verdicts[i]
+                if verdict is None or i not in finished:
+                    continue
+                fit_rows.append({"file": str(files[i]), **verdict})
+                if not verdict["fits"]:
+                    log.warning("%s does not look like the training data (score %.2f above %.2f; most unlike it: %s): "
+                                "doubt its outputs", files[i], verdict["score"], verdict["threshold"], verdict["reason"])
+            if fit_rows:
+                write_fit_report(out_dir / FIT_REPORT, fit_rows)
+            if recorder is not None:
+                rows = [{"input": str(files[i]), "outputs": " ".join(str(p) for p in plan[i].values()),
+                         "status": "done" if i in finished else "earlier" if i in results else f"failed: {failures.get(i, '')}"}
+                        for i in range(len(files))]
+                pixels = sum(input_pixels(files[i], opts) for i in finished)
+                recorder.finish(rows, pixels, time.perf_counter() - started, len(failures))
+    except BaseException:
+        if recorder is not None:
+            recorder.fail()
+        if ranks.main and fresh_journal and not any(p.exists() or (out_dir / f".{p.name}.partial").exists()
+                                                    for targets in plan for p in targets.values()):
+            _forget(out_dir, fresh_folder)
+        raise
+    if ranks.main:
+        if not finished and not results and fresh_journal and not any((out_dir / f".{p.name}.partial").exists()
+                                                                      for i in blocked for p in plan[i].values()):
+            _forget(out_dir, fresh_folder)  # nothing was made: leave the folder as it was
+    # every process ends with the same outcome
+    failures = ranks.gather(failures)[0] if ranks.world > 1 else failures
+    finished = ranks.gather(finished)[0] if ranks.world > 1 else finished
     if failures:
-        raise PredictionErrors(failures, len(files))
-    return results
+        if len(files) == 1:
+            raise DataError(next(iter(failures.values())))
+        raise PredictionErrors(list(failures.values()), len(files))
+    results.update(finished)
+    return [results[i] for i in sorted(results)]
+
+
+def _forget(out_dir: Path, fresh_folder: bool) -> None:
+    """Remove the job's record (and the output folder, if this job made it and it is empty)."""
+    from bioflow.inference.journal import JOB_FILE
+
+    (out_dir / JOB_FILE).unlink(missing_ok=True)
+    if fresh_folder:
+        try:
+            out_dir.rmdir()
+        except OSError:
+            pass
 
 
 #: Written beside the outputs: how well each input fits the model's training data.
@@ -295,38 +416,31 @@ class PredictionErrors(BioflowError):
         super().__init__(f"{len(messages)} of {total} input file(s) failed (each reported above); the others were predicted")
 
 
-def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: PredictionOptions):
+def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: PredictionOptions,
+                  record_id: str | None = None, model_run_id: str | None = None, model: str = ""):
     """Predict one file (every time point of a time-lapse) into its outputs; returns how its first
     frame fits the model's training data (None for models without a fingerprint)."""
     import torch
 
-    from bioflow.data.tiff import read_tiff_frames
-    from bioflow.data.views import SubArray, channel_indices
     from bioflow.inference.fit import FitObserver
 
-    frames = read_tiff_frames(f, opts.axes, channels=True, axes_option="--axes")
+    arrays, first = open_input(task, f, opts)
     options = opts.tiling()
-    wanted = getattr(task, "channel_selection", None)  # models from other tools choose none
-    arrays = []
-    for frame in frames:
-        array = frame.array
-        if wanted:
-            array = SubArray(array, channels=channel_indices(wanted, array.shape[0], frame.channel_names, str(f)))
-        arrays.append(array)
-    first = frames[0]
-    _check_compatible(task, arrays[0], f)
+    frames = arrays
+    check_compatible(task, arrays[0], f)
     for array in arrays[1:]:
         check_finite(array, str(f), when="prediction")
-    factor = _resolution_factor(task, first.pixel_size, f, opts.rescale)
+    factor = resolution_factor(task, first.pixel_size, f, opts.rescale)
     shape = tuple(arrays[0].shape[1:])
     out_dir.mkdir(parents=True, exist_ok=True)
-    writers: dict[str, TiffWriter] = {}
+    writers: dict[str, Any] = {}
     tables: dict[str, list] = {}  # per table output, one table per frame: written when all are done
     partials: list[Path] = []
+    made_by = provenance(f, model, model_run_id, record_id)
 
-    def writer(spec: OutputSpec) -> TiffWriter:
+    def writer(spec: OutputSpec):
         if spec.name not in writers:
-            writers[spec.name] = TiffWriter(targets[spec.name], shape, spec, first.file_axes, first.pixel_size, len(frames))
+            writers[spec.name] = make_writer(targets[spec.name], shape, spec, f, first, len(frames), made_by)
         return writers[spec.name]
 
     verdict = None
@@ -340,14 +454,14 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
                 if opts.tta_spread:
                     writer(SPREAD)
                 # a rescaled prediction comes back at the image's size, grid or not
-                stride = (_spread_stride(task) if factor is None else ()) if opts.tta_spread else None
-                sink = _session_sink(session, writers, t, stride)
+                stride = (spread_stride(task) if factor is None else ()) if opts.tta_spread else None
+                sink = session_sink(session, writers, t, stride)
                 watch = t == 0 and getattr(task, "fit_reference", None) is not None
                 with torch.no_grad(), (FitObserver(task) if watch else nullcontext()) as seen:
                     if factor is None:
                         task.predict_array(array, sink=sink, **options)
                     else:
-                        _predict_rescaled(task, array, factor, sink, options)
+                        predict_rescaled(task, array, factor, sink, options)
                 if watch:
                     verdict = seen.verdict()  # the first frame's fit, from the tiles just predicted
                 finished = session.finish()
@@ -377,20 +491,6 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
         raise
 
 
-class ArrayWriter:
-    """Collects one output of one image in memory (the in-memory twin of :class:`TiffWriter`)."""
-
-    def __init__(self, spatial_shape: Sequence[int], spec: OutputSpec) -> None:
-        shape = ((spec.channels,) if spec.channels is not None else ()) + tuple(spatial_shape)
-        self.array = np.zeros(shape, dtype=spec.dtype)
-        self.spatial_shape = tuple(int(n) for n in spatial_shape)
-        self.has_channels = spec.channels is not None
-
-    def write(self, start: int, block: np.ndarray, frame: int = 0) -> None:
-        rows = slice(start, start + block.shape[1 if self.has_channels else 0])
-        self.array[(slice(None), rows) if self.has_channels else rows] = block
-
-
 def predict_array(task, array, options: PredictionOptions | None = None, check_fit: bool = False,
                   **tiling: Any) -> dict[str, Any]:
     """Every output of ``task`` (a predictor) for one channel-first image in memory, tiled like
@@ -405,7 +505,7 @@ def predict_array(task, array, options: PredictionOptions | None = None, check_f
         options = PredictionOptions.of(allowed=TILING, **{"progress": False, **tiling})
     options = options.tiling()
 
-    _check_compatible(task, array, Path("the image"))
+    check_compatible(task, array, Path("the image"))
     shape = tuple(array.shape[1:])
     session = task.prediction_session(shape)
     spread = bool(options.get("tta_spread"))
@@ -415,7 +515,7 @@ def predict_array(task, array, options: PredictionOptions | None = None, check_f
     try:
         watch = check_fit and getattr(task, "fit_reference", None) is not None
         with torch.no_grad(), (FitObserver(task) if watch else nullcontext()) as seen:
-            task.predict_array(array, sink=_session_sink(session, writers, 0, _spread_stride(task) if spread else None),
+            task.predict_array(array, sink=session_sink(session, writers, 0, spread_stride(task) if spread else None),
                                **options)
         finished = session.finish()
         out: dict[str, Any] = {name: w.array for name, w in writers.items()}
@@ -428,103 +528,3 @@ def predict_array(task, array, options: PredictionOptions | None = None, check_f
     return out
 
 
-#: ``--tta-spread``: how much the predictions of the flipped and turned image disagree, per pixel.
-SPREAD = OutputSpec("tta_spread", None, np.float32)
-
-
-def outputs_of(task, tta_spread: bool = False) -> list[OutputSpec]:
-    """The outputs a prediction writes per input: the task's, and the TTA spread on request."""
-    return [*task.prediction_outputs(), *([SPREAD] if tta_spread else [])]
-
-
-def _spread_stride(task) -> tuple[int, ...]:
-    stride = task.output_stride() if hasattr(task, "output_stride") else getattr(task, "stride", None)
-    return tuple(int(g) for g in stride) if stride else ()
-
-
-def _write_spread(writer, start: int, block, stride: Sequence[int], frame: int) -> None:
-    """A strip of the spread, brought from the output grid (``stride``; empty: the image's own) to
-    the image's pixels."""
-    import torch
-
-    spatial = writer.spatial_shape
-    if any(int(g) > 1 for g in stride):  # on a coarser grid: each value covers its cell
-        for axis, g in enumerate(stride):
-            block = torch.repeat_interleave(block, int(g), dim=axis)
-        start *= int(stride[0])
-    rows = max(0, min(block.shape[0], spatial[0] - start))
-    crop = (slice(0, rows),) + tuple(slice(0, s) for s in spatial[1:])
-    writer.write(start, block[crop].float().cpu().numpy(), frame=frame)
-
-
-# Strips are finalised in chunks of about this many pixels, to bound temporary arrays.
-_FINALIZE_PIXELS = 1 << 21
-
-
-def _session_sink(session, writers: dict[str, TiffWriter], frame: int = 0, spread_stride: Sequence[int] | None = None):
-    """The sink that hands strips of raw output to the session and writes its blocks; with
-    ``spread_stride``, the last channel is the TTA spread (on the output grid of that stride),
-    written as it is to the ``tta_spread`` output at the image's size."""
-    def sink(start: int, raw) -> None:
-        if spread_stride is not None:
-            _write_spread(writers[SPREAD.name], start, raw[-1], spread_stride, frame)
-            raw = raw[:-1]
-        row_pixels = max(1, int(np.prod(raw.shape[2:])))
-        step = max(1, _FINALIZE_PIXELS // row_pixels)
-        for offset in range(0, raw.shape[1], step):
-            for name, block in session.block(start + offset, raw[:, offset:offset + step]).items():
-                writers[name].write(start + offset, block, frame=frame)
-
-    return sink
-
-
-def _check_compatible(task, array, path: Path) -> None:
-    info = task.data_info
-    channels, spatial = array.shape[0], array.ndim - 1
-    if spatial != info.spatial_dims:
-        raise DataError(f"{path}: a {spatial}D image, but the model was trained on {info.spatial_dims}D images")
-    if channels != info.in_channels:
-        raise DataError(
-            f"{path}: the image has {channels} channel(s) but the model expects {info.in_channels} "
-            "(check the axes: declare them with --axes if the file has no metadata)"
-        )
-    check_finite(array, str(path), when="prediction")
-
-
-def _resolution_factor(task, pixel_size, path: Path, rescale: bool) -> list[float] | None:
-    """Zoom factors that bring the image to the training pixel size, if ``rescale`` is asked."""
-    trained = task.data_info.pixel_size
-    if trained is None or pixel_size is None:
-        return None
-    ratio = [p / t for p, t in zip(pixel_size, trained)]
-    if all(abs(r - 1) <= _PIXEL_SIZE_TOLERANCE for r in ratio):
-        return None
-    sizes = "x".join(f"{p:g}" for p in pixel_size) + " µm"
-    trained_sizes = "x".join(f"{t:g}" for t in trained) + " µm"
-    if not rescale:
-        log.warning(
-            "%s: pixel size %s differs from the training pixel size %s; objects appear at another scale than "
-            "the model learnt (pass --rescale to resample the image to the training pixel size)", path, sizes, trained_sizes,
-        )
-        return None
-    return ratio
-
-
-def _predict_rescaled(task, array, factor, sink, options) -> None:
-    """Resample to the training pixel size, predict, resample the raw output back, then ``sink`` it."""
-    import torch
-    from scipy import ndimage
-
-    data = np.asarray(array, dtype=np.float32)
-    zoomed = np.stack([ndimage.zoom(c, factor, order=1) for c in data])
-    parts: list[torch.Tensor] = []
-    task.predict_array(zoomed, sink=lambda start, raw: parts.append(raw.cpu()), **options)
-    raw = torch.cat(parts, dim=1).numpy()
-    shape = data.shape[1:]
-    back = [s / z for s, z in zip(shape, raw.shape[1:])]
-    restored = np.stack([ndimage.zoom(c, back, order=1) for c in raw])
-    restored = restored[(slice(None),) + tuple(slice(0, s) for s in shape)]
-    if restored.shape[1:] != shape:  # zoom rounding: pad the last row/column by repetition
-        pad = [(0, 0)] + [(0, s - r) for s, r in zip(shape, restored.shape[1:])]
-        restored = np.pad(restored, pad, mode="edge")
-    sink(0, torch.from_numpy(np.ascontiguousarray(restored)))

@@ -15,7 +15,7 @@ from bioflow.cli.common import fail
 from bioflow.cli.dashboard import dashboard_command
 from bioflow.cli.train import train_command
 from bioflow.errors import BioflowError
-from bioflow.inference.options import BLENDS
+from bioflow.inference.options import BLENDS, OUT_FORMATS
 from bioflow.precision import PREDICTION_PRECISIONS
 from bioflow.version import __version__
 
@@ -77,6 +77,7 @@ def predict_command(args: argparse.Namespace) -> int:
         axes=args.axes, tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
         tta=args.tta, tta_spread=args.tta_spread, blend=args.blend, rescale=args.rescale, device=args.device, overwrite=args.overwrite,
         progress=not args.no_progress, precision=args.precision, confidence=args.confidence,
+        out_format=args.out_format, level=args.level, block_size=args.block_size, record=not args.no_record,
     )
     return 0
 
@@ -127,10 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     _model_argument(ev, "or a bioimage.io package written by bioflow export")
     ev.add_argument("--split", default="test", choices=["test", "val", "train"], help="split to evaluate (default: test)")
     ev.add_argument("--no-log", action="store_true", help="do not log the metrics into the MLflow run")
-    pr = sub.add_parser("predict", help="apply a model to TIFF files (tiled, any image size)")
+    pr = sub.add_parser("predict", help="apply a model to TIFF files and OME-Zarr stores (tiled, any image size; "
+                        "several processes under torchrun or SLURM)")
     _model_argument(pr, "or a bioimage.io model package (.zip, rdf.yaml)")
-    pr.add_argument("inputs", nargs="+", help="TIFF files, or folders of TIFF files")
-    pr.add_argument("--out", required=True, help="output folder (created; inputs are never overwritten)")
+    pr.add_argument("inputs", nargs="+", help="TIFF files, OME-Zarr stores, or folders of them")
+    pr.add_argument("--out", required=True, help="output folder (created; inputs are never overwritten; the same "
+                    "command again resumes an interrupted job)")
+    pr.add_argument("--out-format", choices=OUT_FORMATS, default="auto",
+                    help="tiff or ome-zarr (default auto: the input's format)")
+    pr.add_argument("--level", type=int, default=0, help="resolution level of OME-Zarr inputs (default 0: full resolution)")
+    pr.add_argument("--block-size", type=int, nargs="+", metavar="N",
+                    help="OME-Zarr outputs are predicted in blocks of whole chunks about this big (default: 2048 in "
+                         "2D, 64 256 256 in 3D); the blocks are shared out between processes")
     pr.add_argument("--axes", help="axes of the input files when their metadata does not say (e.g. ZYX, CYX, YXC)")
     pr.add_argument("--tile-size", type=int, nargs="+", metavar="N", help="tile size (one value, or one per axis); default: from free memory")
     pr.add_argument("--overlap", type=int, nargs="+", metavar="N", help="tile overlap; default: the network's receptive field")
@@ -149,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "auto: bfloat16 where the CPU (AMX) or GPU computes it natively")
     pr.add_argument("--overwrite", action="store_true", help="replace existing output files (never inputs)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--no-record", action="store_true",
+                    help="do not record this job as a run of the 'predictions' experiment in the model's MLflow store")
     ex = sub.add_parser("export", help="write a model as a bioimage.io package (BioImage Model Zoo, spec v0.5)")
     _model_argument(ex, "")
     ex.add_argument("--out", required=True, help="the package to write (.zip)")

@@ -62,11 +62,16 @@ def _tiff_files(folder: Path, what: str) -> dict[str, Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(TIFF_SUFFIXES))
     if not files:
         raise DataError(f"{folder}: no .tif/.tiff files in the {what} folder")
+    return _by_stem(files, file_stem)
+
+
+def _by_stem(paths: Sequence[Path], stem) -> dict[str, Path]:
+    """Paths by their name without extension (``stem``); two of one name are an error."""
     by_stem: dict[str, Path] = {}
-    for p in files:
-        if file_stem(p) in by_stem:
-            raise DataError(f"{p}: same name as {by_stem[file_stem(p)]}; names must be unique in a folder")
-        by_stem[file_stem(p)] = p
+    for p in paths:
+        if stem(p) in by_stem:
+            raise DataError(f"{p}: same name as {by_stem[stem(p)]}; names must be unique in a folder")
+        by_stem[stem(p)] = p
     return by_stem
 
 
@@ -210,4 +215,87 @@ def tiff_pairs(
         target_frames = read_tiff_frames(target_files[stem], target_axes or frames[0].file_axes, channels=True)
         _check_frames(target_files[stem], len(target_frames), path, len(frames))
         records += _frame_records(stem, path, frames, [t.array for t in target_frames], pixel_size, target_files[stem])
+    return records
+
+
+def _zarr_stores(where: Path, what: str) -> dict[str, Path]:
+    """The OME-Zarr stores of a folder (or the one store given) by name."""
+    from bioflow.data.omezarr import is_zarr, zarr_stem
+
+    where = Path(where)
+    if is_zarr(where):
+        return {zarr_stem(where): where}
+    if not where.is_dir():
+        raise DataError(f"{where}: {what} store or folder not found")
+    stores = sorted(p for p in where.iterdir() if is_zarr(p))
+    if not stores:
+        raise DataError(f"{where}: no OME-Zarr stores in the {what} folder (and it is not a store itself)")
+    return _by_stem(stores, zarr_stem)
+
+
+def ome_zarr(
+    images: Path,
+    labels: Optional[str] = None,
+    targets: Optional[Path] = None,
+    level: int = 0,
+    axes: Optional[str] = None,
+    pixel_size: Optional[list[float]] = None,
+) -> list[ImageRecord]:
+    """Images from OME-Zarr stores (NGFF 0.4 or 0.5), read lazily chunk by chunk.
+
+    Parameters
+    ----------
+    images
+        One OME-Zarr store, or a folder of them.
+    labels
+        The label image (under each store's ``labels/`` group) that holds the masks: its name, or
+        ``auto`` for a store's only one. Leave out for tasks without masks.
+    targets
+        For restoration: a store or folder of stores with the target images, paired by name.
+    level
+        The resolution level to train on (0: full resolution); masks come from the label level of
+        the same pixel size.
+    axes
+        Axes of the stores, only to check them: the stores' metadata says what they are.
+    pixel_size
+        Pixel size per spatial axis, instead of the stores' scales.
+    """
+    from bioflow.data.omezarr import label_image, matching_level, open_multiscale, read_zarr_frames
+
+    _check_axes(axes=axes)
+    if labels is not None and targets is not None:
+        raise DataError("data.source: give labels (segmentation masks) or targets (restoration pairs), not both")
+    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        raise DataError(f"data.source.level: {level!r} is not a resolution level (0, 1, ...)")
+    stores = _zarr_stores(Path(images), "images")
+    target_stores: dict[str, Path] = {}
+    if targets is not None:
+        target_stores = _zarr_stores(Path(targets), "targets")
+        missing = [p.name for s, p in stores.items() if s not in target_stores]
+        if missing:
+            raise DataError(f"{targets}: no target for {len(missing)} image(s): {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''}")
+    records = []
+    for stem, path in stores.items():
+        image = open_multiscale(path)
+        frames = read_zarr_frames(path, axes, channels=True, level=level, multiscale=image)
+        found: list[Any] = [None] * len(frames)
+        target_path = None
+        if labels is not None:
+            mask = label_image(image, None if labels == "auto" else labels)
+            mask_frames = read_zarr_frames(mask.path, channels=False, level=matching_level(image, level, mask),
+                                           multiscale=mask)
+            _check_frames(mask.path, len(mask_frames), path, len(frames))
+            found = [_integer_labels(m.array, mask.path) for m in mask_frames]
+            target_path = mask.path
+        elif targets is not None:
+            target_path = target_stores[stem]
+            target_frames = read_zarr_frames(target_path, channels=True, level=level)
+            _check_frames(target_path, len(target_frames), path, len(frames))
+            found = [t.array for t in target_frames]
+        for frame, target in zip(frames, found):
+            if target is not None and tuple(target.shape[-len(frame.array.shape[1:]):]) != tuple(frame.array.shape[1:]):
+                raise DataError(f"{target_path}: shape {tuple(target.shape)} does not fit its image "
+                                f"{path} (spatial shape {tuple(frame.array.shape[1:])})")
+        records += _frame_records(stem, path, frames, found, pixel_size, target_path)
     return records

@@ -16,6 +16,8 @@ from bioflow.precision import PREDICTION_PRECISIONS
 
 #: How overlapping tiles are combined (see :mod:`bioflow.inference.tiling`).
 BLENDS = ("cosine", "none")
+#: Output formats of ``bioflow predict`` (auto: the input's, TIFF for TIFF and OME-Zarr for OME-Zarr).
+OUT_FORMATS = ("auto", "tiff", "ome-zarr")
 #: The options of the tiler itself (what a predictor's ``predict_array`` takes).
 TILING = ("tile_size", "overlap", "batch_size", "tta", "tta_spread", "blend", "progress")
 
@@ -31,7 +33,10 @@ class PredictionOptions:
     input files' axes where their metadata do not say; ``rescale``: resample images whose pixel
     size differs from training; ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...;
     ``precision``: the network's precision (default: the model's); ``overwrite``: replace earlier
-    outputs (never inputs); ``confidence``: also a per-pixel confidence map (segmentation).
+    outputs (never inputs); ``confidence``: also a per-pixel confidence map (segmentation);
+    ``out_format``: ``auto`` (the input's), ``tiff`` or ``ome-zarr``; ``level``: the resolution
+    level of OME-Zarr inputs; ``block_size``: the edge of the blocks OME-Zarr outputs are predicted
+    in (one value or one per axis, rounded up to whole chunks; default 2048 in 2D, 64x256x256 in 3D).
     """
 
     tile_size: Optional[tuple[int, ...]] = None
@@ -47,9 +52,12 @@ class PredictionOptions:
     precision: Optional[str] = None
     overwrite: bool = False
     confidence: bool = False
+    out_format: str = "auto"
+    level: int = 0
+    block_size: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
-        for name, low in (("tile_size", 1), ("overlap", 0)):
+        for name, low in (("tile_size", 1), ("overlap", 0), ("block_size", 1)):
             values = getattr(self, name)
             if values is None:
                 continue
@@ -62,6 +70,10 @@ class PredictionOptions:
             object.__setattr__(self, name, values)
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or int(self.batch_size) < 1):
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.out_format not in OUT_FORMATS:
+            raise ConfigError(f"--out-format {self.out_format}: one of {', '.join(OUT_FORMATS)}")
+        if isinstance(self.level, bool) or not isinstance(self.level, int) or self.level < 0:
+            raise ConfigError(f"--level {self.level}: a resolution level of OME-Zarr inputs (0, 1, ...)")
         if self.blend not in BLENDS:
             raise ConfigError(f"--blend {self.blend}: one of {', '.join(BLENDS)}")
         if self.axes is not None and (not self.axes or set(self.axes.upper()) - set("TCZYXS")):

@@ -291,8 +291,9 @@ class RestorationTask(BaseTask):
 
     def predict_array(self, image, sink, **options) -> None:
         """Predict, and hand on strips already mapped back to the image's intensity units (the
-        restored image, then, for a probabilistic model, its recalibrated std)."""
-        norm = self.normalizer().norm_for(image)
+        restored image, then, for a probabilistic model, its recalibrated std). ``norm``: as for
+        any predictor, the normalisation to use instead of the image's own."""
+        norm = options.pop("norm", None) or self.normalizer().norm_for(image)
         norm_tensor = torch.from_numpy(np.stack([norm.low, norm.high]))
 
         spread = bool(options.get("tta_spread"))

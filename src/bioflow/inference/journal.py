@@ -1,0 +1,65 @@
+"""What a prediction job has finished in its output folder, so that the same command resumes it.
+
+The job writes its identity (the model and every option that changes the outputs) to
+``.prediction-job.json`` in the output folder before it writes anything else. Outputs appear
+under their final names only when complete (they are renamed into place), so when the same
+command runs again into that folder, an input whose outputs all exist is done and is skipped, and
+its other outputs are the job's own, to be finished. Blocks of a large OME-Zarr output are marked
+done one by one (an empty file each, in ``.<name>.blocks/``, made only after the block's data is
+written), so a killed job loses at most the blocks it was writing. Another command (another model
+or other options) into the same folder is refused where it would replace outputs, as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+JOB_FILE = ".prediction-job.json"
+
+
+@dataclass
+class Journal:
+    """A prediction job's record in its output folder."""
+
+    out_dir: Path
+    identity: dict[str, Any]
+    same: bool  # the folder holds the outputs of a job with this identity
+
+    @classmethod
+    def open(cls, out_dir: Path, identity: dict[str, Any]) -> "Journal":
+        path = out_dir / JOB_FILE
+        earlier = None
+        if path.is_file():
+            try:
+                earlier = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                earlier = None
+        identity = json.loads(json.dumps(identity))  # as it reads back
+        return cls(out_dir, identity, earlier == identity)
+
+    def write(self) -> None:
+        """Record the job (before any output is written), atomically."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        partial = self.out_dir / f"{JOB_FILE}.partial"
+        partial.write_text(json.dumps(self.identity, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(partial, self.out_dir / JOB_FILE)
+        self.same = True
+
+    def _blocks(self, name: str) -> Path:
+        return self.out_dir / f".{name}.blocks"
+
+    def block_done(self, name: str, frame: int, index: int) -> bool:
+        return (self._blocks(name) / f"{frame}-{index}").is_file()
+
+    def mark_block(self, name: str, frame: int, index: int) -> None:
+        folder = self._blocks(name)
+        folder.mkdir(exist_ok=True)
+        (folder / f"{frame}-{index}").touch()
+
+    def clear_blocks(self, name: str) -> None:
+        shutil.rmtree(self._blocks(name), ignore_errors=True)

@@ -1,0 +1,243 @@
+"""Facility scale: OME-Zarr in and out, prediction over two processes, resuming a killed job.
+
+The OME-Zarr stores here are written by ome-zarr-py (another tool than bioflow), with anisotropic
+pixel sizes and NGFF labels, in both NGFF versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+pytest.importorskip("ome_zarr")
+import zarr  # noqa: E402
+
+from bioflow.data.synthetic_nuclei import synthetic_nuclei_image  # noqa: E402
+from bioflow.testing import make_checkpoint  # noqa: E402
+from tests.helpers import BIOFLOW, run_cli, write_ome_zarr  # noqa: E402
+
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+SMALL = ("model.depth=2", "model.base_channels=4")
+
+
+def read_output(path: Path) -> np.ndarray:
+    return zarr.open_array(str(path / "0"), mode="r")[...] if path.name.endswith(".zarr") else tifffile.imread(path)
+
+
+def outputs_of(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: read_output(p) for p in sorted(folder.iterdir()) if not p.name.startswith(".")
+            and p.suffix != ".csv"}
+
+
+@pytest.fixture(scope="module")
+def care2d(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("care") / "care.ckpt", "experiment=demo_care", *SMALL)
+
+
+@pytest.fixture(scope="module")
+def unet3d(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("unet3d") / "u.ckpt", "data=synthetic_nuclei_3d", *SMALL,
+                           spatial_dims=3, pixel_size=[2.0, 0.5, 0.5])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """A folder of TIFFs and OME-Zarr stores of several sizes (one of many blocks)."""
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate([(90, 70), (130, 150), (64, 64)]):
+        tifffile.imwrite(folder / f"t{i}.tif", rng.gamma(2.0, 200.0, shape).astype(np.uint16))
+    write_ome_zarr(folder / "big.ome.zarr", rng.gamma(2.0, 200.0, (300, 260)).astype(np.uint16), "yx",
+                   {"y": 0.5, "x": 0.5}, chunks=(64, 64))
+    write_ome_zarr(folder / "old.ome.zarr", rng.gamma(2.0, 200.0, (2, 96, 80)).astype(np.uint16), "tyx",
+                   {"t": 1.0, "y": 0.5, "x": 0.5}, version="0.4", chunks=(1, 48, 48))
+    return folder
+
+
+def predict(model: Path, inputs: Path, out: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
+    args = ["predict", str(model), str(inputs), "--out", str(out), "--no-progress", "--block-size", "64", *extra]
+    if processes == 1:
+        return run_cli(*args)
+    command = [TORCHRUN, "--standalone", f"--nproc_per_node={processes}", BIOFLOW, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_two_processes_write_the_same_bytes_as_one(care2d, inputs, tmp_path):
+    one = predict(care2d, inputs, tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = predict(care2d, inputs, tmp_path / "two", processes=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    first, second = outputs_of(tmp_path / "one"), outputs_of(tmp_path / "two")
+    assert sorted(first) == ["big.ome.zarr", "old.ome.zarr", "t0.tif", "t1.tif", "t2.tif"]
+    assert sorted(second) == sorted(first)
+    for name in first:
+        assert first[name].dtype == second[name].dtype and np.array_equal(first[name], second[name]), name
+    assert two.stdout.count("big.ome.zarr ->") == 1  # one report line per input, from the first process
+    assert not [p for p in (tmp_path / "two").iterdir() if p.name.endswith((".partial", ".blocks"))]
+
+
+def test_blocks_give_the_whole_image_prediction(care2d, inputs, tmp_path):
+    """An OME-Zarr output predicted in 64-pixel blocks equals the TIFF output predicted whole."""
+    result = predict(care2d, inputs / "big.ome.zarr", tmp_path / "z")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = predict(care2d, inputs / "big.ome.zarr", tmp_path / "t", "--out-format", "tiff")
+    assert result.returncode == 0, result.stderr[-3000:]
+    blocked, whole = read_output(tmp_path / "z" / "big.ome.zarr"), read_output(tmp_path / "t" / "big.tif")
+    assert blocked.shape == (1, 300, 260) and whole.shape == (300, 260)  # tifffile drops the C axis of 1
+    whole = whole[None]
+    np.testing.assert_allclose(blocked, whole, rtol=1e-4, atol=1e-3 * float(np.abs(whole).max()))
+    # the input's chunks, version and pixel size carry over
+    out = zarr.open_group(str(tmp_path / "z" / "big.ome.zarr"), mode="r")
+    assert out["0"].chunks == (1, 64, 64)
+    multiscale = out.attrs["ome"]["multiscales"][0]
+    assert [a["name"] for a in multiscale["axes"]] == ["c", "y", "x"]
+    assert multiscale["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 0.5, 0.5]
+    assert out.attrs["bioflow"]["source"] == str((inputs / "big.ome.zarr").resolve())
+
+
+def test_killed_job_resumes_to_the_bytes_of_an_uninterrupted_one(care2d, inputs, tmp_path):
+    reference = predict(care2d, inputs, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "out"
+    command = [BIOFLOW, "predict", str(care2d), str(inputs), "--out", str(out), "--no-progress", "--block-size", "64",
+               "--tile-size", "32", "--overlap", "16"]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    blocks = out / ".big.ome.zarr.blocks"
+    deadline = time.time() + 300
+    while time.time() < deadline and job.poll() is None and len(list(blocks.glob("*"))) < 3:
+        time.sleep(0.05)
+    assert job.poll() is None, "the job ended before it could be killed: " + job.stderr.read().decode()[-2000:]
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert (out / ".big.ome.zarr.partial").is_dir() and not (out / "big.ome.zarr").exists()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    # same tiles as the reference? no: other tile sizes give other float rounding, so compare a
+    # third, uninterrupted run with the same options
+    uninterrupted = subprocess.run(command[:5] + [str(tmp_path / "plain")] + command[6:], capture_output=True,
+                                   text=True, timeout=600)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    resumed, plain = outputs_of(out), outputs_of(tmp_path / "plain")
+    assert sorted(resumed) == sorted(plain) == sorted(outputs_of(tmp_path / "reference"))
+    for name in plain:
+        assert np.array_equal(resumed[name], plain[name]), name
+    assert not [p for p in out.iterdir() if p.name.endswith((".partial", ".blocks"))]
+    # a finished job run again does nothing and changes nothing
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and rerun.stdout.count("done in an earlier run") == 5, rerun.stdout + rerun.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".prediction-job.json"} == \
+        {k: v for k, v in before.items() if k != ".prediction-job.json"}
+
+
+def test_another_command_into_a_finished_folder_is_refused(care2d, inputs, tmp_path):
+    first = predict(care2d, inputs / "t0.tif", tmp_path / "o")
+    assert first.returncode == 0, first.stderr
+    other = predict(care2d, inputs / "t0.tif", tmp_path / "o", "--tta")
+    assert other.returncode == 2
+    assert "exists already" in other.stderr and "--overwrite" in other.stderr
+
+
+def nuclei_volumes(folder: Path, n: int, version: str) -> None:
+    for i in range(n):
+        image, labels = synthetic_nuclei_image((16, 64, 48), seed=5, index=i, anisotropy=2.0)
+        write_ome_zarr(folder / f"vol{i}.ome.zarr", image.astype(np.float32), "zyx", {"z": 2.0, "y": 0.5, "x": 0.5},
+                       labels={"nuclei": labels.astype(np.int32)}, version=version, chunks=(8, 32, 32))
+
+
+def test_a_foreign_3d_ome_zarr_with_labels_trains_and_predicts(tmp_path):
+    stores = tmp_path / "stores"
+    stores.mkdir()
+    nuclei_volumes(stores, 5, "0.4")
+    result = run_cli(
+        "train", "data=ome_zarr", f"data.source.images={stores}", "data.source.labels=nuclei",
+        "data.patch_size=[8,32,32]", "data.patches_per_epoch=8", "data.batch_size=2", "data.num_workers=0",
+        "data.split.val=[vol3]", "data.split.test=[vol4]", *SMALL, "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+        "logger.experiment_name=zarr3d", f"project_dir={tmp_path / 'project'}", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = next((tmp_path / "project" / "outputs").glob("*/*/checkpoints/best-*.ckpt"))
+    saved = __import__("torch").load(checkpoint, map_location="cpu", weights_only=False)
+    assert saved["hyper_parameters"]["data_info"]["pixel_size"] == [2.0, 0.5, 0.5]
+    out = tmp_path / "out"
+    predicted = run_cli("predict", str(checkpoint), str(stores / "vol0.ome.zarr"), "--out", str(out), "--no-progress")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    labels = zarr.open_group(str(out / "vol0.ome.zarr"), mode="r")
+    assert labels["0"].shape == (16, 64, 48) and labels["0"].dtype == np.uint8
+    assert "image-label" in labels.attrs  # NGFF 0.4, as the input
+    scale = labels.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale == [2.0, 0.5, 0.5]
+    # the same prediction as the same volume given as a TIFF
+    tif = tmp_path / "vol0.ome.tif"
+    tifffile.imwrite(tif, zarr.open_array(str(stores / "vol0.ome.zarr" / "s0"))[...], ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeZ": 2.0, "PhysicalSizeY": 0.5, "PhysicalSizeX": 0.5})
+    as_tiff = run_cli("predict", str(checkpoint), str(tif), "--out", str(tmp_path / "tiff"), "--no-progress")
+    assert as_tiff.returncode == 0, as_tiff.stderr[-3000:]
+    assert (labels["0"][...] == tifffile.imread(tmp_path / "tiff" / "vol0.tif")).mean() > 0.999
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_source_reads_axes_pixel_sizes_and_labels_lazily(tmp_path, version):
+    from bioflow.data.omezarr import LazyZarr
+    from bioflow.data.sources import ome_zarr
+
+    nuclei_volumes(tmp_path, 2, version)
+    records = ome_zarr(tmp_path, labels="auto")
+    assert [r.name for r in records] == ["vol0", "vol1"]
+    assert isinstance(records[0].image, LazyZarr) and isinstance(records[0].target, LazyZarr)
+    assert records[0].image.shape == (1, 16, 64, 48) and records[0].pixel_size == (2.0, 0.5, 0.5)
+    image, labels = synthetic_nuclei_image((16, 64, 48), seed=5, index=0, anisotropy=2.0)
+    np.testing.assert_array_equal(records[0].image[0, 3:9, 10:40, 5:20], image[3:9, 10:40, 5:20].astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(records[0].target), labels)
+
+
+def test_bad_ome_zarr_inputs_give_one_line(tmp_path, care2d):
+    from bioflow.data.sources import ome_zarr
+    from bioflow.errors import DataError
+
+    nuclei_volumes(tmp_path, 1, "0.5")
+    with pytest.raises(DataError, match="no label image 'nucleus'; did you mean 'nuclei'"):
+        ome_zarr(tmp_path, labels="nucleus")
+    with pytest.raises(DataError, match="no resolution level 3"):
+        ome_zarr(tmp_path, level=3)
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(str(plain), mode="w")
+    with pytest.raises(DataError, match="without NGFF multiscales metadata"):
+        ome_zarr(plain)
+    (tmp_path / "broken.ome.zarr").mkdir()
+    (tmp_path / "broken.ome.zarr" / "zarr.json").write_text("{not json")
+    result = run_cli("predict", str(care2d), str(tmp_path / "broken.ome.zarr"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "broken.ome.zarr" in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) <= 3, result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_job_record_lists_what_was_written(tmp_path, care2d, inputs):
+    """A prediction with --project-dir of an existing store is recorded there."""
+    from mlflow.tracking import MlflowClient
+
+    from bioflow.tracking.store import Store
+
+    Store.create(tmp_path / "project").prepare()
+    result = predict(care2d, inputs / "t1.tif", tmp_path / "o", "--project-dir", str(tmp_path / "project"))
+    assert result.returncode == 0, result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("predictions").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["model"] == str(care2d) and run.data.params["out"] == str(tmp_path / "o")
+    assert run.data.metrics["images"] == 1 and run.data.metrics["pixels"] == 130 * 150
+    assert run.data.metrics["pixels_per_second"] > 0
+    listed = Path(client.download_artifacts(run.info.run_id, "outputs.csv", str(tmp_path))).read_text()
+    assert str(tmp_path / "o" / "t1.tif") in listed and "done" in listed
+    assert json.loads((tmp_path / "o" / ".prediction-job.json").read_text())["model"] == str(care2d.resolve())
