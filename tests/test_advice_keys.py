@@ -25,7 +25,7 @@ TOP_LEVEL = re.compile(r"(?<![\w./+-])(init_from|resume|seed|project_dir|test_af
 #: Configs a user could be in when following a piece of advice.
 CONTEXTS = [
     [], ["task=stardist"], ["task=n2v"], ["task=care"], ["experiment=stardist_own_data"], ["experiment=n2v_own_data"],
-    ["data=tiff_folder"], ["data=tiff_pairs"], ["data=tiff_images"], ["data=synthetic_restoration"],
+    ["data=tiff_folder"], ["data=tiff_pairs"], ["data=tiff_images"], ["data=synthetic_restoration"], ["data=ome_zarr"],
     ["sampler=foreground"], ["sampler=class_weighted"],
     ["scheduler=plateau"], ["scheduler=cosine"], ["scheduler=onecycle"], ["batch_transform=structn2v", "task=n2v"],
     ["postprocessor=connected_components"], ["trainer=ddp"], ["trainer=multinode"], ["optimizer=sgd"],

@@ -183,6 +183,8 @@ CONFIG_CASES = [
     ("percentiles-reversed", ["data.normalize.low=99", "data.normalize.high=10"], "data.normalize.high"),
     ("zero-learning-rate", ["optimizer.lr=0"], "optimizer.lr"),
     ("missing-folder", ["data=tiff_folder", "data.source.images=/no/such/folder", "data.source.masks=/no/such"], "/no/such"),
+    ("missing-ome-zarr", ["data=ome_zarr", "data.source.images=/no/such.ome.zarr", "data.source.labels=auto"], "/no/such.ome.zarr"),
+    ("ome-zarr-level-not-a-number", ["data=ome_zarr", "data.source.images=/x.ome.zarr", "data.source.level=high"], "data.source.level"),
     ("resume-nothing", ["resume=last", "logger.experiment_name=nothing"], "nothing"),
     ("init-from-garbage", ["init_from=garbage.ckpt"], "garbage.ckpt"),
     ("unquoted-non-ascii-name", ["data.split.test=[细胞 3]"], "\"data.split.test=['细胞 3']\""),
@@ -230,7 +232,31 @@ PREDICT_CASES = [
     ("neither-file-nor-run", ["mymodel", "{good}", "--out", "{out}"], "mymodel"),
     ("confidence-of-a-restoration", ["{care}", "{good}", "--out", "{out}", "--confidence"], "--confidence"),
     ("tta-spread-output-exists", ["{model}", "{good}", "--out", "{taken}", "--tta-spread"], "good_tta_spread.tif"),
+    ("level-of-a-tiff", ["{model}", "{good}", "--out", "{out}", "--level", "1"], "--level"),
+    ("level-negative", ["{model}", "{good}", "--out", "{out}", "--level", "-1"], "--level"),
+    ("block-size-zero", ["{model}", "{good}", "--out", "{out}", "--block-size", "0"], "--block-size"),
+    ("level-not-in-store", ["{model}", "{store}", "--out", "{out}", "--level", "3"], "no resolution level 3"),
+    ("zarr-without-ngff", ["{model}", "{plainzarr}", "--out", "{out}"], "plain.zarr"),
+    ("broken-ome-zarr", ["{model}", "{brokenzarr}", "--out", "{out}"], "broken.ome.zarr"),
+    ("ome-zarr-of-another-dimensionality", ["{model}", "{volume}", "--out", "{out}"], "volume.ome.zarr"),
 ]
+
+
+def _zarr_stores(folder: Path) -> None:
+    """A good 2D OME-Zarr store, a 3D one, a zarr group without NGFF metadata, and a store whose
+    metadata is not JSON (made only where the zarr extra is installed)."""
+    try:
+        import zarr
+
+        from tests.helpers import write_ome_zarr
+    except ImportError:
+        return
+    rng = np.random.default_rng(0)
+    write_ome_zarr(folder / "good.ome.zarr", rng.integers(0, 4000, (48, 40), dtype=np.uint16), "yx", {"y": 0.5, "x": 0.5})
+    write_ome_zarr(folder / "volume.ome.zarr", rng.integers(0, 4000, (4, 48, 40), dtype=np.uint16), "zyx")
+    zarr.open_group(str(folder / "plain.zarr"), mode="w").create_array("0", shape=(8, 8), dtype="u2")
+    (folder / "broken.ome.zarr").mkdir()
+    (folder / "broken.ome.zarr" / "zarr.json").write_text("{not json")
 
 
 @pytest.fixture
@@ -246,9 +272,11 @@ def predict_world(world, tmp_path) -> dict[str, str]:
     _crafted_checkpoint(tmp_path / "evil.ckpt")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "good_tta_spread.tif").write_bytes(b"a spread map of an earlier run")
+    _zarr_stores(tmp_path)
     names = {"model": "model.ckpt", "good": "good.tif", "stack": "stack.tif", "rgb": "rgb.tif", "garbage": "garbage.ckpt",
              "evil": "evil.ckpt", "afile": "afile", "out": "out", "care": "care.ckpt",
-             "taken": "taken"}
+             "taken": "taken", "store": "good.ome.zarr", "plainzarr": "plain.zarr", "brokenzarr": "broken.ome.zarr",
+             "volume": "volume.ome.zarr"}
     return {"root": str(tmp_path), **{k: str(tmp_path / v) for k, v in names.items()}}
 
 
@@ -305,7 +333,8 @@ def test_a_folder_with_one_bad_file_predicts_the_others(predict_world):
     (inputs / "bad.tif").write_bytes(b"not a tiff")
     code, out, err = run(["predict", predict_world["model"], str(inputs), "--out", predict_world["out"], "--no-progress"])
     assert code == 2 and "Traceback" not in err
-    assert sorted(p.name for p in Path(predict_world["out"]).iterdir()) == ["a.tif", "b.tif"]  # no partial file
+    made = sorted(p.name for p in Path(predict_world["out"]).iterdir())
+    assert made == [".prediction-job.json", "a.tif", "b.tif"]  # no partial file (the job's record, to resume it)
     assert "bad.tif" in err and "1 of 3" in err
 
 

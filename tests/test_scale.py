@@ -83,6 +83,8 @@ def test_two_processes_write_the_same_bytes_as_one(care2d, inputs, tmp_path):
     for name in first:
         assert first[name].dtype == second[name].dtype and np.array_equal(first[name], second[name]), name
     assert two.stdout.count("big.ome.zarr ->") == 1  # one report line per input, from the first process
+    shares = two.stdout.split("pieces of work (inputs and blocks): ")[1].splitlines()[0].split(" + ")
+    assert len(shares) == 2 and all(int(n) > 0 for n in shares)  # both processes predicted
     assert not [p for p in (tmp_path / "two").iterdir() if p.name.endswith((".partial", ".blocks"))]
 
 
@@ -135,7 +137,7 @@ def test_killed_job_resumes_to_the_bytes_of_an_uninterrupted_one(care2d, inputs,
     # a finished job run again does nothing and changes nothing
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0 and rerun.stdout.count("done in an earlier run") == 5, rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0 and "5 of 5 input(s) done in an earlier run" in rerun.stdout, rerun.stdout + rerun.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".prediction-job.json"} == \
         {k: v for k, v in before.items() if k != ".prediction-job.json"}
 
@@ -241,3 +243,116 @@ def test_job_record_lists_what_was_written(tmp_path, care2d, inputs):
     listed = Path(client.download_artifacts(run.info.run_id, "outputs.csv", str(tmp_path))).read_text()
     assert str(tmp_path / "o" / "t1.tif") in listed and "done" in listed
     assert json.loads((tmp_path / "o" / ".prediction-job.json").read_text())["model"] == str(care2d.resolve())
+
+
+def test_two_slurm_tasks_share_the_work_like_torchrun(care2d, inputs, tmp_path):
+    """Under SLURM (srun, one task per GPU or core) the ranks come from SLURM's variables, through
+    Lightning's cluster environment; here two tasks on one node are simulated."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "slurm"
+    command = [BIOFLOW, "predict", str(care2d), str(inputs), "--out", str(out), "--no-progress", "--block-size", "64"]
+    tasks = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+               "SLURM_PROCID": str(rank),
+               "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "predict",
+               "SLURM_NODELIST": "127.0.0.1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        tasks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    ended = [task.communicate(timeout=600) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], ended[0][1][-2000:] + ended[1][1][-2000:]
+    assert ended[0][0].count(" -> ") == 5 and ended[1][0].count(" -> ") == 0  # reported once, by rank 0
+    assert "2 processes shared" in ended[0][0]
+    single = predict(care2d, inputs, tmp_path / "single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    first, second = outputs_of(tmp_path / "single"), outputs_of(out)
+    assert sorted(first) == sorted(second)
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
+def with_foreground(path: Path, image: np.ndarray) -> Path:
+    """The untrained segmentation model at ``path``, its head's bias moved so that about half of
+    ``image`` is foreground (a random network calls everything background)."""
+    import torch
+
+    from bioflow.checkpoint import load_checkpoint
+    from bioflow.loading import task_from_checkpoint
+
+    task = task_from_checkpoint(load_checkpoint(path), str(path))
+    checkpoint = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        norm = task.normalizer().norm_for(image[None])
+        logits = task.predict_image(torch.from_numpy(norm(image[None]))).numpy()
+    margin = logits[1] - logits[0]
+    checkpoint["state_dict"]["model.head.bias"][1] -= float(np.median(margin))
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_outputs_of_the_whole_image_meet_in_one_session_across_processes(tmp_path):
+    """Instances of a post-processor (as StarDist's global NMS) need the whole image: the blocks'
+    raw output is spooled and replayed through one session; 1 and 2 processes agree byte for byte,
+    and with the whole-image TIFF prediction up to float ties."""
+    image, _ = synthetic_nuclei_image((300, 260), seed=1, index=0)
+    model = make_checkpoint(tmp_path / "cc.ckpt", *SMALL, "postprocessor=connected_components")
+    with_foreground(model, image)
+    store = write_ome_zarr(tmp_path / "in" / "n.ome.zarr", image.astype(np.float32), "yx", {"y": 1.0, "x": 1.0},
+                           chunks=(64, 64))
+    one = predict(model, store, tmp_path / "one")
+    two = predict(model, store, tmp_path / "two", processes=2)
+    whole = predict(model, store, tmp_path / "whole", "--out-format", "tiff")
+    for result in (one, two, whole):
+        assert result.returncode == 0, result.stderr[-3000:]
+    first, second = outputs_of(tmp_path / "one"), outputs_of(tmp_path / "two")
+    assert sorted(first) == ["n.ome.zarr", "n_instances.ome.zarr"] == sorted(second)
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    instances = first["n_instances.ome.zarr"]
+    assert 5 < instances.max() and 0.2 < (instances > 0).mean() < 0.8
+    assert (instances == tifffile.imread(tmp_path / "whole" / "n_instances.tif")).mean() > 0.999
+    assert not [p for p in (tmp_path / "two").iterdir() if p.name.endswith((".partial", ".blocks"))]
+
+
+def stardist_with_objects(path: Path, image: np.ndarray) -> Path:
+    """An untrained StarDist model at ``path`` made to find objects: every ray 6 pixels long, and
+    the object probability above its threshold on about 3% of the grid (a random network finds
+    none)."""
+    import torch
+
+    from bioflow.checkpoint import load_checkpoint
+    from bioflow.loading import task_from_checkpoint
+
+    checkpoint = torch.load(path, weights_only=False)
+    state = checkpoint["state_dict"]
+    state["model.dist.weight"].zero_()
+    state["model.dist.bias"].fill_(6.0)
+    torch.save(checkpoint, path)
+    task = task_from_checkpoint(load_checkpoint(path), str(path))
+    with torch.no_grad():
+        norm = task.normalizer().norm_for(image[None])
+        logits = task.predict_image(torch.from_numpy(norm(image[None])))[0].numpy()
+    state["model.prob.bias"] -= float(np.quantile(logits, 0.97))
+    state["thresholds"] = torch.tensor([0.5, 0.4])
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_stardist_blocks_of_two_processes_meet_in_one_global_nms(tmp_path):
+    """StarDist's candidates from the blocks of every process go into one NMS: labels and object
+    table of two processes are those of one, and those of the whole image predicted as a TIFF."""
+    image, _ = synthetic_nuclei_image((200, 180), seed=9, index=1)
+    model = make_checkpoint(tmp_path / "sd.ckpt", "task=stardist", *SMALL, "task.n_rays=16")
+    stardist_with_objects(model, image)
+    store = write_ome_zarr(tmp_path / "in" / "nuclei.ome.zarr", image.astype(np.float32), "yx", chunks=(64, 64))
+    one = predict(model, store, tmp_path / "one")
+    two = predict(model, store, tmp_path / "two", processes=2)
+    whole = predict(model, store, tmp_path / "whole", "--out-format", "tiff")
+    for result in (one, two, whole):
+        assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (read_output(tmp_path / o / "nuclei.ome.zarr") for o in ("one", "two"))
+    assert first.max() > 10 and np.array_equal(first, second)
+    table = (tmp_path / "one" / "nuclei_objects.csv").read_text()
+    assert table == (tmp_path / "two" / "nuclei_objects.csv").read_text() and len(table.splitlines()) == first.max() + 1
+    assert (first == tifffile.imread(tmp_path / "whole" / "nuclei.tif")).mean() > 0.99

@@ -60,3 +60,4 @@ def test_evaluate_and_predict_by_run_id(stardist_run, tmp_path):
     assert predicted.returncode == 0, predicted.stderr
     labels = tifffile.imread(tmp_path / "out" / "nuclei.tif")
     assert labels.shape == (150, 130) and labels.dtype == np.int32
+

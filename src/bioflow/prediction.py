@@ -96,8 +96,7 @@ def output_paths(files: Sequence[Path], out_dir: Path, specs: Sequence[OutputSpe
             if target in seen:
                 raise DataError(f"{f} and {seen[target]} would both be written to {target}; rename one of them")
             if target.exists() and not overwrite and not ours:
-                raise DataError(f"{target}: exists already; remove it, choose another --out folder, or pass --overwrite "
-                                f"(the same command resumes a job it started there)")
+                raise DataError(f"{target}: exists already; remove it, choose another --out folder, or pass --overwrite")
             seen[target] = f
             targets[spec.name] = target
         plan.append(targets)
@@ -197,7 +196,7 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
 
     from bioflow.inference.distributed import assign
     from bioflow.loading import load_model
-    from bioflow.tracking.predictions import start_record
+    from bioflow.tracking.predictions import NOT_RECORDED, start_record
     from bioflow.tracking.store import Store, default_project_dir
 
     started = time.perf_counter()
@@ -219,8 +218,9 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
     journal = Journal.open(out_dir, job_identity(model, opts, specs))
     plan, done = output_paths(files, out_dir, specs, opts.overwrite, opts.out_format, journal)
     results: dict[int, dict[str, Path]] = {i: plan[i] for i in range(len(files)) if done[i]}
-    for i in results:
-        _say(ranks, f"bioflow: {files[i]}: done in an earlier run of this command; kept")
+    if results:
+        _say(ranks, f"bioflow: {len(results)} of {len(files)} input(s) done in an earlier run of this command "
+                    f"into {out_dir}; kept")
     if len(results) == len(files):
         return [plan[i] for i in sorted(results)]
 
@@ -272,6 +272,8 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
             else:
                 items.append((i, None, 0))
                 costs.append(input_pixels(f, opts))
+        # the first process's list (a process that is quick to finish a block must not change another's)
+        items, costs = ranks.gather((items, costs))[0]
         owner = assign(costs, ranks.world)
         mine = [item for item, rank in zip(items, owner) if rank == ranks.rank]
 
@@ -296,26 +298,34 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
                 failures[i] = exc.one_line()
                 if len(files) == 1 and ranks.world == 1:
                     for job in blocked.values():
-                        job.release()
+                        job.abort()  # bad data: nothing of it is kept (a killed job keeps its blocks)
                     raise
                 print(f"bioflow: error: {exc.one_line()}", file=sys.stderr, flush=True)
         for job in blocked.values():
             job.release()
 
-        gathered = ranks.gather((finished, failures, verdicts))
-        for part_finished, part_failures, part_verdicts in gathered:
+        gathered = ranks.gather((finished, failures, verdicts, len(mine)))
+        for part_finished, part_failures, part_verdicts, _ in gathered:
             finished.update(part_finished)
             failures.update(part_failures)
             verdicts.update(part_verdicts)
+        if ranks.world > 1:
+            _say(ranks, f"bioflow: {ranks.world} processes shared {len(items)} pieces of work (inputs and blocks): "
+                        + " + ".join(str(part[-1]) for part in gathered))
         if ranks.main:
             for i, job in blocked.items():
                 if i in failures:  # bad data: nothing of it is kept (a killed job keeps its blocks)
                     job.abort()
                     continue
                 try:
+                    if job.gathered:  # all blocks' raw output through one session: one global NMS
+                        job.check_done()
+                        _predict_file(task, files[i], plan[i], out_dir, opts, record_id=record_id,
+                                      model_run_id=loaded.run_id, model=model, replay=job.replay)
                     job.complete()
                 except BioflowError as exc:
                     failures[i] = exc.one_line()
+                    job.abort()
                     continue
                 finished[i] = plan[i]
                 print(f"bioflow: {files[i]} -> {', '.join(str(p) for p in plan[i].values())}", flush=True)
@@ -334,6 +344,8 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
                                 "doubt its outputs", files[i], verdict["score"], verdict["threshold"], verdict["reason"])
             if fit_rows:
                 write_fit_report(out_dir / FIT_REPORT, fit_rows)
+            if recorder is None and record and finished:
+                print(f"bioflow: note: {NOT_RECORDED}", file=sys.stderr, flush=True)
             if recorder is not None:
                 rows = [{"input": str(files[i]), "outputs": " ".join(str(p) for p in plan[i].values()),
                          "status": "done" if i in finished else "earlier" if i in results else f"failed: {failures.get(i, '')}"}
@@ -417,9 +429,11 @@ class PredictionErrors(BioflowError):
 
 
 def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: PredictionOptions,
-                  record_id: str | None = None, model_run_id: str | None = None, model: str = ""):
+                  record_id: str | None = None, model_run_id: str | None = None, model: str = "", replay=None):
     """Predict one file (every time point of a time-lapse) into its outputs; returns how its first
-    frame fits the model's training data (None for models without a fingerprint)."""
+    frame fits the model's training data (None for models without a fingerprint). With
+    ``replay(t, sink)``, the raw output of each time point was predicted before (block by block,
+    see :class:`bioflow.inference.blocks.BlockedFile`) and is only handed over again."""
     import torch
 
     from bioflow.inference.fit import FitObserver
@@ -427,10 +441,11 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
     arrays, first = open_input(task, f, opts)
     options = opts.tiling()
     frames = arrays
-    check_compatible(task, arrays[0], f)
-    for array in arrays[1:]:
-        check_finite(array, str(f), when="prediction")
-    factor = resolution_factor(task, first.pixel_size, f, opts.rescale)
+    if replay is None:  # (replayed blocks were checked as they were read)
+        check_compatible(task, arrays[0], f)
+        for array in arrays[1:]:
+            check_finite(array, str(f), when="prediction")
+    factor = None if replay is not None else resolution_factor(task, first.pixel_size, f, opts.rescale)
     shape = tuple(arrays[0].shape[1:])
     out_dir.mkdir(parents=True, exist_ok=True)
     writers: dict[str, Any] = {}
@@ -456,9 +471,11 @@ def _predict_file(task, f: Path, targets: dict[str, Path], out_dir: Path, opts: 
                 # a rescaled prediction comes back at the image's size, grid or not
                 stride = (spread_stride(task) if factor is None else ()) if opts.tta_spread else None
                 sink = session_sink(session, writers, t, stride)
-                watch = t == 0 and getattr(task, "fit_reference", None) is not None
+                watch = t == 0 and replay is None and getattr(task, "fit_reference", None) is not None
                 with torch.no_grad(), (FitObserver(task) if watch else nullcontext()) as seen:
-                    if factor is None:
+                    if replay is not None:  # raw output predicted before, block by block
+                        replay(t, sink)
+                    elif factor is None:
                         task.predict_array(array, sink=sink, **options)
                     else:
                         predict_rescaled(task, array, factor, sink, options)

@@ -69,39 +69,100 @@ def view_box(block: Block, shape: Sequence[int], halo: int, multiple: int) -> tu
 
 
 class BlockedFile:
-    """An input predicted block by block into OME-Zarr outputs (see :mod:`bioflow.inference.blocks`)."""
+    """An input predicted block by block into OME-Zarr outputs.
+
+    Outputs made strip by strip (``streamed``: a class map, a restored image) are written block by
+    block straight into their stores. Outputs that need the whole image first (StarDist's labels
+    after its global NMS, a post-processor's instances) are *gathered*: the blocks' raw network
+    output is spooled into a hidden zarr array beside the outputs (on the output grid, one chunk
+    per block), and when every block is done the first process replays it strip by strip through
+    the task's prediction session, exactly as a single process predicting the whole image would
+    hand it over; so every process's candidates meet in one global NMS.
+    """
 
     def __init__(self, task, f: Path, targets: dict[str, Path], opts: PredictionOptions, journal, arrays, first,
                  provenance: dict[str, Any]) -> None:
-        from bioflow.inference.blocks import block_shape, plan_blocks
+        from bioflow.data.omezarr import output_chunks
         from bioflow.inference.tiling import context_margin
 
         self.task, self.f, self.targets, self.opts, self.journal = task, f, targets, opts, journal
         self.arrays, self.first, self.provenance = arrays, first, provenance
         self.shape = tuple(int(n) for n in arrays[0].shape[1:])
-        self.specs = [*task.prediction_outputs(), *([SPREAD] if opts.tta_spread else [])]
-        from bioflow.data.omezarr import output_chunks
-
+        outputs = task.prediction_outputs()
+        self.gathered = not all(spec.streamed and not spec.table for spec in outputs)
+        self.specs = [*outputs, *([SPREAD] if opts.tta_spread else [])]
         given, _ = zarr_layout(f, first)
         self.key = targets[self.specs[0].name].name
         self.writers: dict[str, Any] = {}
         self.chunks = output_chunks("".join(a for a in "ZYX" if a in first.file_axes.upper()), self.shape, given)
-        self.blocks = plan_blocks(self.shape, block_shape(self.shape, self.chunks, opts.block_size))
+        edge = block_shape(self.shape, self.chunks, opts.block_size)
+        self.stride = tuple(int(g) for g in spread_stride(task)) or (1,) * len(self.shape)
+        self.multiple = int(getattr(task, "size_multiple", 1))
+        if self.gathered:  # blocks start on the output grid; the spool has one chunk per block
+            edge = tuple(-(-e // g) * g for e, g in zip(edge, self.stride))
+            self.multiple = math.lcm(self.multiple, *self.stride)
+        self.edge = edge
+        self.blocks = plan_blocks(self.shape, edge)
+        self.grid = tuple(-(-n // g) for n, g in zip(self.shape, self.stride))
         self.halo = context_margin(task.receptive_field())
+        self.spool_path = journal.out_dir / f".{self.key}.raw.partial"
+        self.spool = None
         self._norms: dict[int, Any] = {}
 
     def open_writers(self, create: bool = False) -> None:
-        """Open (the first process: create, or reopen to resume) the partial stores of the outputs."""
-        fresh = False
-        for spec in self.specs:
-            writer = make_writer(self.targets[spec.name], self.shape, spec, self.f, self.first, len(self.arrays),
-                                  self.provenance, resume=True)
-            fresh = fresh or not writer.resumed
-            self.writers[spec.name] = writer
+        """Open (the first process: create, or reopen to resume) the partial stores of the outputs
+        (of a gathered input: its spool of raw output)."""
+        if self.gathered:
+            fresh = self._open_spool(create)
+        else:
+            fresh = False
+            for spec in self.specs:
+                writer = make_writer(self.targets[spec.name], self.shape, spec, self.f, self.first, len(self.arrays),
+                                     self.provenance, resume=True)
+                fresh = fresh or not writer.resumed
+                self.writers[spec.name] = writer
         if fresh:
             if not create:
                 raise BioflowError(f"{self.f}: the partial outputs changed while the job ran; run the command again")
             self.journal.clear_blocks(self.key)
+
+    def _open_spool(self, create: bool) -> bool:
+        """Open the spool of raw output (creating it, the first process only); whether it is new."""
+        import shutil
+
+        import zarr
+
+        chunks = (1, None) + tuple(e // g for e, g in zip(self.edge, self.stride))
+        if self.spool_path.is_dir():
+            try:
+                spool = zarr.open_array(str(self.spool_path), mode="r+")
+                if spool.shape[0] == len(self.arrays) and tuple(spool.shape[2:]) == self.grid \
+                        and tuple(spool.chunks[2:]) == chunks[2:]:
+                    self.spool = spool
+                    return False
+            except Exception:
+                pass
+            if not create:
+                return True
+            shutil.rmtree(self.spool_path)
+        if not create:
+            return True
+        channels = self._raw_channels()
+        self.spool = zarr.open_array(str(self.spool_path), mode="w", shape=(len(self.arrays), channels) + self.grid,
+                                     chunks=(1, channels) + chunks[2:], dtype=np.float32, zarr_format=3)
+        return True
+
+    def _raw_channels(self) -> int:
+        """How many channels of raw output the network gives (with the TTA spread, if asked), from a
+        small probe image."""
+        import torch
+
+        probe = np.random.default_rng(0).random((self.arrays[0].shape[0],) + (2 * self.multiple,) * len(self.shape))
+        seen: list[int] = []
+        with torch.no_grad():
+            self.task.predict_array(probe.astype(np.float32), sink=lambda start, raw: seen.append(int(raw.shape[0])),
+                                    **{**self.opts.tiling(), "progress": False})
+        return seen[0]
 
     def pending(self) -> list[tuple[int, int]]:
         return [(t, b) for t in range(len(self.arrays)) for b in range(len(self.blocks))
@@ -113,78 +174,117 @@ class BlockedFile:
         import torch
 
         from bioflow.data.views import SubArray
-        from bioflow.inference.blocks import view_box
         from bioflow.inference.fit import FitObserver
 
         array = self.arrays[t]
         if t not in self._norms:
             self._norms[t] = self.task.normalizer().norm_for(array)
         block = self.blocks[b]
-        lo, hi = view_box(block, self.shape, self.halo, int(getattr(self.task, "size_multiple", 1)))
+        lo, hi = view_box(block, self.shape, self.halo, self.multiple)
         view = np.asarray(SubArray(array, [None] + [slice(a, z) for a, z in zip(lo, hi)])[...])
         check_finite(view, str(self.f), when="prediction")
         shape = tuple(view.shape[1:])
-        session = self.task.prediction_session(shape)
-        buffers = {spec.name: ArrayWriter(shape, spec) for spec in self.specs}
         options = {**self.opts.tiling(), "progress": False}
         watch = t == 0 and b == 0 and getattr(self.task, "fit_reference", None) is not None
+        session, buffers, raw = None, {}, []
+        if self.gathered:
+            def sink(start, block_raw):
+                raw.append(block_raw.float().cpu().numpy())
+        else:
+            session = self.task.prediction_session(shape)
+            buffers = {spec.name: ArrayWriter(shape, spec) for spec in self.specs}
+            sink = session_sink(session, buffers, 0, () if self.opts.tta_spread else None)
         try:
             with torch.no_grad(), (FitObserver(self.task) if watch else nullcontext()) as seen:
-                self.task.predict_array(view, sink=session_sink(session, buffers, 0, () if self.opts.tta_spread else None),
-                                        norm=self._norms[t], **options)
-            session.finish()
+                self.task.predict_array(view, sink=sink, norm=self._norms[t], **options)
+            if session is not None:
+                session.finish()
         finally:
-            session.close()
-        inner = tuple(slice(s - a, s - a + n) for s, a, n in zip(block.start, lo, block.size))
-        for spec in self.specs:
-            data = buffers[spec.name].array
-            data = data[(slice(None),) + inner] if spec.channels is not None else data[inner]
-            self.writers[spec.name].write_box(block.start, data, frame=t)
+            if session is not None:
+                session.close()
+        if self.gathered:
+            data = np.concatenate(raw, axis=1)
+            first = [(s - a) // g for s, a, g in zip(block.start, lo, self.stride)]
+            cells = [-(-(s + n) // g) - s // g for s, n, g in zip(block.start, block.size, self.stride)]
+            inner = tuple(slice(c, c + n) for c, n in zip(first, cells))
+            at = tuple(slice(s // g, s // g + n) for s, g, n in zip(block.start, self.stride, cells))
+            self.spool[(t, slice(None)) + at] = data[(slice(None),) + inner]
+        else:
+            inner = tuple(slice(s - a, s - a + n) for s, a, n in zip(block.start, lo, block.size))
+            for spec in self.specs:
+                data = buffers[spec.name].array
+                data = data[(slice(None),) + inner] if spec.channels is not None else data[inner]
+                self.writers[spec.name].write_box(block.start, data, frame=t)
         self.journal.mark_block(self.key, t, b)
         return seen.verdict() if watch else None
+
+    def replay(self, t: int, sink) -> None:
+        """Hand the spooled raw output of time point ``t`` to ``sink`` strip by strip, as the
+        tiler hands it over when it predicts the whole image."""
+        import torch
+
+        row = int(np.prod(self.spool.shape[1:])) // max(1, self.spool.shape[2])
+        step = max(1, (1 << 22) // max(1, row))
+        for start in range(0, self.grid[0], step):
+            sink(start, torch.from_numpy(np.ascontiguousarray(self.spool[t, :, start:start + step])))
 
     def release(self) -> None:
         self.writers = {}
 
     def abort(self) -> None:
         """Remove the partial outputs and the record of their blocks."""
+        import shutil
+
         from bioflow.data.omezarr import ZarrWriter
 
         for target in self.targets.values():
             ZarrWriter.remove_partial(target)
-        self.writers = {}
+        shutil.rmtree(self.spool_path, ignore_errors=True)
+        self.writers, self.spool = {}, None
         self.journal.clear_blocks(self.key)
 
-    def complete(self) -> None:
-        """Rename the outputs into place once every block is done (the first process, at the end)."""
+    def check_done(self) -> None:
         missing = self.pending()
         if missing:
             raise BioflowError(f"{self.f}: {len(missing)} block(s) were not predicted; run the command again to finish")
-        self.open_writers()
-        for writer in self.writers.values():
-            writer.close()
+
+    def complete(self) -> None:
+        """Rename the outputs into place once every block is done (the first process, at the end;
+        a gathered input's outputs are made from its spool first, see :meth:`replay`)."""
+        self.check_done()
+        if not self.gathered:
+            self.open_writers()
+            for writer in self.writers.values():
+                writer.close()
         self.writers = {}
+        self.abort_spool_and_marks()
+
+    def abort_spool_and_marks(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.spool_path, ignore_errors=True)
+        self.spool = None
         self.journal.clear_blocks(self.key)
 
 
 def blocked_file(task, f: Path, targets: dict[str, Path], opts: PredictionOptions, journal, record_id, model_run_id,
-                  model: str, create: bool):
-    """The input as a :class:`BlockedFile` if it is predicted block by block: OME-Zarr outputs,
-    all streamed, of a bioflow network at the image's own pixel size; else None."""
+                 model: str, create: bool):
+    """The input as a :class:`BlockedFile` if it is predicted block by block: OME-Zarr outputs of a
+    bioflow network at the image's own pixel size; else None."""
     from bioflow.inference.predictor import TiledPredictor
 
-    if not all(t.name.endswith(".ome.zarr") for t in targets.values()):
+    if not all(t.name.endswith(".ome.zarr") for t in targets.values() if not t.name.endswith(".csv")):
         return None
-    if not isinstance(task, TiledPredictor) or spread_stride(task) and any(int(g) > 1 for g in spread_stride(task)):
+    if not isinstance(task, TiledPredictor):
         return None
-    if not all(spec.streamed and not spec.table for spec in task.prediction_outputs()):
+    streamed = all(spec.streamed and not spec.table for spec in task.prediction_outputs())
+    if streamed and any(int(g) > 1 for g in spread_stride(task)):
         return None
     arrays, first = open_input(task, f, opts)
     check_shape(task, arrays[0], f)
     if resolution_factor(task, first.pixel_size, f, opts.rescale, warn=create) is not None:
         return None
-    job = BlockedFile(task, f, targets, opts, journal, arrays, first,
-                       provenance(f, model, model_run_id, record_id))
+    job = BlockedFile(task, f, targets, opts, journal, arrays, first, provenance(f, model, model_run_id, record_id))
     if create:
         job.open_writers(create=True)
     return job

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from bioflow.errors import BioflowError
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,10 @@ def _environment():
     if TorchElasticEnvironment.detect():
         env = TorchElasticEnvironment()
     elif SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        env = SLURMEnvironment()
+        try:
+            env = SLURMEnvironment()
+        except RuntimeError as exc:  # Lightning's check of the job's srun variables
+            raise BioflowError(f"SLURM: {' '.join(str(exc).split())}") from None
     else:
         return None
     return env if env.world_size() > 1 else None

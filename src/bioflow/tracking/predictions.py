@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import logging
 import platform
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,6 +25,11 @@ EXPERIMENT = "predictions"
 KIND_TAG = "bioflow.kind"
 MODEL_RUN_TAG = "bioflow.model_run_id"
 COUNT_TAG = "bioflow.predictions"
+
+
+#: Said after a job that no store could record.
+NOT_RECORDED = ("this prediction is not recorded in MLflow (no store holds the model's training run; give "
+                "--project-dir or --tracking-uri to record it, or --no-record)")
 
 
 class PredictionRecord:
@@ -148,13 +152,12 @@ def record_store(store, explicit: bool, model_store, model_run_id: str | None):
 
 
 def start_record(store, explicit: bool, loaded, model: str, out_dir: Path, inputs, opts, world: int):
-    """The MLflow run of this job (None, with a note, where there is no store to record it in)."""
+    """The MLflow run of this job, or None where there is no store to record it in (see
+    :func:`record_store`; :data:`NOT_RECORDED` says so once the job is done)."""
     import dataclasses
 
     where = record_store(store, explicit, loaded.store, loaded.run_id)
     if where is None:
-        print("bioflow: note: this prediction is not recorded in MLflow (no store holds the model's training run; "
-              "give --project-dir or --tracking-uri to record it)", file=sys.stderr, flush=True)
         return None
     options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("progress",)}
     return PredictionRecord.start(where, model, loaded.run_id, out_dir, [str(i) for i in inputs], options, world)
