@@ -1,7 +1,7 @@
 """Facility scale: peak memory of OME-Zarr volume prediction against the volume's size, and a folder
 predicted by one process against two (torchrun, gloo).
 
-Memory: a CARE network (3D U-Net, depth 2, 16 base channels, random weights: memory and speed do
+Memory: a CARE network (3D U-Net, depth 2, 8 base channels, random weights: memory and speed do
 not depend on training) predicts float32 OME-Zarr volumes of growing size into OME-Zarr, block by
 block; each prediction runs in a fresh process, whose peak resident memory (ru_maxrss of the child)
 and wall time are reported. Peak memory should follow the block, not the volume.
@@ -9,7 +9,11 @@ and wall time are reported. Peak memory should follow the block, not the volume.
 Processes: the same 2D network predicts a folder of images with one process, then with two under
 torchrun, one thread each; the outputs are compared byte for byte.
 
-Run: .venv/bin/python bench/scale.py [--volumes 32x256x256 64x512x512 128x1024x1024] [--smoke]
+The default volumes are one block (64 x 256 x 256, the default 3D block), 4 and 8 blocks; the tile is
+chosen automatically (from free memory, up to the block's view) as a user's would be, or fixed with
+--tile-size; with a fixed tile, peak memory should not grow with the volume.
+
+Run: .venv/bin/python bench/scale.py [--volumes 64x256x256 64x512x512 128x512x512] [--smoke]
 Prints one JSON object.
 """
 
@@ -65,9 +69,11 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--volumes", nargs="+", default=["32x256x256", "64x512x512", "128x1024x1024"])
-    parser.add_argument("--images", type=int, default=8, help="images in the folder for the process comparison")
-    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--volumes", nargs="+", default=["64x256x256", "64x512x512", "128x512x512"])
+    parser.add_argument("--images", type=int, default=32, help="images in the folder for the process comparison")
+    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument("--tile-size", type=int, nargs="+", default=None,
+                        help="the tile of the volume predictions (default: automatic, from free memory)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: checks that the bench runs")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -82,21 +88,23 @@ def main(argv: list[str] | None = None) -> dict:
     bioflow = str(Path(sys.executable).with_name("bioflow"))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result: dict = {"machine": platform.machine(), "cpus": os.cpu_count(), "memory": [], "processes": []}
+    result: dict = {"machine": platform.machine(), "cpus": os.cpu_count(), "tile_size": args.tile_size or "auto",
+                    "memory": [], "processes": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model3d = make_checkpoint(tmp / "care3d.ckpt", "experiment=demo_care", "model.depth=2",
-                                  "model.base_channels=16", spatial_dims=3, pixel_size=[2.0, 0.5, 0.5])
+                                  "model.base_channels=8", spatial_dims=3, pixel_size=[2.0, 0.5, 0.5])
         for text in args.volumes:
             shape = _shape(text)
             volume = tmp / f"v{text}.ome.zarr"
             write_volume(volume, shape, tuple(min(n, c) for n, c in zip(shape, (32, 128, 128))))
+            tile = ["--tile-size", *map(str, args.tile_size)] if args.tile_size else []
             measured = run_measured([bioflow, "predict", str(model3d), str(volume), "--out", str(tmp / f"o{text}"),
-                                     "--no-progress", "--no-record", "--device", "cpu"], env)
+                                     "--no-progress", "--no-record", "--device", "cpu", *tile], env)
             voxels = int(np.prod(shape))
             result["memory"].append({"shape": list(shape), "voxels": voxels, "input_mib": round(voxels * 4 / 2**20, 1),
                                      **measured, "voxels_per_second": round(voxels / measured["seconds"])})
-        model2d = make_checkpoint(tmp / "care2d.ckpt", "experiment=demo_care", "model.depth=2", "model.base_channels=16")
+        model2d = make_checkpoint(tmp / "care2d.ckpt", "experiment=demo_care", "model.depth=2", "model.base_channels=8")
         folder = tmp / "images"
         folder.mkdir()
         rng = np.random.default_rng(1)

@@ -356,3 +356,33 @@ def test_stardist_blocks_of_two_processes_meet_in_one_global_nms(tmp_path):
     table = (tmp_path / "one" / "nuclei_objects.csv").read_text()
     assert table == (tmp_path / "two" / "nuclei_objects.csv").read_text() and len(table.splitlines()) == first.max() + 1
     assert (first == tifffile.imread(tmp_path / "whole" / "nuclei.tif")).mean() > 0.99
+
+
+def test_a_rank_killed_mid_job_is_resumed_by_the_same_command(care2d, inputs, tmp_path):
+    """kill -9 of one of two processes: torchrun stops the other; the same command finishes the job
+    with the bytes of an uninterrupted run."""
+    out = tmp_path / "out"
+    predict_args = [BIOFLOW, "predict", str(care2d), str(inputs), "--no-progress", "--block-size", "64",
+                    "--tile-size", "32", "--overlap", "16"]
+    command = [TORCHRUN, "--standalone", "--nproc_per_node=2", *predict_args, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    blocks = out / ".big.ome.zarr.blocks"
+    deadline = time.time() + 300
+    while time.time() < deadline and job.poll() is None and len(list(blocks.glob("*"))) < 3:
+        time.sleep(0.05)
+    assert job.poll() is None, "the job ended before it could be killed: " + job.stderr.read().decode()[-2000:]
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    assert job.wait(timeout=120) != 0
+    assert not (out / "big.ome.zarr").exists()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    plain = subprocess.run(predict_args + ["--out", str(tmp_path / "plain")], capture_output=True, text=True,
+                           timeout=600)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    resumed, expected = outputs_of(out), outputs_of(tmp_path / "plain")
+    assert sorted(resumed) == sorted(expected) and len(expected) == 5
+    assert all(np.array_equal(resumed[k], expected[k]) for k in expected)
+    assert not [p for p in out.iterdir() if p.name.endswith((".partial", ".blocks"))]

@@ -83,10 +83,12 @@ def predict(model: str, inputs: str | Path | Sequence[str | Path], out: str | Pa
     out
         Output folder (created when there is something to write; inputs are never overwritten).
     **options
-        ``project_dir``, ``tracking_uri``, and the prediction options of ``bioflow predict``
+        ``project_dir``, ``tracking_uri``, ``record`` (False: no MLflow record of the job), and
+        the prediction options of ``bioflow predict``
         (:class:`bioflow.inference.options.PredictionOptions`: ``axes``, ``tile_size``, ``overlap``,
         ``batch_size``, ``tta``, ``blend``, ``rescale``, ``device``, ``precision``, ``overwrite``,
-        ``progress``), checked before any work.
+        ``progress``, ``out_format``, ``level``, ``block_size``), checked before any work. Inputs
+        are TIFF files, OME-Zarr stores or folders of them (see docs/scale.md).
 
     Returns
     -------
