@@ -257,7 +257,7 @@ def test_two_slurm_tasks_share_the_work_like_torchrun(care2d, inputs, tmp_path):
     command = [BIOFLOW, "predict", str(care2d), str(inputs), "--out", str(out), "--no-progress", "--block-size", "64"]
     tasks = []
     for rank in range(2):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_STEP_ID": "0",
                "SLURM_PROCID": str(rank),
                "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "predict",
                "SLURM_NODELIST": "127.0.0.1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
@@ -386,3 +386,59 @@ def test_a_rank_killed_mid_job_is_resumed_by_the_same_command(care2d, inputs, tm
     assert sorted(resumed) == sorted(expected) and len(expected) == 5
     assert all(np.array_equal(resumed[k], expected[k]) for k in expected)
     assert not [p for p in out.iterdir() if p.name.endswith((".partial", ".blocks"))]
+
+
+def test_pieces_of_another_job_are_never_taken_up(care2d, inputs, tmp_path):
+    """Partial outputs and block marks left by another command (here: all blocks marked done over a
+    store of zeros) are discarded, not finished; other inputs with the same names are refused."""
+    import shutil
+
+    first = predict(care2d, inputs / "big.ome.zarr", tmp_path / "plain")
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(tmp_path / "plain" / "big.ome.zarr", out / ".big.ome.zarr.partial")
+    zarr.open_array(str(out / ".big.ome.zarr.partial" / "0"), mode="r+")[...] = 0
+    (out / ".big.ome.zarr.blocks").mkdir()
+    for b in range(25):
+        (out / ".big.ome.zarr.blocks" / f"0-{b}").touch()
+    record = json.loads((tmp_path / "plain" / ".prediction-job.json").read_text())
+    record["identity"]["options"]["tta"] = True  # another command's
+    (out / ".prediction-job.json").write_text(json.dumps(record))
+    again = predict(care2d, inputs / "big.ome.zarr", out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert np.array_equal(read_output(out / "big.ome.zarr"), read_output(tmp_path / "plain" / "big.ome.zarr"))
+    # the same names from another folder: refused, not "done before"
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copytree(inputs / "big.ome.zarr", other / "big.ome.zarr")
+    refused = predict(care2d, other / "big.ome.zarr", out)
+    assert refused.returncode == 2 and "exists already" in refused.stderr
+
+
+def test_ngff_layouts_of_other_tools(tmp_path):
+    """A single Z plane (bioformats2raw writes TCZYX) is a 2D image; a multiscale-level scale
+    multiplies the level's; hidden stores (unfinished outputs) are no inputs."""
+    from bioflow.data.images import find_images
+    from bioflow.data.omezarr import read_zarr_frames
+
+    plane = np.arange(2 * 48 * 40, dtype=np.uint16).reshape(1, 2, 1, 48, 40)
+    write_ome_zarr(tmp_path / "plane.ome.zarr", plane, "tczyx", {"t": 1.0, "c": 1.0, "z": 3.0, "y": 0.5, "x": 0.5},
+                   version="0.4")
+    frames = read_zarr_frames(tmp_path / "plane.ome.zarr", channels=True)
+    assert frames[0].array.shape == (2, 48, 40) and frames[0].pixel_size == (0.5, 0.5)
+    np.testing.assert_array_equal(frames[0].array[1], plane[0, 1, 0])
+    group = zarr.open_group(str(tmp_path / "plane.ome.zarr"), mode="r+")
+    multiscales = group.attrs["multiscales"]
+    multiscales[0]["coordinateTransformations"] = [{"type": "scale", "scale": [1.0, 1.0, 1.0, 2.0, 2.0]}]
+    group.attrs["multiscales"] = multiscales
+    assert read_zarr_frames(tmp_path / "plane.ome.zarr", channels=True)[0].pixel_size == (1.0, 1.0)
+    (tmp_path / ".plane.ome.zarr.partial").mkdir()
+    (tmp_path / ".plane.ome.zarr.partial" / "zarr.json").write_text("{}")
+    assert [p.name for p in find_images(tmp_path)] == ["plane.ome.zarr"]
+
+
+def test_a_block_size_for_other_axes_is_one_line(care2d, inputs, tmp_path):
+    result = predict(care2d, inputs / "big.ome.zarr", tmp_path / "o", "--block-size", "64", "64", "64")
+    assert result.returncode == 2 and "--block-size 64 64 64: one value or one per spatial axis" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -104,14 +104,16 @@ def output_paths(files: Sequence[Path], out_dir: Path, specs: Sequence[OutputSpe
     return plan, done
 
 
-def job_identity(model: str, opts: PredictionOptions, specs: Sequence[OutputSpec]) -> dict[str, Any]:
-    """What makes two prediction jobs the same (for resuming): the model, the outputs and every
+def job_identity(model: str, inputs: Sequence[str], opts: PredictionOptions, specs: Sequence[OutputSpec]) -> dict[str, Any]:
+    """What makes two prediction jobs the same (for resuming): the model, the inputs as given (a
+    folder that grew is still the same job: its new files are predicted), the outputs and every
     option that changes them."""
     import dataclasses
 
     named = str(Path(model).resolve()) if Path(model).exists() else model
     options = {k: v for k, v in dataclasses.asdict(opts).items() if k not in ("progress", "overwrite")}
-    return {"model": named, "outputs": [s.name for s in specs], "options": options}
+    return {"model": named, "inputs": sorted(str(Path(i).resolve()) for i in inputs),
+            "outputs": [s.name for s in specs], "options": options}
 
 
 def choose_device(device: str, option: str = "--device") -> str:
@@ -201,7 +203,7 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
 
     started = time.perf_counter()
     device = ranks.start(choose_device(opts.device))
-    files = collect_inputs(inputs)
+    files = ranks.gather(collect_inputs(inputs))[0]  # the first process's list (a folder may be growing)
     explicit = project_dir is not None or tracking_uri is not None
     store = Store.create(project_dir or default_project_dir(), tracking_uri)
     loaded = load_model(model, store, inference=True, explicit_store=explicit)
@@ -215,7 +217,11 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
     request_outputs(task, opts)
     task.to(device)
     specs = outputs_of(task, opts.tta_spread)
-    journal = Journal.open(out_dir, job_identity(model, opts, specs))
+    journal = Journal.open(out_dir, job_identity(model, inputs, opts, specs))
+    journal.same, journal.choices = ranks.gather((journal.same, journal.choices))[0]  # as the first process read it
+    if opts.overwrite:
+        journal.same, journal.choices = False, {}
+    opts = _repeatable(task, opts, journal, ranks)
     plan, done = output_paths(files, out_dir, specs, opts.overwrite, opts.out_format, journal)
     results: dict[int, dict[str, Path]] = {i: plan[i] for i in range(len(files)) if done[i]}
     if results:
@@ -241,7 +247,8 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
             if i in results:
                 continue
             try:
-                job = blocked_file(task, f, plan[i], opts, journal, record_id, loaded.run_id, model, create=ranks.main)
+                job = blocked_file(task, f, plan[i], opts, journal, record_id, loaded.run_id, model, create=ranks.main,
+                                   resume=not fresh_journal)
             except BioflowError as exc:
                 if len(files) == 1 and ranks.world == 1:
                     raise
@@ -257,9 +264,17 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
         if setup_error:
             raise BioflowError(setup_error)
         ranks.barrier()  # the first process made the blocked outputs' stores; now all may open them
+        opening = None
         for i, job in blocked.items():
             if not ranks.main:
-                job.open_writers()
+                try:
+                    job.open_writers()
+                except Exception as exc:
+                    opening = f"{files[i]}: {' '.join(str(exc).split())}"
+                    break
+        opening = ranks.agree(opening)
+        if opening:
+            raise BioflowError(opening)
         items: list[tuple[int, int | None, int]] = []  # (input, frame, block) or (input, None, 0) for a whole input
         costs: list[float] = []
         for i, f in enumerate(files):
@@ -294,7 +309,11 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
                     verdict = blocked[i].predict(t, b)
                     if verdict is not None:
                         verdicts[i] = verdict
-            except BioflowError as exc:
+            except Exception as exc:
+                if not isinstance(exc, BioflowError) and ranks.world == 1:
+                    raise
+                if not isinstance(exc, BioflowError):  # the other processes must not wait for this one forever
+                    exc = BioflowError(f"{f}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
                 failures[i] = exc.one_line()
                 if len(files) == 1 and ranks.world == 1:
                     for job in blocked.values():
@@ -372,6 +391,23 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
         raise PredictionErrors(list(failures.values()), len(files))
     results.update(finished)
     return [results[i] for i in sorted(results)]
+
+
+def _repeatable(task, opts: PredictionOptions, journal, ranks) -> PredictionOptions:
+    """The options with the automatic tile size fixed: the first process's choice (it depends on
+    the memory free when a process starts), or the one the resumed job made, so that every process
+    and every resumption rounds alike."""
+    import dataclasses
+
+    from bioflow.inference.predictor import TiledPredictor
+
+    if opts.tile_size is not None or not isinstance(task, TiledPredictor):
+        return opts
+    tile = journal.choices.get("tile_size")
+    if tile is None:
+        tile = ranks.gather([int(n) for n in task.tiling(None, opts.overlap, opts.batch_size)[0]])[0]
+        journal.choices["tile_size"] = tile
+    return dataclasses.replace(opts, tile_size=tuple(int(n) for n in tile))
 
 
 def _forget(out_dir: Path, fresh_folder: bool) -> None:

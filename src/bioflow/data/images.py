@@ -25,8 +25,9 @@ def image_stem(path: Path) -> str:
 
 
 def find_images(folder: Path) -> list[Path]:
-    """The TIFF files and OME-Zarr stores in a folder, in a stable order."""
-    return sorted(p for p in folder.iterdir() if is_image_input(p))
+    """The TIFF files and OME-Zarr stores in a folder, in a stable order (hidden ones, such as a
+    prediction's unfinished ``.partial`` outputs, left out)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_image_input(p))
 
 
 def read_frames(path: str | Path, axes: str | None = None, *, channels: bool, axes_option: str = "data.source.axes",

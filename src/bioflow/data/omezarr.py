@@ -86,6 +86,7 @@ class Multiscale:
     channel_names: list[str] | None
     label: bool  # a label image
     labels: list[str]  # names of the label images under labels/
+    global_scale: list[float] | None = None  # the multiscale's own coordinateTransformations scale
 
     @property
     def axis_letters(self) -> str:
@@ -109,10 +110,13 @@ class Multiscale:
         return self.path / self.datasets[level]
 
     def scale(self, level: int) -> list[float] | None:
+        """The level's scale per axis, times the multiscale's own scale (NGFF allows both)."""
         scale = None
         for transform in self.transforms[level] if level < len(self.transforms) else []:
             if transform.get("type") == "scale" and "scale" in transform:
                 scale = [float(s) for s in transform["scale"]]
+        if scale is not None and self.global_scale is not None and len(self.global_scale) == len(scale):
+            scale = [s * g for s, g in zip(scale, self.global_scale)]
         return scale
 
     def pixel_size(self, level: int) -> tuple[float, ...] | None:
@@ -176,7 +180,23 @@ def open_multiscale(path: str | Path, what: str = "image") -> Multiscale:
         path=path, axes=axes, datasets=list(spec.datasets),
         transforms=list(meta.get("coordinateTransformations") or []), version=str(location.version),
         channel_names=_channel_names(meta), label=any(isinstance(s, Label) for s in node.specs), labels=labels,
+        global_scale=_global_scale(path),
     )
+
+
+def _global_scale(path: Path) -> list[float] | None:
+    """The scale of the multiscale's own coordinateTransformations (applied after each level's)."""
+    try:
+        import zarr
+
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+        multiscale = attrs.get("ome", attrs)["multiscales"][0]
+        for transform in multiscale.get("coordinateTransformations") or []:
+            if transform.get("type") == "scale" and "scale" in transform:
+                return [float(v) for v in transform["scale"]]
+    except Exception:
+        return None
+    return None
 
 
 def _channel_names(meta: dict[str, Any]) -> list[str] | None:
@@ -230,6 +250,11 @@ def read_zarr_frames(path: str | Path, axes: str | None = None, *, channels: boo
     shape = tuple(int(n) for n in array.shape)
     if not shape or not all(n > 0 for n in shape):
         raise DataError(f"{array_path}: the store holds no image (shape {shape})")
+    pixel_size = ms.pixel_size(level)
+    if "Z" in found and shape[found.index("Z")] == 1:  # one plane (bioformats2raw writes TCZYX): a 2D image
+        if pixel_size is not None:
+            pixel_size = pixel_size[1:] if len(pixel_size) == 3 else pixel_size
+        found = found.replace("Z", "Q")
     take, add_channel = layout_plan(found, shape, ms.path, want_channels=channels)
     time_axis = found.find("T")
     n_frames = shape[time_axis] if time_axis >= 0 else 1
@@ -238,7 +263,7 @@ def read_zarr_frames(path: str | Path, axes: str | None = None, *, channels: boo
         TiffData(
             array=LazyZarr(array_path, shape, array.dtype, take, add_channel,
                            fixed={time_axis: t} if time_axis >= 0 else None),
-            file_axes=found, pixel_size=ms.pixel_size(level), frame=t, frames=n_frames, channel_names=names,
+            file_axes=found.replace("Q", ""), pixel_size=pixel_size, frame=t, frames=n_frames, channel_names=names,
         )
         for t in range(n_frames)
     ]
@@ -293,13 +318,14 @@ class ZarrWriter:
 
     ``spatial_chunks``: chunk sizes along the spatial axes (default :func:`output_chunks`);
     ``version``: NGFF ``"0.4"`` or ``"0.5"``; ``label``: write ``image-label`` metadata;
-    ``resume``: reopen a partial store of the same shape instead of starting a new one;
+    ``resume``: reopen a partial store of the same shape instead of starting a new one (``create``
+    False: only reopen, never remove or create one);
     ``attributes``: more root attributes (e.g. where the output came from).
     """
 
     def __init__(self, target: Path, spatial_shape: Sequence[int], spec, file_axes: str,
                  pixel_size: Sequence[float] | None, frames: int = 1, *, spatial_chunks: Sequence[int] | None = None,
-                 version: str = "0.5", label: bool = False, resume: bool = False,
+                 version: str = "0.5", label: bool = False, resume: bool = False, create: bool = True,
                  attributes: dict[str, Any] | None = None) -> None:
         _require(str(target))
         import zarr
@@ -327,9 +353,13 @@ class ZarrWriter:
                 array = zarr.open_array(str(self.partial / "0"), mode="r+")
                 if tuple(array.shape) == shape and array.dtype == dtype and tuple(array.chunks) == self.chunks:
                     self.array, self.resumed = array, True
+                    if create and attributes:  # the resuming job's provenance (its own prediction run)
+                        zarr.open_group(str(self.partial), mode="r+").attrs.update(attributes)
                     return
             except Exception:
                 pass
+        if not create:  # only the process that creates the stores may remove one
+            raise DataError(f"{self.partial}: the partial output cannot be reopened; run the command again")
         if self.partial.exists():
             shutil.rmtree(self.partial)
         self.array = _create_store(self.partial, shape, self.chunks, dtype, axes, pixel_size, version, label,
@@ -352,9 +382,15 @@ class ZarrWriter:
         self.array[tuple(layout[i] for i in self.perm)] = np.transpose(data, self.perm)
 
     def close(self) -> None:
-        if self.target.exists():  # --overwrite: the earlier output goes only now that the new one is complete
-            shutil.rmtree(self.target) if self.target.is_dir() else self.target.unlink()
+        old = None
+        if self.target.exists():  # --overwrite: the earlier output goes only once the new one is in place
+            old = self.target.with_name(f".{self.target.name}.replaced")
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            os.replace(self.target, old)
         os.replace(self.partial, self.target)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
 
     def abort(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)

@@ -27,7 +27,7 @@ def zarr_layout(f: Path, first) -> tuple[tuple[int, ...] | None, str]:
 
 
 def make_writer(target: Path, shape, spec: Any, f: Path, first, frames: int, provenance: dict[str, Any],
-                 resume: bool = False):
+                 resume: bool = False, create: bool = True):
     """The writer of one output: OME-Zarr by the target's name, else OME-TIFF."""
     if target.name.endswith(".ome.zarr"):
         from bioflow.data.omezarr import ZarrWriter
@@ -35,7 +35,8 @@ def make_writer(target: Path, shape, spec: Any, f: Path, first, frames: int, pro
         chunks, version = zarr_layout(f, first)
         label = spec.channels is None and np.issubdtype(np.dtype(spec.dtype), np.integer)
         return ZarrWriter(target, shape, spec, first.file_axes, first.pixel_size, frames, spatial_chunks=chunks,
-                          version=version, label=label, resume=resume, attributes={"bioflow": provenance})
+                          version=version, label=label, resume=resume, create=create,
+                          attributes={"bioflow": provenance})
     return TiffWriter(target, shape, spec, first.file_axes, first.pixel_size, frames)
 
 

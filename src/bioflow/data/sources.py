@@ -227,7 +227,7 @@ def _zarr_stores(where: Path, what: str) -> dict[str, Path]:
         return {zarr_stem(where): where}
     if not where.is_dir():
         raise DataError(f"{where}: {what} store or folder not found")
-    stores = sorted(p for p in where.iterdir() if is_zarr(p))
+    stores = sorted(p for p in where.iterdir() if not p.name.startswith(".") and is_zarr(p))
     if not stores:
         raise DataError(f"{where}: no OME-Zarr stores in the {what} folder (and it is not a store itself)")
     return _by_stem(stores, zarr_stem)

@@ -81,7 +81,7 @@ class BlockedFile:
     """
 
     def __init__(self, task, f: Path, targets: dict[str, Path], opts: PredictionOptions, journal, arrays, first,
-                 provenance: dict[str, Any]) -> None:
+                 provenance: dict[str, Any], resume: bool = True) -> None:
         from bioflow.data.omezarr import output_chunks
         from bioflow.inference.tiling import context_margin
 
@@ -91,6 +91,12 @@ class BlockedFile:
         outputs = task.prediction_outputs()
         self.gathered = not all(spec.streamed and not spec.table for spec in outputs)
         self.specs = [*outputs, *([SPREAD] if opts.tta_spread else [])]
+        self.resume = resume  # partial outputs of an earlier run of the same job may be taken up
+        if opts.block_size is not None and len(opts.block_size) not in (1, len(self.shape)):
+            from bioflow.errors import ConfigError
+
+            raise ConfigError(f"--block-size {' '.join(map(str, opts.block_size))}: one value or one per spatial axis "
+                              f"({len(self.shape)} for {f})")
         given, _ = zarr_layout(f, first)
         self.key = targets[self.specs[0].name].name
         self.writers: dict[str, Any] = {}
@@ -112,13 +118,15 @@ class BlockedFile:
     def open_writers(self, create: bool = False) -> None:
         """Open (the first process: create, or reopen to resume) the partial stores of the outputs
         (of a gathered input: its spool of raw output)."""
+        if create and not self.resume:  # another job's (or an --overwrite's) pieces are never taken up
+            self.abort()
         if self.gathered:
             fresh = self._open_spool(create)
         else:
             fresh = False
             for spec in self.specs:
                 writer = make_writer(self.targets[spec.name], self.shape, spec, self.f, self.first, len(self.arrays),
-                                     self.provenance, resume=True)
+                                     self.provenance, resume=True, create=create)
                 fresh = fresh or not writer.resumed
                 self.writers[spec.name] = writer
         if fresh:
@@ -268,7 +276,7 @@ class BlockedFile:
 
 
 def blocked_file(task, f: Path, targets: dict[str, Path], opts: PredictionOptions, journal, record_id, model_run_id,
-                 model: str, create: bool):
+                 model: str, create: bool, resume: bool = True):
     """The input as a :class:`BlockedFile` if it is predicted block by block: OME-Zarr outputs of a
     bioflow network at the image's own pixel size; else None."""
     from bioflow.inference.predictor import TiledPredictor
@@ -284,7 +292,8 @@ def blocked_file(task, f: Path, targets: dict[str, Path], opts: PredictionOption
     check_shape(task, arrays[0], f)
     if resolution_factor(task, first.pixel_size, f, opts.rescale, warn=create) is not None:
         return None
-    job = BlockedFile(task, f, targets, opts, journal, arrays, first, provenance(f, model, model_run_id, record_id))
+    job = BlockedFile(task, f, targets, opts, journal, arrays, first, provenance(f, model, model_run_id, record_id),
+                      resume=resume)
     if create:
         job.open_writers(create=True)
     return job

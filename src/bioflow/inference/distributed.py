@@ -26,7 +26,7 @@ def _environment():
 
     if TorchElasticEnvironment.detect():
         env = TorchElasticEnvironment()
-    elif SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    elif SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and _in_srun_step():
         try:
             env = SLURMEnvironment()
         except RuntimeError as exc:  # Lightning's check of the job's srun variables
@@ -34,6 +34,13 @@ def _environment():
     else:
         return None
     return env if env.world_size() > 1 else None
+
+
+def _in_srun_step() -> bool:
+    """Whether this process was started by ``srun`` (a job step), not by the batch script itself:
+    a batch script that runs bioflow without srun is one process, whatever the job's task count."""
+    step = os.environ.get("SLURM_STEP_ID", os.environ.get("SLURM_STEPID"))
+    return step is not None and step not in ("batch", "extern", "4294967294", "4294967295")
 
 
 @dataclass

@@ -1,13 +1,16 @@
 """What a prediction job has finished in its output folder, so that the same command resumes it.
 
-The job writes its identity (the model and every option that changes the outputs) to
-``.prediction-job.json`` in the output folder before it writes anything else. Outputs appear
+The job writes its identity (the model, the inputs as given, and every option that changes the
+outputs) to ``.prediction-job.json`` in the output folder before it writes anything else, with the
+choices a resumption must repeat (the automatic tile size). Outputs appear
 under their final names only when complete (they are renamed into place), so when the same
 command runs again into that folder, an input whose outputs all exist is done and is skipped, and
 its other outputs are the job's own, to be finished. Blocks of a large OME-Zarr output are marked
 done one by one (an empty file each, in ``.<name>.blocks/``, made only after the block's data is
-written), so a killed job loses at most the blocks it was writing. Another command (another model
-or other options) into the same folder is refused where it would replace outputs, as before.
+written), so a killed job loses at most the blocks it was writing. Partial outputs and block marks
+are taken up only by the same job; another command (another model, other inputs or options) into
+the same folder is refused where it would replace outputs, as before, and with ``--overwrite``
+starts over.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +32,29 @@ class Journal:
     out_dir: Path
     identity: dict[str, Any]
     same: bool  # the folder holds the outputs of a job with this identity
+    #: Choices the job made that its resumption must make alike (e.g. the automatic tile size,
+    #: which depends on the memory free when it starts), by name.
+    choices: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def open(cls, out_dir: Path, identity: dict[str, Any]) -> "Journal":
         path = out_dir / JOB_FILE
-        earlier = None
+        earlier: dict[str, Any] = {}
         if path.is_file():
             try:
                 earlier = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                earlier = None
+                earlier = {}
         identity = json.loads(json.dumps(identity))  # as it reads back
-        return cls(out_dir, identity, earlier == identity)
+        same = isinstance(earlier, dict) and earlier.get("identity") == identity
+        return cls(out_dir, identity, same, dict(earlier.get("choices") or {}) if same else {})
 
     def write(self) -> None:
         """Record the job (before any output is written), atomically."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         partial = self.out_dir / f"{JOB_FILE}.partial"
-        partial.write_text(json.dumps(self.identity, indent=1, sort_keys=True), encoding="utf-8")
+        record = {"identity": self.identity, "choices": self.choices}
+        partial.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(partial, self.out_dir / JOB_FILE)
         self.same = True
 
