@@ -242,7 +242,7 @@ def test_job_record_lists_what_was_written(tmp_path, care2d, inputs):
     assert run.data.metrics["pixels_per_second"] > 0
     listed = Path(client.download_artifacts(run.info.run_id, "outputs.csv", str(tmp_path))).read_text()
     assert str(tmp_path / "o" / "t1.tif") in listed and "done" in listed
-    assert json.loads((tmp_path / "o" / ".prediction-job.json").read_text())["model"] == str(care2d.resolve())
+    assert json.loads((tmp_path / "o" / ".prediction-job.json").read_text())["identity"]["model"] == str(care2d.resolve())
 
 
 def test_two_slurm_tasks_share_the_work_like_torchrun(care2d, inputs, tmp_path):
