@@ -30,7 +30,8 @@ from bioflow.data.output_files import make_writer, provenance
 from bioflow.data.writers import TiffWriter, output_axes  # noqa: F401 (part of this module's interface)
 from bioflow.errors import BioflowError, DataError
 from bioflow.inference.blocks import BlockedFile, blocked_file
-from bioflow.inference.journal import Journal
+from bioflow.inference.fit import FIT_REPORT, write_fit_report  # noqa: F401 (part of this module's interface)
+from bioflow.inference.journal import Journal, forget, repeatable_options
 from bioflow.inference.objects import write_csv
 from bioflow.inference.options import TILING, PredictionOptions
 from bioflow.inference.outputs import OutputSpec, output_blocks
@@ -221,7 +222,7 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
     journal.same, journal.choices = ranks.gather((journal.same, journal.choices))[0]  # as the first process read it
     if opts.overwrite:
         journal.same, journal.choices = False, {}
-    opts = _repeatable(task, opts, journal, ranks)
+    opts = repeatable_options(task, opts, journal, ranks)
     plan, done = output_paths(files, out_dir, specs, opts.overwrite, opts.out_format, journal)
     results: dict[int, dict[str, Path]] = {i: plan[i] for i in range(len(files)) if done[i]}
     if results:
@@ -376,12 +377,12 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
             recorder.fail()
         if ranks.main and fresh_journal and not any(p.exists() or (out_dir / f".{p.name}.partial").exists()
                                                     for targets in plan for p in targets.values()):
-            _forget(out_dir, fresh_folder)
+            forget(out_dir, fresh_folder)
         raise
     if ranks.main:
         if not finished and not results and fresh_journal and not any((out_dir / f".{p.name}.partial").exists()
                                                                       for i in blocked for p in plan[i].values()):
-            _forget(out_dir, fresh_folder)  # nothing was made: leave the folder as it was
+            forget(out_dir, fresh_folder)  # nothing was made: leave the folder as it was
     # every process ends with the same outcome
     failures = ranks.gather(failures)[0] if ranks.world > 1 else failures
     finished = ranks.gather(finished)[0] if ranks.world > 1 else finished
@@ -391,60 +392,6 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
         raise PredictionErrors(list(failures.values()), len(files))
     results.update(finished)
     return [results[i] for i in sorted(results)]
-
-
-def _repeatable(task, opts: PredictionOptions, journal, ranks) -> PredictionOptions:
-    """The options with the automatic tile size fixed: the first process's choice (it depends on
-    the memory free when a process starts), or the one the resumed job made, so that every process
-    and every resumption rounds alike."""
-    import dataclasses
-
-    from bioflow.inference.predictor import TiledPredictor
-
-    if opts.tile_size is not None or not isinstance(task, TiledPredictor):
-        return opts
-    tile = journal.choices.get("tile_size")
-    if tile is None:
-        tile = ranks.gather([int(n) for n in task.tiling(None, opts.overlap, opts.batch_size)[0]])[0]
-        journal.choices["tile_size"] = tile
-    return dataclasses.replace(opts, tile_size=tuple(int(n) for n in tile))
-
-
-def _forget(out_dir: Path, fresh_folder: bool) -> None:
-    """Remove the job's record (and the output folder, if this job made it and it is empty)."""
-    from bioflow.inference.journal import JOB_FILE
-
-    (out_dir / JOB_FILE).unlink(missing_ok=True)
-    if fresh_folder:
-        try:
-            out_dir.rmdir()
-        except OSError:
-            pass
-
-
-#: Written beside the outputs: how well each input fits the model's training data.
-FIT_REPORT = "fit_report.csv"
-
-
-def write_fit_report(path: Path, rows: list[dict[str, Any]]) -> None:
-    """The inputs' fit to the training data as CSV (written under a hidden name, then renamed);
-    rows of other files from an earlier prediction into the same folder are kept."""
-    import csv
-
-    columns = ["file", "score", "threshold", "fits", "reason", "intensity", "noise", "content"]
-    ours = {str(row["file"]) for row in rows}
-    earlier = []
-    if path.is_file():
-        with open(path, newline="", encoding="utf-8") as fh:
-            earlier = [r for r in csv.DictReader(fh) if r.get("file") not in ours]
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(earlier)
-        writer.writerows({c: f"{row[c]:.4g}" if isinstance(row.get(c), float) else row.get(c, "") for c in columns}
-                         for row in rows)
-    os.replace(partial, path)
 
 
 def request_outputs(task, opts: PredictionOptions) -> None:

@@ -29,7 +29,9 @@ group (intensity, noise, content) whose own distance is the most above what vali
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -391,3 +393,28 @@ def fit_verdict(task, image: Any) -> dict[str, Any] | None:
     if reference is None:
         return None
     return reference.verdict(image_features(task, image)[0])
+
+
+#: Written beside the outputs: how well each input fits the model's training data.
+FIT_REPORT = "fit_report.csv"
+
+
+def write_fit_report(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The inputs' fit to the training data as CSV (written under a hidden name, then renamed);
+    rows of other files from an earlier prediction into the same folder are kept."""
+    import csv
+
+    columns = ["file", "score", "threshold", "fits", "reason", "intensity", "noise", "content"]
+    ours = {str(row["file"]) for row in rows}
+    earlier = []
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as fh:
+            earlier = [r for r in csv.DictReader(fh) if r.get("file") not in ours]
+    partial = path.with_name(f".{path.name}.partial")
+    with open(partial, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(earlier)
+        writer.writerows({c: f"{row[c]:.4g}" if isinstance(row.get(c), float) else row.get(c, "") for c in columns}
+                         for row in rows)
+    os.replace(partial, path)

@@ -71,3 +71,30 @@ class Journal:
 
     def clear_blocks(self, name: str) -> None:
         shutil.rmtree(self._blocks(name), ignore_errors=True)
+
+
+def repeatable_options(task, opts, journal, ranks):
+    """The options with the automatic tile size fixed: the first process's choice (it depends on
+    the memory free when a process starts), or the one the resumed job made, so that every process
+    and every resumption rounds alike."""
+    import dataclasses
+
+    from bioflow.inference.predictor import TiledPredictor
+
+    if opts.tile_size is not None or not isinstance(task, TiledPredictor):
+        return opts
+    tile = journal.choices.get("tile_size")
+    if tile is None:
+        tile = ranks.gather([int(n) for n in task.tiling(None, opts.overlap, opts.batch_size)[0]])[0]
+        journal.choices["tile_size"] = tile
+    return dataclasses.replace(opts, tile_size=tuple(int(n) for n in tile))
+
+
+def forget(out_dir: Path, fresh_folder: bool) -> None:
+    """Remove the job's record (and the output folder, if this job made it and it is empty)."""
+    (out_dir / JOB_FILE).unlink(missing_ok=True)
+    if fresh_folder:
+        try:
+            out_dir.rmdir()
+        except OSError:
+            pass
