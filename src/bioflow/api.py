@@ -27,7 +27,8 @@ def _as_overrides(overrides: Sequence[str] | Mapping[str, Any] | None) -> list[s
     return [str(o) for o in overrides]
 
 
-def train(overrides: Sequence[str] | Mapping[str, Any] | None = None, *, job_dir: str | Path | None = None) -> dict[str, Any]:
+def train(overrides: Sequence[str] | Mapping[str, Any] | None = None, *, job_dir: str | Path | None = None,
+          callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train (and test) a model from config overrides, as ``bioflow train`` does; tracked in MLflow.
 
     Parameters
@@ -37,6 +38,9 @@ def train(overrides: Sequence[str] | Mapping[str, Any] | None = None, *, job_dir
         ``{"experiment": "demo_stardist", "trainer.max_epochs": 2}``.
     job_dir
         Folder for this job's checkpoints and logs (default: ``<project_dir>/outputs/<date>/<time>``).
+    callbacks
+        More Lightning callbacks for the trainer (live curves, a stop button: setting
+        ``trainer.should_stop`` ends training early and keeps the best checkpoint).
 
     Returns
     -------
@@ -60,7 +64,7 @@ def train(overrides: Sequence[str] | Mapping[str, Any] | None = None, *, job_dir
     created = [p for p in (job_dir, *job_dir.parents) if not p.exists()]  # deepest first
     job_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return run_training(config, job_dir, overrides)
+        return run_training(config, job_dir, overrides, callbacks=callbacks)
     except BioflowError:  # bad data or settings: leave no empty folders behind, as the CLI does
         for folder in created:
             try:

@@ -29,7 +29,8 @@ class PredictionOptions:
     ``tile_size`` / ``overlap``: one value or one per spatial axis (default: from free memory / the
     receptive field); ``batch_size``: tiles per forward pass; ``tta``: average over flips and
     quarter turns; ``tta_spread``: also the spread between those augmented predictions per
-    pixel (an uncertainty for any model; implies ``tta``); ``blend``: ``cosine`` or ``none``; ``progress``: a progress bar; ``axes``: the
+    pixel (an uncertainty for any model; implies ``tta``); ``blend``: ``cosine`` or ``none``; ``progress``: a progress bar (or, in Python, a function
+    called with tiles done and tiles in all, which may raise to cancel); ``axes``: the
     input files' axes where their metadata do not say; ``rescale``: resample images whose pixel
     size differs from training; ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...;
     ``precision``: the network's precision (default: the model's); ``overwrite``: replace earlier
@@ -45,7 +46,7 @@ class PredictionOptions:
     tta: bool = False
     tta_spread: bool = False
     blend: str = "cosine"
-    progress: bool = True
+    progress: Any = True  # a bar, or a function (tiles_done, tiles_total)
     axes: Optional[str] = None
     rescale: bool = False
     device: str = "auto"

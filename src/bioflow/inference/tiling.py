@@ -261,7 +261,7 @@ def stream_predict(
     tta: bool = False,
     channel_map: ChannelMap | None = None,
     device: torch.device | str = "cpu",
-    progress: bool = False,
+    progress: bool | Callable[[int, int], None] = False,
     stride: Sequence[int] | None = None,
     spread: Spread | None = None,
 ) -> None:
@@ -272,6 +272,8 @@ def stream_predict(
     whose output is subsampled by ``stride`` (e.g. StarDist on a grid) gets its blocks in output
     coordinates, cropped to ``ceil(image_shape / stride)``. With ``tta`` and ``spread``, the blocks
     carry one channel more, last: the spread of the augmented predictions (:func:`_apply_tta`).
+    ``progress``: a progress bar, or a function called as ``progress(tiles_done, tiles_total)``
+    before the first tile and after each batch (what it raises stops the prediction: a cancel).
     """
     if spread is not None and not tta:
         raise ValueError("stream_predict: a spread needs tta")
@@ -280,7 +282,11 @@ def stream_predict(
     tiles_total = len(plan)
     out_plan = plan.scaled(stride)
     bar = None
-    if progress:
+    report = progress if callable(progress) else None
+    tiles_done = 0
+    if report is not None:
+        report(0, tiles_total)
+    elif progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=tiles_total, unit="tile", desc="tiles", leave=False)
@@ -333,6 +339,9 @@ def stream_predict(
                 norm[box] += w
             if bar is not None:
                 bar.update(len(chunk))
+            if report is not None:
+                tiles_done += len(chunk)
+                report(tiles_done, tiles_total)
         stop = row_starts[row + 1] if row + 1 < len(row_starts) else row_starts[row] + out_plan.tile[0]
         emit(stop)
         release_freed_memory()

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
@@ -135,7 +135,8 @@ def with_absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
-def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] | None = None,
+                 callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train (and test) as the resolved ``config`` says; return a summary of the job.
 
     Parameters
@@ -146,6 +147,9 @@ def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] 
         This job's output folder (Hydra's run directory).
     overrides
         The overrides the user gave (to check what a resumed run can take from them).
+    callbacks
+        More Lightning callbacks (e.g. a viewer's live curves, or its stop button through
+        ``trainer.should_stop``), after bioflow's own.
     """
     validate(config)
     config = with_absolute_paths(config)
@@ -215,7 +219,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] 
     speed = TrainingSpeed()
     callbacks = [
         checkpoint, ValidationFigures(config["logger"]["figures"]["every_n_epochs"]), LearningRateMonitor(),
-        EpochReport(task.monitor), speed,
+        EpochReport(task.monitor), speed, *callbacks,
     ]
     trainer_args = resolve_precision(config["trainer"])
     if not has_val:
