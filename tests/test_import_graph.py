@@ -32,6 +32,8 @@ LAYERS = [
     {"bioflow.training", "bioflow.prediction", "bioflow.evaluation", "bioflow.bioimageio", "bioflow.testing"},
     # the root package is the Python API's facade (its lazy __getattr__ imports bioflow.api)
     {"bioflow.api", "bioflow.cli", "bioflow.__main__", "bioflow"},
+    # the napari plugin (optional extra): widgets over the Python API
+    {"bioflow.napari"},
 ]
 
 
