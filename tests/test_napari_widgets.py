@@ -9,6 +9,8 @@ under ``xvfb-run`` and installs Debian's Xvfb where it can); skipped otherwise.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -72,6 +74,10 @@ def test_the_manifest_is_valid():
     assert {w.display_name for w in manifest.contributions.widgets} == {"Predict", "Train"}
     assert {s.key for s in manifest.contributions.sample_data} == {"nuclei_2d", "nuclei_3d", "noisy"}
     manifest.validate_imports()  # every command's python_name imports
+    npe2 = Path(sys.executable).with_name("npe2")
+    if npe2.exists():
+        done = subprocess.run([str(npe2), "validate", "bioflow"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "valid" in done.stdout, done.stdout + done.stderr
 
 
 def test_predicting_adds_the_layers_bioflow_predict_writes(make_napari_viewer, qtbot, trained, tmp_path):
@@ -128,12 +134,15 @@ def test_training_from_layers_makes_a_run_the_predict_widget_lists(make_napari_v
     train.project.value = tmp_path
     train.task.value = "stardist"
     train.image.value, train.target.value = "cells", "cells labels"
-    train.epochs.value, train.steps.value, train.batch.value, train.patch.value = 2, 2, 4, "64,64"
+    train.epochs.value, train.steps.value, train.batch.value, train.patch.value = 4, 2, 4, "64,64"
     train.more.value = "model.base_channels=8 data.num_workers=0"
+    train.relay.event.connect(lambda kind, *_: train.stop_early() if kind == "validation" else None)
     train.train()
     finish(qtbot, train)
     run_id = train.summary["run_id"]
-    assert train.curves.loss and train.curves.validation  # the curves were drawn as it ran
+    assert train.curves.loss and 1 <= len(train.curves.validation) < 4  # the curves drawn; stopped early
+    assert all("val/loss" in metrics for _, metrics in train.curves.validation)
+    assert train.summary["best_checkpoint"] and Path(train.summary["best_checkpoint"]).is_file()
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["bioflow.task"] == "stardist"
     assert any(k.startswith("test/") for k in run.data.metrics)  # tested like a CLI run
@@ -172,6 +181,18 @@ def test_bad_input_is_a_message_and_nothing_is_lost(make_napari_viewer, qtbot, t
     finish(qtbot, widget)
     assert "4d: 4D data of shape (3, 4, 64, 64) for a 2D model" in widget.status.value
     assert [layer.name for layer in viewer.layers] == ["4d"]
+
+    from bioflow.testing import make_checkpoint
+
+    viewer.add_image(np.ones((64, 64), np.float32), name="flat")
+    widget.file.value = make_checkpoint(project / "3d.ckpt", "experiment=demo_stardist3d", "model.base_channels=4",
+                                        spatial_dims=3)
+    widget.image.value = "flat"
+    widget.predict()
+    finish(qtbot, widget)
+    assert "flat: 2D data of shape (64, 64) for a 3D model" in widget.status.value, widget.status.value
+    assert [layer.name for layer in viewer.layers] == ["4d", "flat"]
+    viewer.layers.remove("flat")
 
     widget.file.value = project / "missing.ckpt"  # a model file that is not there
     widget.predict()

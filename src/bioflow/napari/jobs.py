@@ -91,7 +91,7 @@ def training_monitor(job: "TrainingJob"):
                 job.emit("loss", trainer.global_step, float(loss))
             job.check(trainer)
 
-        def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        def on_validation_end(self, trainer, pl_module) -> None:  # after the task logged its metrics
             if trainer.sanity_checking:
                 return
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items()

@@ -114,10 +114,11 @@ class PredictWidget(widgets.Container):
         def loaded(model) -> None:
             if self.model_reference() == ref:
                 self._show_thresholds(model)
-                self.status.value = f"model: {model}"
+                self.run.tooltip = str(model)
 
-        def failed(exc: BaseException) -> None:  # said again, in full, when predicting
-            self.status.value = common.message(exc)
+        def failed(exc: BaseException) -> None:
+            if self.worker is None:  # a prediction under way says it itself
+                self.status.value = common.message(exc)
 
         def done() -> None:
             self.loader = None
