@@ -34,6 +34,7 @@ def test_layer_axes_for_a_model(shape, dims, channels, rgb, axes):
     ((64, 64), 3, 1, "3D model"),
     ((4, 64, 64), 2, 2, "first axis should be the 2 channels"),
     ((2, 3, 4, 64, 64), 2, 1, "it takes YX"),
+    ((64, 64), 2, 3, "one channel of shape"),
 ])
 def test_layers_unfit_for_a_model_are_one_line(shape, dims, channels, words):
     with pytest.raises(DataError, match=words) as info:
@@ -78,6 +79,38 @@ def test_results_become_layers_on_the_source_grid():
     assert s.shape == (3, 2, 8, 8) and smeta["channel_axis"] == 1 and smeta["colormap"] == "magma"
 
 
+@pytest.mark.parametrize("shape, dims, rgb, axes", [
+    ((64, 64), (2,), False, "YX"),
+    ((5, 64, 64), (2,), False, "TYX"),     # StarDist 2D: a stack is frames
+    ((16, 64, 64), (3,), False, "ZYX"),    # StarDist 3D: a volume
+    ((16, 64, 64), (2, 3), False, "ZYX"),  # a task for both: napari's 3D layers are volumes
+    ((64, 64, 3), (2, 3), True, "YXC"),
+])
+def test_training_axes_of_a_layer(shape, dims, rgb, axes):
+    from bioflow.napari.layers import training_axes
+
+    assert training_axes(shape, dims, rgb=rgb) == axes
+
+
+def test_training_axes_that_cannot_be_guessed_are_asked_for():
+    from bioflow.napari.layers import training_axes
+
+    with pytest.raises(DataError, match="give its axes"):
+        training_axes((2, 3, 64, 64), (2, 3), name="cells")
+    with pytest.raises(DataError, match="for a task of 3D data"):
+        training_axes((64, 64), (3,), name="cells")
+
+
+def test_a_layers_pixel_size_comes_from_its_units():
+    from bioflow.napari.layers import layer_pixel_size
+
+    napari = pytest.importorskip("napari")
+    layer = napari.layers.Image(np.zeros((4, 8, 8)), scale=(2.0, 0.5, 0.5), units=("um", "nm", "nm"))
+    assert layer_pixel_size(layer, "ZYX") == pytest.approx([2.0, 0.0005, 0.0005])
+    assert layer_pixel_size(napari.layers.Image(np.zeros((4, 8, 8)), scale=(2, 1, 1)), "ZYX") is None  # pixels: unknown
+    assert layer_pixel_size(layer, "TYX") == pytest.approx([0.0005, 0.0005])
+
+
 def test_layers_are_written_as_a_training_set(tmp_path):
     image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
     labels = np.zeros((64, 64), np.int32)
@@ -92,6 +125,10 @@ def test_layers_are_written_as_a_training_set(tmp_path):
     assert "data=tiff_images" in n2v and not any("masks" in o or "targets" in o for o in n2v)
     _, care = write_training_data(TrainingData({"low": image}, {"low": image * 2}), "image", tmp_path)
     assert "data=tiff_pairs" in care
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    _, with_axes = write_training_data(TrainingData({"rgb": rgb}, {"rgb": labels}, axes="YXC", pixel_size=[0.5, 0.5]),
+                                       "mask", tmp_path)  # a mask without the colour axis fits an RGB image
+    assert {"data.source.axes=YXC", "data.source.mask_axes=YX", "data.source.pixel_size=[0.5,0.5]"} <= set(with_axes)
 
 
 @pytest.mark.parametrize("targets, kind, words", [
@@ -166,6 +203,7 @@ def test_training_stopped_early_keeps_its_best_model_and_is_listed(tmp_path, lay
 
 
 def test_cancelled_training_leaves_no_run_and_no_files(tmp_path, layer_data):
+    from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
     folder, data = write_training_data(TrainingData({"nuclei": layer_data[0]}, {"nuclei": layer_data[1]}), "mask", tmp_path)
@@ -179,9 +217,9 @@ def test_cancelled_training_leaves_no_run_and_no_files(tmp_path, layer_data):
     assert job.run_id is not None and list_runs(tmp_path) == []
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    assert client.search_runs(experiments) == []  # deleted, not merely failed
+    assert client.search_runs(experiments, run_view_type=ViewType.ALL) == []  # gone, not merely failed or marked deleted
     assert not folder.exists() and not job.job_dir.exists()
-    assert not any((tmp_path / "artifacts").rglob("*.ckpt"))
+    assert not any(job.run_id in p.name for p in (tmp_path / "artifacts").rglob("*"))
 
 
 def test_training_refused_before_it_begins_removes_the_layers_it_wrote(tmp_path, layer_data):
@@ -192,6 +230,32 @@ def test_training_refused_before_it_begins_removes_the_layers_it_wrote(tmp_path,
     assert not folder.exists() and list_runs(tmp_path) == []
 
 
+def test_a_stack_of_frames_trains_a_2d_model(tmp_path, layer_data):
+    """A (T, Y, X) layer with its labels: the axes reach the TIFF reader, frames are images."""
+    from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
+
+    second = synthetic_nuclei_image((128, 128), seed=0, index=1)
+    images, labels = np.stack([layer_data[0], second[0]]), np.stack([layer_data[1], second[1]])
+    folder, data = write_training_data(TrainingData({"movie": images}, {"movie": labels}, axes="TYX"), "mask", tmp_path)
+    summary = TrainingJob(["experiment=stardist_own_data", *data, *TINY, "trainer.max_epochs=1"], tmp_path).run()
+    assert summary["test"] and list_runs(tmp_path)[0].run_id == summary["run_id"]
+
+
 def test_no_store_lists_nothing_and_creates_nothing(tmp_path):
     assert list_runs(tmp_path / "none") == []
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_the_3d_sample_trains_stardist3d_from_layers(tmp_path):
+    """The plugin's own 3D sample, as the Train widget passes it (about 40 s)."""
+    from bioflow.napari.layers import training_axes
+    from bioflow.napari.sample_data import nuclei_3d
+
+    (image, meta, _), (labels, _, _) = nuclei_3d()
+    axes = training_axes(image.shape, (3,))
+    folder, data = write_training_data(TrainingData({"nuclei 3d": image}, {"nuclei 3d": labels}, axes=axes), "mask", tmp_path)
+    summary = TrainingJob(["experiment=demo_stardist3d", *data, "trainer.max_epochs=1", "data.patches_per_epoch=4",
+                           "data.batch_size=2", "data.patch_size=[16,64,64]", "model.base_channels=4", "data.num_workers=0"],
+                          tmp_path).run()
+    assert axes == "ZYX" and summary["test"] and list_runs(tmp_path)[0].task == "stardist3d"

@@ -107,6 +107,39 @@ def test_predicting_adds_the_layers_bioflow_predict_writes(make_napari_viewer, q
     widget.predict()
     finish(qtbot, widget)
     assert int(viewer.layers[-1].data.max()) <= before
+    assert widget.prob.value == 0.95 and "thresholds 0.95" in widget.status.value  # the user's value stays
+
+    viewer.add_image([image, image[::2, ::2]], multiscale=True, name="pyramid", translate=(5, 7))
+    widget.image.value = "pyramid"
+    widget.prob.value = widget._shown_thresholds[0]
+    widget.predict()
+    finish(qtbot, widget)
+    pyramid = viewer.layers[-1]
+    assert pyramid.name.startswith("pyramid labels") and pyramid.data.shape == image.shape  # the full resolution
+    assert list(pyramid.translate) == [5, 7] and np.array_equal(pyramid.data, expected)
+
+
+def test_an_rgb_layer_keeps_its_place(make_napari_viewer, qtbot, tmp_path):
+    from bioflow.testing import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "rgb.ckpt", "experiment=demo_unet", "model.depth=1", "model.base_channels=4",
+                           in_channels=3)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8), rgb=True, name="rgb",
+                     scale=(0.5, 0.5), translate=(10, 10))
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="grey")
+    widget = open_widget(viewer, "Predict")
+    widget.file.value = path
+    widget.image.value = "rgb"
+    widget.predict()
+    finish(qtbot, widget)
+    labels = viewer.layers[-1]
+    assert labels.data.shape == (64, 64) and list(labels.scale) == [0.5, 0.5] and list(labels.translate) == [10, 10]
+    widget.image.value = "grey"  # a one-channel image for a three-channel model
+    widget.predict()
+    finish(qtbot, widget)
+    assert widget.status.value.startswith("grey: one channel of shape (64, 64) for a model of 3 channels")
+    assert len(viewer.layers) == 3
 
 
 def test_cancel_adds_no_layer(make_napari_viewer, qtbot, trained):
@@ -213,3 +246,10 @@ def test_bad_input_is_a_message_and_nothing_is_lost(make_napari_viewer, qtbot, t
         assert words in train.status.value and train.worker is None
     assert len(MlflowClient(f"sqlite:///{project / 'mlflow.db'}").search_runs(["0", "1", "2"])) == runs_before
     assert np.array_equal(viewer.layers["cells"].data, np.ones((64, 64), np.float32))  # the user's layers untouched
+
+    train.source.value = "folders"  # folders not chosen: a message, not a run on the working folder
+    train.train()
+    assert train.status.value == "train: choose the images folder" and train.worker is None
+    train.images.value = project
+    train.train()
+    assert train.status.value == "train: choose the masks folder" and train.worker is None

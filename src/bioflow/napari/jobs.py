@@ -176,7 +176,8 @@ class TrainingJob:
 
 
 def delete_run(project_dir: Path, overrides: Sequence[str], run_id: str) -> None:
-    """Delete a run from the store and its artifacts from the embedded store's folder."""
+    """Remove a run for good: from the store (not only marked deleted, where the store allows it)
+    and its artifacts from the embedded store's folder."""
     from urllib.parse import unquote, urlparse
 
     from mlflow.tracking import MlflowClient
@@ -187,6 +188,13 @@ def delete_run(project_dir: Path, overrides: Sequence[str], run_id: str) -> None
     client = MlflowClient(Store.create(project_dir, uri or None).tracking_uri)
     artifacts = client.get_run(run_id).info.artifact_uri
     client.delete_run(run_id)
+    backend = getattr(client, "_tracking_client", None)
+    hard_delete = getattr(getattr(backend, "store", None), "_hard_delete_run", None)
+    if hard_delete is not None:  # a database store: what `mlflow gc` does
+        hard_delete(run_id)
     parsed = urlparse(artifacts or "")
     if parsed.scheme == "file":
-        shutil.rmtree(unquote(parsed.path), ignore_errors=True)
+        folder = Path(unquote(parsed.path))
+        if folder.name == "artifacts" and folder.parent.name == run_id:
+            folder = folder.parent  # <experiment>/<run id>/artifacts: the run's whole folder
+        shutil.rmtree(folder, ignore_errors=True)

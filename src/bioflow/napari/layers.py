@@ -28,11 +28,17 @@ def guess_axes(shape: Sequence[int], spatial_dims: int, in_channels: int, rgb: b
     if rgb:
         if spatial_dims != 2 or ndim != 3:
             raise DataError(f"{name}: an RGB layer of shape {tuple(shape)} for a {spatial_dims}D model")
+        if in_channels != shape[-1]:
+            raise DataError(f"{name}: an RGB layer ({shape[-1]} colour channels) for a model of {in_channels} "
+                            f"channel(s); split the colours into layers (Layers > Split RGB) and choose one")
         return "YXC"
     if ndim < spatial_dims:
         raise DataError(f"{name}: {ndim}D data of shape {tuple(shape)} for a {spatial_dims}D model "
                         f"(it needs {spatial_dims} spatial axes)")
     if ndim == spatial_dims:
+        if in_channels > 1:
+            raise DataError(f"{name}: one channel of shape {tuple(shape)} for a model of {in_channels} channels "
+                            f"(it takes a layer with its {in_channels} channels on the first axis)")
         return spatial
     if ndim == spatial_dims + 1:
         if in_channels > 1 and shape[0] == in_channels:
@@ -47,9 +53,9 @@ def guess_axes(shape: Sequence[int], spatial_dims: int, in_channels: int, rgb: b
                     f"channel(s): it takes {spatial} (plus a leading channel or time axis)")
 
 
-def check_layer_data(data: Any, name: str) -> np.ndarray:
+def check_layer_data(data: Any, name: str, multiscale: bool = False) -> np.ndarray:
     """A layer's data as one numpy array (the full resolution of a multiscale layer), checked."""
-    if isinstance(data, (list, tuple)) and data and hasattr(data[0], "shape"):
+    if multiscale or (isinstance(data, (list, tuple)) and data and hasattr(data[0], "shape")):
         data = data[0]  # multiscale: the full resolution
     array = np.asarray(data)
     if array.size == 0:
@@ -62,6 +68,8 @@ def check_layer_data(data: Any, name: str) -> np.ndarray:
 
 
 def _scaled(values: Sequence[float] | None, axes: str, out_axes: str) -> list[float] | None:
+    if values is not None and len(values) == len(axes) - 1 and axes.endswith("C"):
+        axes = axes[:-1]  # an RGB layer: its scale leaves out the colour axis
     if values is None or len(values) != len(axes):
         return None
     return [float(values[axes.index(a)]) for a in out_axes]
@@ -114,33 +122,57 @@ def result_layers(result: Mapping[str, Any], source: str, axes: str, model, scal
 DATA_FOR_TARGET = {"mask": ("tiff_folder", "masks"), "image": ("tiff_pairs", "targets"), "optional_image": ("tiff_images", None)}
 
 
+def training_axes(shape: Sequence[int], task_dims: Sequence[int], rgb: bool = False, name: str = "the layer") -> str:
+    """The axes of an image layer to train a task on (``task_dims``: the spatial dimensions the
+    task takes): a 3D layer is a volume for a task that takes volumes, else a stack of 2D frames;
+    4D and more must be said (the axes field)."""
+    ndim = len(shape)
+    if rgb:
+        if ndim != 3 or 2 not in task_dims:
+            raise DataError(f"{name}: an RGB layer of shape {tuple(shape)} for a task of {'/'.join(map(str, task_dims))}D data")
+        return "YXC"
+    if ndim == 2:
+        if 2 not in task_dims:
+            raise DataError(f"{name}: a 2D layer of shape {tuple(shape)} for a task of 3D data (volumes)")
+        return "YX"
+    if ndim == 3:
+        return "ZYX" if 3 in task_dims else "TYX"
+    raise DataError(f"{name}: a {ndim}D layer of shape {tuple(shape)}: give its axes (e.g. TZYX or CZYX) in the axes field")
+
+
 @dataclass
 class TrainingData:
-    """What to train on: image arrays and their targets (masks, clean images or nothing), by name."""
+    """What to train on: image arrays and their targets (masks, clean images or nothing), by name,
+    with the images' axes (the targets have the same, without a channel axis for masks) and
+    pixel sizes in micrometres (Z, Y, X; None: unknown)."""
 
     images: dict[str, np.ndarray]
     targets: dict[str, np.ndarray] = field(default_factory=dict)
     axes: str | None = None
+    pixel_size: list[float] | None = None
 
     def check(self, target_kind: str) -> None:
         if not self.images:
             raise DataError("training: choose at least one image layer")
         folder = DATA_FOR_TARGET.get(target_kind, (None, "masks"))[1]
-        if folder is None:
-            return
-        what = "labels layer" if folder == "masks" else "target image layer"
         for name, image in self.images.items():
+            if self.axes is not None and len(self.axes) != image.ndim:
+                raise DataError(f"training: axes {self.axes} for the image {name} of shape {image.shape}")
+            if folder is None:
+                continue
+            what = "labels layer" if folder == "masks" else "target image layer"
             target = self.targets.get(name)
             if target is None:
                 raise DataError(f"training: {name} has no {what} (this task learns from pairs)")
-            if folder == "masks" and target.shape not in (image.shape, image.shape[1:]):
+            expected = {tuple(image.shape)}
+            if folder == "masks":  # a mask has no channel axis
+                expected.add(tuple(n for n, a in zip(image.shape, self.axes) if a != "C") if self.axes
+                             else tuple(image.shape[1:]))
+            if tuple(target.shape) not in expected:
                 raise DataError(f"training: the {what} of shape {target.shape} does not match the image {name} "
                                 f"of shape {image.shape}")
             if folder == "masks" and not np.any(target):
                 raise DataError(f"training: the {what} for {name} has no labelled object")
-            if folder == "targets" and target.shape != image.shape:
-                raise DataError(f"training: the {what} of shape {target.shape} does not match the image {name} "
-                                f"of shape {image.shape}")
 
 
 def safe_name(name: str) -> str:
@@ -170,6 +202,30 @@ def write_training_data(data: TrainingData, target_kind: str, project_dir: str |
         overrides.append(f"data.source.{target_folder}={folder / target_folder}")
     if data.axes:
         overrides.append(f"data.source.axes={data.axes}")
+        if target_folder is not None:  # the targets' axes: the image's (a mask's without channels)
+            target_axes = data.axes.replace("C", "") if target_folder == "masks" else data.axes
+            overrides.append(f"data.source.{'mask_axes' if target_folder == 'masks' else 'target_axes'}={target_axes}")
+    if data.pixel_size:
+        overrides.append(f"data.source.pixel_size=[{','.join(f'{v:g}' for v in data.pixel_size)}]")
     # few images: hold out regions of each image rather than whole images
     overrides.append("data.split.by=auto")
     return folder, overrides
+
+
+def layer_pixel_size(layer, axes: str) -> list[float] | None:
+    """A layer's pixel size in micrometres along its spatial axes (Z, Y, X), when its units are
+    lengths; None when they are napari's default pixels (then the size is unknown)."""
+    units = getattr(layer, "units", None)
+    scale = list(getattr(layer, "scale", []))
+    layer_axes = axes.replace("C", "") if getattr(layer, "rgb", False) else axes
+    if units is None or len(units) != len(layer_axes) or len(scale) != len(layer_axes):
+        return None
+    sizes = []
+    for axis, unit, value in zip(layer_axes, units, scale):
+        if axis not in "ZYX":
+            continue
+        try:
+            sizes.append(float((value * unit).to("micrometer").magnitude))
+        except Exception:  # pixels, or no length at all
+            return None
+    return sizes or None

@@ -30,7 +30,7 @@ class RunChoice:
     @property
     def label(self) -> str:
         score = "no test score" if self.score is None else f"{self.score_name.removeprefix('test/')} {self.score:.3f}"
-        return f"{self.experiment} / {self.name} ({self.task}, {score}, {self.started})"
+        return f"{self.experiment} / {self.name} ({self.task}, {score}, {self.started}, {self.run_id[:8]})"
 
 
 def headline(task: str, metrics: dict[str, float]) -> tuple[str | None, float | None]:

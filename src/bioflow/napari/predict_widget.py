@@ -37,7 +37,7 @@ class PredictWidget(widgets.Container):
         self.tta = widgets.CheckBox(label="TTA", value=False, tooltip="average over flips and quarter turns")
         self.spread = widgets.CheckBox(label="TTA spread", value=False,
                                        tooltip="also the spread between the augmented predictions (an uncertainty map)")
-        self.confidence = widgets.CheckBox(label="confidence map", value=False,
+        self.confidence = widgets.CheckBox(label="confidence map", value=False, visible=False,
                                            tooltip="segmentation (U-Net) models: also a per-pixel confidence map")
         self.prob = widgets.FloatSpinBox(label="probability threshold", value=0.5, min=0.01, max=0.99, step=0.01, visible=False)
         self.nms = widgets.FloatSpinBox(label="overlap threshold", value=0.4, min=0.0, max=1.0, step=0.05, visible=False)
@@ -49,8 +49,9 @@ class PredictWidget(widgets.Container):
                      self.confidence, self.prob, self.nms, widgets.Container(widgets=[self.go, self.stop], layout="horizontal", labels=False),
                      self.bar, self.status])
         self._runs: dict[str, RunChoice] = {}
-        self.has_thresholds = False
+        self.has_thresholds = self.gives_confidence = False
         self._shown_thresholds: tuple[float, float] | None = None
+        self._thresholds_for: int | None = None
         self._models: dict[str, Any] = {}
         self.job: PredictionJob | None = None
         self.worker = None
@@ -131,9 +132,13 @@ class PredictWidget(widgets.Container):
         found = None if model is None else thresholds_of(model.task)
         self.has_thresholds = found is not None  # (`visible` is False too while the viewer is hidden)
         self.prob.visible = self.nms.visible = self.has_thresholds
-        if found is not None:
+        self.gives_confidence = bool(getattr(getattr(model, "task", None), "gives_confidence", False))
+        self.confidence.visible = self.gives_confidence
+        shown_for = None if model is None else id(model)
+        if found is not None and shown_for != self._thresholds_for:  # the user's values stay until the model changes
             self.prob.value, self.nms.value = found
-        self._shown_thresholds = (float(self.prob.value), float(self.nms.value)) if found else None
+            self._shown_thresholds = (float(self.prob.value), float(self.nms.value))
+        self._thresholds_for = shown_for
 
     def load(self, ref: str):
         """The model (cached); loading from a run downloads its checkpoint once."""
@@ -166,7 +171,7 @@ class PredictWidget(widgets.Container):
             return
         layer = self.viewer.layers[self.image.value]
         options: dict[str, Any] = {"tta": bool(self.tta.value), "tta_spread": bool(self.spread.value),
-                                   "confidence": bool(self.confidence.value)}
+                                   "confidence": bool(self.confidence.value) and self.gives_confidence}
         if self.tile.value:
             options["tile_size"] = int(self.tile.value)
         chosen = (float(self.prob.value), float(self.nms.value))
@@ -179,7 +184,7 @@ class PredictWidget(widgets.Container):
 
         def work():
             job.model = self.load(ref)
-            job.image = check_layer_data(layer.data, source)
+            job.image = check_layer_data(layer.data, source, multiscale=bool(getattr(layer, "multiscale", False)))
             info = job.model.task.data_info
             job.axes = guess_axes(job.image.shape, info.spatial_dims, info.in_channels,
                                   rgb=bool(getattr(layer, "rgb", False)), name=source)
@@ -196,6 +201,10 @@ class PredictWidget(widgets.Container):
             self.status.value = "cancelling ..."
 
     def _progressed(self, done: int, total: int) -> None:
+        if not common.alive(self):  # the viewer was closed: stop
+            if self.job is not None:
+                self.job.cancel()
+            return
         self.bar.max = max(1, total)
         self.bar.value = min(done, total)
 
@@ -203,14 +212,21 @@ class PredictWidget(widgets.Container):
         self._show_thresholds(model)
         for data, meta, kind in result_layers(result, source, axes, model, scale, translate):
             getattr(self.viewer, f"add_{kind}")(data, **meta)
-        fit = result.get("fit")
+        said = [f"{source}: done"]
+        if "T" in axes:
+            frames = self.job.image.shape[axes.index("T")] if self.job is not None else None
+            said.append(f"as {axes}{f' ({frames} frames)' if frames else ''}")
         objects = result.get("objects")
-        counted = f", {len(objects)} objects" if isinstance(objects, np.ndarray) else ""
+        if isinstance(objects, np.ndarray):
+            said.append(f"{len(objects)} objects")
+        if self.has_thresholds:
+            said.append(f"thresholds {self.prob.value:.2f} / {self.nms.value:.2f}")
+        fit = result.get("fit")
         if fit is not None and not fit.get("fits", True):
-            self.say("warning", f"{source}: unlike the training data ({fit.get('reason')}); "
-                                "check the outputs before trusting them")
+            self.say("warning", ", ".join(said) + f"; unlike the training data ({fit.get('reason')}): check the "
+                                                  "outputs before trusting them")
         else:
-            self.status.value = f"{source}: done{counted}"
+            self.status.value = ", ".join(said)
 
     def _failed(self, exc: BaseException) -> None:
         if isinstance(exc, Cancelled):

@@ -13,7 +13,8 @@ from magicgui import widgets
 from bioflow.errors import BioflowError, ConfigError
 from bioflow.napari import common
 from bioflow.napari.jobs import Cancelled, TrainingJob
-from bioflow.napari.layers import DATA_FOR_TARGET, TrainingData, check_layer_data, write_training_data
+from bioflow.napari.layers import (DATA_FOR_TARGET, TrainingData, check_layer_data, layer_pixel_size, training_axes,
+                                   write_training_data)
 from bioflow.napari.models import experiments_for, headline, task_names
 
 NONE = "(none)"
@@ -78,6 +79,8 @@ class TrainWidget(widgets.Container):
                                            orientation="horizontal")
         self.image = widgets.ComboBox(label="image layer", choices=self._image_layers)
         self.target = widgets.ComboBox(label="labels layer", choices=self._target_layers)
+        self.axes = widgets.LineEdit(label="axes", value="", tooltip="the image layer's axes, e.g. YX, ZYX, TYX, CYX; "
+                                     "empty: a 3D layer is a volume for tasks that take volumes, else frames")
         self.images = widgets.FileEdit(label="images folder", mode="d", visible=False)
         self.targets = widgets.FileEdit(label="masks folder", mode="d", visible=False)
         self.epochs = widgets.SpinBox(label="epochs", value=20, min=1, max=10000)
@@ -95,7 +98,7 @@ class TrainWidget(widgets.Container):
         self.bar = widgets.ProgressBar(label="epochs", value=0, min=0, max=1)
         self.status = widgets.Label(label="", value="")
         self.curves = Curves()
-        self.extend([self.task, self.experiment, self.source, self.image, self.target, self.images, self.targets,
+        self.extend([self.task, self.experiment, self.source, self.image, self.target, self.axes, self.images, self.targets,
                      self.epochs, self.steps, self.batch, self.patch, self.name, self.project, self.more,
                      widgets.Container(widgets=[self.go, self.stop, self.cancel_button], layout="horizontal", labels=False),
                      self.bar, self.status])
@@ -144,8 +147,15 @@ class TrainWidget(widgets.Container):
         self.target.label = {"masks": "labels layer", "targets": "target layer", None: "target"}[kind]
         self.targets.label = {"masks": "masks folder", "targets": "targets folder", None: "targets"}[kind]
         self.experiment.reset_choices()
+        self.experiment.value = self.experiment.choices[0]  # the task's own-data recipe, when it has one
         self.target.reset_choices()
         self._source_changed()
+
+    def task_dims(self) -> tuple[int, ...]:
+        """The spatial dimensions the chosen task takes (StarDist: 2D or 3D; the others: both)."""
+        from bioflow.tasks import get_task
+
+        return tuple(getattr(get_task(self.task.value), "bioflow_spatial_dims", (2, 3)))
 
     def has_target(self) -> bool:
         """Whether the task learns from pairs (labels or target images), not from images alone."""
@@ -154,7 +164,7 @@ class TrainWidget(widgets.Container):
     def _source_changed(self, *_) -> None:
         layers = self.source.value == "layers"
         has_target = self.has_target()
-        self.image.visible, self.target.visible = layers, layers and has_target
+        self.image.visible, self.target.visible, self.axes.visible = layers, layers and has_target, layers
         self.images.visible, self.targets.visible = not layers, not layers and has_target
 
     # -- training -------------------------------------------------------------------------------
@@ -172,20 +182,28 @@ class TrainWidget(widgets.Container):
         if self.source.value == "layers":
             if self.image.value is None:
                 raise BioflowError("train: open an image layer first (or train from folders)")
-            image = check_layer_data(self.viewer.layers[self.image.value].data, self.image.value)
+            layer = self.viewer.layers[self.image.value]
+            image = check_layer_data(layer.data, layer.name, multiscale=bool(getattr(layer, "multiscale", False)))
+            axes = self.axes.value.strip().upper() or training_axes(
+                image.shape, self.task_dims(), rgb=bool(getattr(layer, "rgb", False)), name=layer.name)
             targets = {}
             if self.has_target():
                 if self.target.value in (None, NONE):
                     raise BioflowError(f"train: choose the {self.target.label} for {self.image.value}")
-                targets[self.image.value] = check_layer_data(self.viewer.layers[self.target.value].data, self.target.value)
-            folder, data = write_training_data(TrainingData({self.image.value: image}, targets), kind, self.project.value)
+                target = self.viewer.layers[self.target.value]
+                targets[layer.name] = check_layer_data(target.data, target.name, multiscale=bool(getattr(target, "multiscale", False)))
+            data = TrainingData({layer.name: image}, targets, axes=axes, pixel_size=layer_pixel_size(layer, axes))
+            folder, data_overrides = write_training_data(data, kind, self.project.value)
             written.append(folder)
-            out += data
+            out += data_overrides
         else:
             config, target_folder = DATA_FOR_TARGET.get(kind, ("tiff_folder", "masks"))
-            out += [f"data={config}", f"data.source.images={self.images.value}"]
-            if target_folder is not None:
-                out.append(f"data.source.{target_folder}={self.targets.value}")
+            out.append(f"data={config}")
+            for what, edit in [("images", self.images)] + ([(target_folder, self.targets)] if target_folder else []):
+                path = str(edit.value or "").strip()
+                if path in ("", ".") or not Path(path).is_dir():
+                    raise BioflowError(f"train: choose the {what} folder" + (f" ({path} is not a folder)" if path not in ("", ".") else ""))
+                out.append(f"data.source.{what}={Path(path).resolve()}")
         out += [f"trainer.max_epochs={self.epochs.value}", f"data.batch_size={self.batch.value}",
                 f"data.patches_per_epoch={self.steps.value * self.batch.value}", f"logger.experiment_name={self.name.value}"]
         if self.patch.value.strip():
@@ -204,6 +222,7 @@ class TrainWidget(widgets.Container):
         """Start training (returns at once; curves update as it runs)."""
         if self.worker is not None:
             return
+        self.summary = None
         try:
             overrides, written = self.overrides()
         except Exception as exc:
@@ -229,6 +248,10 @@ class TrainWidget(widgets.Container):
             self.status.value = "cancelling (nothing will be kept) ..."
 
     def _event(self, kind: str, step: int, value: Any) -> None:
+        if not common.alive(self):  # the viewer was closed while training: keep nothing
+            if self.job is not None:
+                self.job.cancel()
+            return
         self.curves.add(kind, step, value)
         if kind == "validation":
             self.bar.value = min(self.bar.max, step + 1)
