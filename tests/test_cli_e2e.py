@@ -92,6 +92,17 @@ def test_summary_printed(trained):
     assert f"bioflow dashboard --project-dir {project_dir}" in out
 
 
+def test_the_first_screen_holds_only_bioflows_lines(trained):
+    """What the dependencies say about themselves (a cloud logger's advertisement, accelerators not
+    found, their own deprecations, database set-up) stays off the screen; bioflow's lines stay."""
+    result = trained[0]
+    screen = result.stdout + result.stderr
+    for noise in ("litlogger", "Tip:", "GPU available", "TPU available", "LeafSpec", "Creating initial MLflow database",
+                  "not found. Creating it", "log_every_n_steps", "Trainable params", "Loading `train_dataloader`"):
+        assert noise not in screen, noise
+    assert "model: UNet" in screen and "epoch 1/2" in screen  # bioflow's own lines
+
+
 def test_split_recorded_and_disjoint(trained):
     import json
 
@@ -232,6 +243,7 @@ def test_a_prediction_by_run_id_is_recorded_beside_its_training_run(trained, tmp
     result = run_cli("predict", model_run, str(tmp_path / "a.ome.zarr"), "--out", str(tmp_path / "out"),
                      "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Downloading artifacts" not in result.stderr + result.stdout  # no progress bar at all
     jobs = client.search_runs([client.get_experiment_by_name("predictions").experiment_id],
                               filter_string=f"tags.`bioflow.model_run_id` = '{model_run}'")
     assert len(jobs) == 1 and jobs[0].info.status == "FINISHED"

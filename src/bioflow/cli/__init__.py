@@ -207,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log_warnings_to_stderr()
     parser = build_parser()
     args = parser.parse_args(argv)
+    from bioflow.quiet import quiet_dependencies
+
+    quiet_dependencies(progress=not getattr(args, "no_progress", False))
     handlers = {
         "evaluate": evaluate_command, "predict": predict_command, "plugins": plugins_command,
         "dashboard": dashboard_command, "export": export_command,

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from bioflow.config import component
 from bioflow.training.validation import validate
 from bioflow.errors import ConfigError
+from bioflow.quiet import quiet_dependencies
 from bioflow.precision import resolve_precision
 from bioflow.data.module import BioflowDataModule
 from bioflow.training.resume import find_resume_point, requested_resume, resumed_config
@@ -152,6 +153,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] 
         ``trainer.should_stop``), after bioflow's own.
     """
     validate(config)
+    quiet_dependencies()
     config = with_absolute_paths(config)
     store = Store.create(config["project_dir"], config["logger"]["tracking_uri"])
     store.check_reachable()
@@ -222,6 +224,14 @@ def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] 
         EpochReport(task.monitor), speed, *callbacks,
     ]
     trainer_args = resolve_precision(config["trainer"])
+    trainer_args.setdefault("enable_model_summary", False)  # bioflow's own line instead of Lightning's table
+    steps = max(1, -(-int(config["data"]["patches_per_epoch"]) // int(config["data"]["batch_size"])))
+    if int(trainer_args.get("log_every_n_steps", 50)) > steps:  # shorter epochs: log the loss within each
+        trainer_args["log_every_n_steps"] = steps
+    if not trainer_args["enable_model_summary"]:
+        parameters = sum(p.numel() for p in task.parameters())
+        log.info("model: %s, %s parameters", type(task.model).__name__ if hasattr(task, "model") else type(task).__name__,
+                 f"{parameters / 1e6:.2f} M" if parameters >= 1e6 else f"{parameters / 1e3:.0f} K")
     if not has_val:
         trainer_args.update(limit_val_batches=0, num_sanity_val_steps=0)
     trainer = L.Trainer(
