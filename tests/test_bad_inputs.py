@@ -67,6 +67,11 @@ def world(tmp_path_factory) -> dict[str, Path]:
     tifffile.imwrite(root / "stack.tif", np.zeros((3, 32, 32), np.uint16), photometric="minisblack")
     tifffile.imwrite(root / "rgb.tif", np.zeros((32, 32, 3), np.uint8), photometric="rgb")
     tifffile.imwrite(root / "good.tif", (synthetic_nuclei_image((48, 48), seed=3)[0] * 1000).astype(np.uint16))
+    from bioflow.tracking.store import Store
+
+    Store.create(root / "truncated").prepare()  # a real store, then cut short (a copy gone wrong)
+    database = root / "truncated" / "mlflow.db"
+    database.write_bytes(database.read_bytes()[: database.stat().st_size // 3])
     return {"root": root, "images": images, "masks": masks, "model": model}
 
 
@@ -269,6 +274,9 @@ def predict_world(world, tmp_path) -> dict[str, str]:
     shutil.copy(world["root"] / "care.ckpt", tmp_path / "care.ckpt")
     (tmp_path / "garbage.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
     (tmp_path / "afile").write_text("keep me")
+    (tmp_path / "damaged").mkdir()  # a project whose store was overwritten
+    (tmp_path / "damaged" / "mlflow.db").write_bytes(b"not a database, overwritten by mistake\n" * 100)
+    shutil.copytree(world["root"] / "truncated", tmp_path / "truncated")
     _crafted_checkpoint(tmp_path / "evil.ckpt")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "good_tta_spread.tif").write_bytes(b"a spread map of an earlier run")
@@ -276,7 +284,7 @@ def predict_world(world, tmp_path) -> dict[str, str]:
     names = {"model": "model.ckpt", "good": "good.tif", "stack": "stack.tif", "rgb": "rgb.tif", "garbage": "garbage.ckpt",
              "evil": "evil.ckpt", "afile": "afile", "out": "out", "care": "care.ckpt",
              "taken": "taken", "store": "good.ome.zarr", "plainzarr": "plain.zarr", "brokenzarr": "broken.ome.zarr",
-             "volume": "volume.ome.zarr"}
+             "volume": "volume.ome.zarr", "damaged": "damaged", "truncated": "truncated"}
     return {"root": str(tmp_path), **{k: str(tmp_path / v) for k, v in names.items()}}
 
 
@@ -297,6 +305,17 @@ OTHER_CASES = [
     ("export-over-a-file", ["export", "{model}", "--out", "{afile}"], "afile"),
     ("plugins-unknown-kind", ["plugins", "--kind", "losss"], "losss"),
     ("dashboard-without-store", ["dashboard", "--project-dir", "{root}/nothing"], "nothing"),
+    # a damaged store: one line naming the file, before any work, in every command
+    ("train-damaged-store", ["train", "experiment=demo_unet", "project_dir={damaged}", *TINY_TRAIN], "damaged/mlflow.db"),
+    ("predict-damaged-store", ["predict", "{model}", "{good}", "--out", "{out}", "--project-dir", "{damaged}"],
+     "damaged/mlflow.db"),
+    ("evaluate-damaged-store", ["evaluate", "0123456789abcdef0123456789abcdef", "--project-dir", "{damaged}"],
+     "damaged/mlflow.db"),
+    ("evaluate-truncated-store", ["evaluate", "0123456789abcdef0123456789abcdef", "--project-dir", "{truncated}"],
+     "truncated/mlflow.db"),
+    ("export-damaged-store", ["export", "0123456789abcdef0123456789abcdef", "--out", "{root}/model.zip",
+                              "--project-dir", "{damaged}"], "damaged/mlflow.db"),
+    ("dashboard-damaged-store", ["dashboard", "--project-dir", "{damaged}"], "damaged/mlflow.db"),
 ]
 
 

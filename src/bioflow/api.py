@@ -219,7 +219,7 @@ def load_model(model: str, *, project_dir: str | Path | None = None, tracking_ur
     from bioflow.tracking.store import Store, default_project_dir
 
     explicit = project_dir is not None or tracking_uri is not None
-    store = Store.create(project_dir or default_project_dir(), tracking_uri)
+    store = Store.create(project_dir or default_project_dir(), tracking_uri).check_intact()
     loaded = load(str(model), store, inference=True, explicit_store=explicit)
     loaded.task.to(choose_device(device, option="device"))
     return Model(loaded)

@@ -24,7 +24,7 @@ def evaluate(
     from bioflow.loading import load_model, recorded_data
 
     explicit = project_dir is not None or tracking_uri is not None
-    store = Store.create(project_dir or default_project_dir(), tracking_uri)
+    store = Store.create(project_dir or default_project_dir(), tracking_uri).check_intact()
     loaded = load_model(model, store, explicit_store=explicit, require_task=True)
     store = loaded.store or store
     # A package's scores are its own: they are not logged into the run it was trained in.

@@ -206,7 +206,7 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
     device = ranks.start(choose_device(opts.device))
     files = ranks.gather(collect_inputs(inputs))[0]  # the first process's list (a folder may be growing)
     explicit = project_dir is not None or tracking_uri is not None
-    store = Store.create(project_dir or default_project_dir(), tracking_uri)
+    store = Store.create(project_dir or default_project_dir(), tracking_uri).check_intact()
     loaded = load_model(model, store, inference=True, explicit_store=explicit)
     task = loaded.task
     for line in task.prediction_caveats():

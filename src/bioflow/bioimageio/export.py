@@ -75,7 +75,7 @@ def export_model(
     from bioflow.loading import load_model
     from bioflow.tracking.store import Store, default_project_dir
 
-    store = Store.create(project_dir or default_project_dir(), tracking_uri)
+    store = Store.create(project_dir or default_project_dir(), tracking_uri).check_intact()
     loaded = load_model(model, store, explicit_store=project_dir is not None or tracking_uri is not None)
     if loaded.package is not None:
         raise ExportError(f"{model}: is a bioimage.io package already; export a checkpoint or an MLflow run id")

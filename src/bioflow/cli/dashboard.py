@@ -17,7 +17,7 @@ def dashboard_command(args: argparse.Namespace) -> int:
 
     from bioflow.tracking.store import Store
 
-    store = Store.create(args.project_dir)
+    store = Store.create(args.project_dir).check_intact()
     if not (store.project_dir / "mlflow.db").is_file():
         return fail(f"{store.project_dir}: no MLflow store here (mlflow.db); train first or pass --project-dir")
     mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")

@@ -71,8 +71,11 @@ def _prevalidate(overrides: list[str]) -> dict:
     from bioflow.config import compose
     from bioflow.training.validation import validate
 
+    from bioflow.tracking.store import Store
+
     config = compose(overrides)
     validate(config)
+    Store.create(config["project_dir"], config["logger"]["tracking_uri"]).check_intact()  # before Hydra's job folder
     return config
 
 

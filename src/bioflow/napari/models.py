@@ -52,7 +52,7 @@ def list_runs(project_dir: str | Path, tracking_uri: str | None = None) -> list[
     project has no store yet (nothing is created)."""
     from bioflow.tracking.store import Store
 
-    store = Store.create(project_dir, tracking_uri)
+    store = Store.create(project_dir, tracking_uri).check_intact()
     if store.embedded and not (store.project_dir / "mlflow.db").is_file():
         return []
     from mlflow.tracking import MlflowClient

@@ -71,6 +71,36 @@ class Store:
             return
         self.check_reachable()
 
+    def check_intact(self) -> "Store":
+        """Fail now, with one line naming the file, if the embedded store is not a readable MLflow
+        store (overwritten, truncated, a copy gone wrong); a store another job holds locked is
+        not damaged and passes. Returns the store (``Store.create(...).check_intact()``)."""
+        import sqlite3
+
+        database = self.project_dir / "mlflow.db"
+        if not self.embedded or not database.is_file():
+            return self
+        advice = "restore a backup or move it aside"
+        try:
+            connection = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=30)
+            try:
+                tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if "experiments" in tables:  # every page's structure (about a second per GiB)
+                    problems = [row[0] for row in connection.execute("PRAGMA quick_check(3)")]
+                    if problems != ["ok"]:
+                        raise sqlite3.DatabaseError(problems[0][:80])
+            finally:
+                connection.close()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                return self  # another job is writing: MLflow waits for it
+            raise BioflowError(f"{database}: unreadable MLflow store ({exc}); {advice}") from None
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            raise BioflowError(f"{database}: damaged MLflow store ({str(exc)[:60]}); {advice}") from None
+        if tables and "experiments" not in tables:
+            raise BioflowError(f"{database}: not an MLflow store (no MLflow tables); {advice}")
+        return self
+
     @property
     def exists(self) -> bool:
         """Whether there is anything to read: the embedded store file, or a server (assumed)."""

@@ -155,7 +155,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] 
     validate(config)
     quiet_dependencies()
     config = with_absolute_paths(config)
-    store = Store.create(config["project_dir"], config["logger"]["tracking_uri"])
+    store = Store.create(config["project_dir"], config["logger"]["tracking_uri"]).check_intact()
     store.check_reachable()
     request = requested_resume(config)
     resume = None
