@@ -48,6 +48,18 @@ def alive(widget) -> bool:
         return False
 
 
+def compact(container, width: int = 460) -> None:
+    """Keep a dock widget narrow whatever its texts: long status lines wrap, long choices elide."""
+    from qtpy.QtWidgets import QComboBox, QLabel
+
+    container.native.setMaximumWidth(width)
+    for label in container.native.findChildren(QLabel):
+        label.setWordWrap(True)
+    for box in container.native.findChildren(QComboBox):
+        box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        box.setMinimumContentsLength(12)
+
+
 def message(exc: BaseException) -> str:
     """One line for the viewer: bioflow's own message, or the error's type and first line."""
     from bioflow.errors import BioflowError

@@ -96,7 +96,7 @@ def training_monitor(job: "TrainingJob"):
                 return
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                        if k.startswith("val/") and getattr(v, "numel", lambda: 1)() == 1}
-            job.emit("validation", trainer.current_epoch, metrics)
+            job.emit("validation", trainer.current_epoch + 1, metrics)  # epochs counted from 1, as printed
             job.check(trainer)
 
         def on_test_batch_end(self, trainer, *args) -> None:

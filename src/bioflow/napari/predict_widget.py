@@ -49,6 +49,7 @@ class PredictWidget(widgets.Container):
                      self.confidence, self.prob, self.nms, widgets.Container(widgets=[self.go, self.stop], layout="horizontal", labels=False),
                      self.bar, self.status])
         self._runs: dict[str, RunChoice] = {}
+        common.compact(self)
         self.has_thresholds = self.gives_confidence = False
         self._shown_thresholds: tuple[float, float] | None = None
         self._thresholds_for: int | None = None

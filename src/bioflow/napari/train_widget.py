@@ -103,6 +103,7 @@ class TrainWidget(widgets.Container):
                      widgets.Container(widgets=[self.go, self.stop, self.cancel_button], layout="horizontal", labels=False),
                      self.bar, self.status])
         self.native.layout().addWidget(self.curves.canvas)
+        common.compact(self)
         self.job: TrainingJob | None = None
         self.worker = None
         self.summary: dict[str, Any] | None = None
@@ -254,9 +255,9 @@ class TrainWidget(widgets.Container):
             return
         self.curves.add(kind, step, value)
         if kind == "validation":
-            self.bar.value = min(self.bar.max, step + 1)
+            self.bar.value = min(self.bar.max, step)
             shown = ", ".join(f"{k.removeprefix('val/')} {v:.3f}" for k, v in sorted(value.items())[:3])
-            self.status.value = f"epoch {step + 1}: {shown}"
+            self.status.value = f"epoch {step}: {shown}"
 
     def _done(self, summary: dict[str, Any]) -> None:
         self.summary = summary
