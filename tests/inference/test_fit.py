@@ -123,6 +123,22 @@ def test_with_few_images_the_threshold_stays_near_what_unseen_images_score():
     assert not reference.verdict(features(rng, 16, shift=4))["fits"]
 
 
+def test_with_one_training_image_its_held_out_region_sets_the_threshold():
+    """One training image: its windows are alike, so sets of them score low; the region held out
+    for validation scores higher. The threshold must cover that region (it is data the model may
+    see), not drown it among a hundred sets of windows: the training image itself then fits."""
+    rng = np.random.default_rng(7)
+    own = features(rng, 128) * 0.5
+    region = features(rng, 16) * 0.5
+    region[:, 3:] += 1.5  # content a little unlike the training windows
+    reference = FitReference.fitted([own], GROUP_OF, [region])
+    assert reference.threshold >= reference.score(region)["score"] - 1e-9
+    assert reference.verdict(np.concatenate([own[:64], region]))["fits"]  # the whole image: training part and region
+    far = features(rng, 16) * 0.5
+    far[:, 4] += 12.0
+    assert not reference.verdict(far)["fits"]
+
+
 def test_a_fingerprint_of_other_features_is_not_used(tmp_path):
     """A checkpoint whose fingerprint was made with an older definition of the features predicts
     without a check rather than with a wrong one."""

@@ -320,10 +320,12 @@ class FitReference:
         array), with thresholds from images it did not see: the validation images, and each
         training image scored by the fingerprint of the others. The threshold is the larger of
         the 99th percentile of these scores and a log-normal fit's 99th percentile (few images
-        say little about the tail); with fewer than 3 such images, random sets of windows stand in."""
+        say little about the tail). With fewer than 4 training images, sets of held-out windows
+        stand in as well; their tail and the unseen images' are taken apart, and the larger kept."""
         images = list(train) if isinstance(train, list) else [np.asarray(train)]
         reference = cls._untested(np.concatenate(images), groups)
-        held = [reference.score(f) for f in validation]
+        unseen = [reference.score(f) for f in validation]  # whole images it did not see
+        windows: list[dict[str, float]] = []  # stand-ins where there are too few of those
         rng = np.random.default_rng(0)
         if len(images) >= LEAVE_ONE_OUT_FROM:  # with fewer, a fingerprint of the others is too thin to judge by
             for i in range(len(images)):
@@ -331,7 +333,7 @@ class FitReference:
                 n = len(images[i])  # scored as an input is: an image's worth of its windows
                 subsets = [images[i]] if n <= PATCHES_PER_IMAGE else [
                     images[i][rng.choice(n, PATCHES_PER_IMAGE, replace=False)] for _ in range(4)]
-                held += [others.score(subset) for subset in subsets]
+                unseen += [others.score(subset) for subset in subsets]
         elif len(np.concatenate(images)) >= 4 * PATCHES_PER_IMAGE:
             # few images: windows held out instead (two halves, each scored by a fingerprint of the
             # other in random sets of an image's worth of windows); blind to how images differ
@@ -340,13 +342,16 @@ class FitReference:
             halves = [pooled[order[: len(order) // 2]], pooled[order[len(order) // 2:]]]
             for own, other in ((0, 1), (1, 0)):
                 fingerprint = cls._untested(halves[other], groups)
-                held += [fingerprint.score(halves[own][rng.choice(len(halves[own]), PATCHES_PER_IMAGE, replace=False)])
-                         for _ in range(50)]
-        if len(held) < 3:
+                windows += [fingerprint.score(halves[own][rng.choice(len(halves[own]), PATCHES_PER_IMAGE, replace=False)])
+                            for _ in range(50)]
+        if len(unseen) + len(windows) < 3:
             pooled = np.concatenate(validation or images)
-            held += [reference.score(pooled[rng.choice(len(pooled), PATCHES_PER_IMAGE)]) for _ in range(200)]
+            windows += [reference.score(pooled[rng.choice(len(pooled), PATCHES_PER_IMAGE)]) for _ in range(200)]
         keys = ["score", *[g for g in GROUPS if g in reference.inverse]]
-        limits = {k: _upper_tail([h[k] for h in held]) for k in keys}
+        # each kind on its own: a few held-out images must not be drowned by many sets of windows,
+        # which are alike (windows of the same images) and so score low
+        limits = {k: max(_upper_tail([h[k] for h in kind]) for kind in (unseen, windows) if kind) for k in keys}
+        held = unseen + windows
         record = {**reference.record, "threshold": limits["score"],
                   "group_thresholds": {g: limits[g] for g in GROUPS if g in limits}, "held_out_images": len(held),
                   "version": FINGERPRINT_VERSION}
