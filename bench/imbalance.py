@@ -6,12 +6,20 @@ real `bioflow train` command, and reads the test-split scores of every run from 
 JSON object: the rare class's pixel share, and per sampler the test IoU and Dice of the rare class
 and of the common nuclei per seed, with means and standard deviations.
 
-Run: .venv/bin/python bench/imbalance.py [--seeds 0 1 2] [--project-dir /tmp/bioflow-imbalance]
+Run:   .venv/bin/python bench/imbalance.py [--seeds 0 1 2] [--project-dir /tmp/bioflow-imbalance]
+Smoke: .venv/bin/python bench/imbalance.py --smoke     (tiny sizes, seconds; run by the tests)
+
+``--smoke`` trains each sampler once (the first seed) on 6 images of 64 x 64 (a rare fraction of
+0.3, so that they have rare nuclei) for 2 steps (patch 32, batch 4, U-Net depth 1, width 4), in
+this process through ``bioflow.train`` with the same overrides as the ``bioflow train`` command
+(two interpreter start-ups saved), and reads the scores from MLflow as a full run does: the
+scores mean nothing, the JSON has the same structure plus ``"smoke": true``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -22,42 +30,58 @@ from pathlib import Path
 
 import numpy as np
 
+# Tiny data (with more of the rare kind, so that the few images have some) and a tiny network.
+SMOKE = ["data.source.n_images=6", "data.source.shape=[64,64]", "data.source.rare_fraction=0.3",
+         "data.patch_size=[32,32]", "data.patches_per_epoch=8", "data.batch_size=4", "model.depth=1",
+         "model.base_channels=4", "trainer.max_epochs=1"]
 
-def rare_pixel_share() -> float:
+
+def rare_pixel_share(overrides: list[str] = ()) -> float:
     """Share of rare-class pixels in the experiment's data (generated as the experiment does)."""
-    from omegaconf import OmegaConf
-
     from bioflow.data.sources import synthetic_nuclei
+    from bioflow.testing import compose_config
 
-    root = Path(__file__).resolve().parents[1] / "configs"
-    source = OmegaConf.merge(OmegaConf.load(root / "data" / "synthetic_nuclei.yaml").source,
-                             OmegaConf.load(root / "experiment" / "imbalance.yaml").data.source)
-    kwargs = {k: v for k, v in OmegaConf.to_container(source).items() if k != "name"}
+    # the experiment's data source as `bioflow train experiment=imbalance` composes it (its data
+    # config, synthetic_rare_nuclei, sets the rare kind over synthetic_nuclei's defaults)
+    source = compose_config("experiment=imbalance", *overrides)["data"]["source"]
+    kwargs = {k: v for k, v in source.items() if k != "name"}
     records = synthetic_nuclei(**kwargs)
     return float(np.mean([(r.target == 2).mean() for r in records]))
 
 
-def main() -> None:
+def train(overrides: list[str], in_process: bool) -> None:
+    """``bioflow train <overrides>``: the command in a fresh process, or ``bioflow.train`` here."""
+    if in_process:
+        import bioflow
+
+        with contextlib.redirect_stdout(sys.stderr):  # the training's own report; stdout is for the JSON
+            bioflow.train(overrides)
+        return
+    bioflow = str(Path(sys.executable).with_name("bioflow"))
+    subprocess.run([bioflow, "train", *overrides], check=True, capture_output=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samplers", nargs="+", default=["uniform", "class_weighted"])
     parser.add_argument("--project-dir", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: checks that the bench runs")
+    args = parser.parse_args(argv)
+    extra = SMOKE if args.smoke else []
+    if args.smoke:
+        args.seeds = args.seeds[:1]
     from mlflow.tracking import MlflowClient
 
     project = Path(args.project_dir or tempfile.mkdtemp(prefix="bioflow-imbalance-"))
-    bioflow = str(Path(sys.executable).with_name("bioflow"))
     results: dict[str, dict[str, list[float]]] = {}
     budget = None
     for sampler in args.samplers:
         scores: dict[str, list[float]] = {"iou_rare": [], "dice_rare": [], "iou_nucleus": []}
         for seed in args.seeds:
             name = f"imbalance_{sampler}_{seed}"
-            subprocess.run(
-                [bioflow, "train", "experiment=imbalance", f"sampler={sampler}", f"seed={seed}",
-                 f"logger.experiment_name={name}", f"project_dir={project}", "trainer.enable_progress_bar=false"],
-                check=True, capture_output=True,
-            )
+            train(["experiment=imbalance", f"sampler={sampler}", f"seed={seed}", f"logger.experiment_name={name}",
+                   f"project_dir={project}", "trainer.enable_progress_bar=false", *extra], in_process=args.smoke)
             client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
             run = client.search_runs([client.get_experiment_by_name(name).experiment_id])[0]
             params = run.data.params
@@ -74,8 +98,12 @@ def main() -> None:
         }
     if args.project_dir is None:
         shutil.rmtree(project, ignore_errors=True)
-    print(json.dumps({"benchmark": "imbalance", "rare_pixel_share": round(rare_pixel_share(), 4),
-                      "seeds": args.seeds, "budget": budget, "results": results}, indent=1))
+    report = {"benchmark": "imbalance", "rare_pixel_share": round(rare_pixel_share(extra), 4),
+              "seeds": args.seeds, "budget": budget, "results": results}
+    if args.smoke:
+        report["smoke"] = True
+    print(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

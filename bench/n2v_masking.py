@@ -7,7 +7,12 @@ one training step (forward, MSE loss, backward, SGD update) of a small U-Net (de
 channels) on the same batch. Everything runs on one CPU thread, and on CUDA when available.
 Prints one JSON object with the median time per batch over ``--repeat`` runs, in milliseconds.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python bench/n2v_masking.py
+Run:   OMP_NUM_THREADS=1 .venv/bin/python bench/n2v_masking.py
+Smoke: .venv/bin/python bench/n2v_masking.py --smoke     (tiny sizes, seconds; run by the tests)
+
+``--smoke`` times the same variants and the training step on tiny batches (2 x 1 x 32 x 32 and
+1 x 1 x 8 x 32 x 32), two runs each after one warm-up: the figures mean nothing, the JSON has the
+same structure plus ``"smoke": true``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from bioflow.losses.restoration import masked_mse
 from bioflow.transforms.n2v import N2VMasking
 
 BATCHES = {"2d": (16, 1, 64, 64), "3d": (4, 1, 32, 64, 64)}
+SMOKE_BATCHES = {"2d": (2, 1, 32, 32), "3d": (1, 1, 8, 32, 32)}
 VARIANTS = {
     "uniform": {"replacement": "uniform"},
     "median": {"replacement": "median"},
@@ -67,11 +73,16 @@ def train_step(shape: tuple[int, ...], device: torch.device) -> Callable[[], obj
     return step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=30, help="timed runs per masking variant")
     parser.add_argument("--step-repeat", type=int, default=3, help="timed runs of the U-Net training step")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny batches, seconds: checks that the bench runs")
+    args = parser.parse_args(argv)
+    batches, warmup = BATCHES, 3
+    if args.smoke:
+        batches, warmup, args.repeat, args.step_repeat = SMOKE_BATCHES, 1, 2, 2
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -83,18 +94,22 @@ def main() -> None:
         "unit": "ms per batch (median)",
         "results": {},
     }
+    if args.smoke:
+        out["smoke"] = True
     for device in devices:
         per_device: dict[str, object] = {}
-        for name, shape in BATCHES.items():
+        for name, shape in batches.items():
             image = torch.rand(shape, device=device)
             entry: dict[str, object] = {"shape": "x".join(map(str, shape))}
             for variant, kwargs in VARIANTS.items():
                 masking = N2VMasking(**kwargs)
-                entry[variant] = median_ms(lambda: masking(image), device, args.repeat, warmup=3)
+                entry[variant] = median_ms(lambda: masking(image), device, args.repeat, warmup=warmup)
             entry["unet_train_step"] = median_ms(train_step(shape, device), device, args.step_repeat, warmup=1)
             per_device[name] = entry
         out["results"][device.type] = per_device  # type: ignore[index]
+    torch.set_num_threads(threads)  # as it was (main may run in-process, e.g. in the tests)
     print(json.dumps(out, indent=1))
+    return out
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ and the largest target difference on interior voxels. Prints one JSON object.
 Example::
 
     taskset -c 0 python bench/stardist3d.py --reference-python ~/.cache/stardist-ref/bin/python
+
+Smoke: ``python bench/stardist3d.py --smoke`` (seconds; run by the tests) runs the same steps on
+two scenes of 16 x 64 x 64 (grids 1, 4, 4 and 2, 2, 2), one run each; without
+``--reference-python`` the JSON says the reference was skipped. The figures mean nothing; the JSON
+has the same structure plus ``"smoke": true``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +55,9 @@ ANISOTROPY = (2.0, 1.0, 1.0)
 PROB_THRESH, NMS_THRESH = 0.5, 0.4
 # (volume shape, prediction grid) of the NMS scenes.
 SCENES = {"a": ((40, 144, 144), (1, 2, 2)), "b": ((56, 192, 192), (1, 1, 1))}
+# Smoke scenes: small, and a coarser grid for (b) (at grid 1, a few hundred candidates overlapping
+# one object already take seconds).
+SMOKE_SCENES = {"a": ((16, 64, 64), (1, 4, 4)), "b": ((16, 64, 64), (2, 2, 2))}
 
 # Run by the reference interpreter: targets of the label volume and NMS + rendering of each
 # scene's candidates, on exactly the inputs bioflow gets.
@@ -120,8 +127,9 @@ def noisy_candidates(labels: np.ndarray, grid: tuple[int, int, int], rays, seed:
     }
 
 
-def run_reference(python: str, arrays: dict[str, np.ndarray], repeats: int, threads: int) -> tuple[dict, dict]:
-    script = REFERENCE_SCRIPT % {"n_rays": N_RAYS, "anisotropy": ANISOTROPY, "scenes": tuple(SCENES), "nms": NMS_THRESH}
+def run_reference(python: str, arrays: dict[str, np.ndarray], repeats: int, threads: int,
+                  scenes: dict = SCENES) -> tuple[dict, dict]:
+    script = REFERENCE_SCRIPT % {"n_rays": N_RAYS, "anisotropy": ANISOTROPY, "scenes": tuple(scenes), "nms": NMS_THRESH}
     with tempfile.TemporaryDirectory() as tmp:
         data, out = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
         np.savez(data, **arrays)
@@ -134,13 +142,18 @@ def run_reference(python: str, arrays: dict[str, np.ndarray], repeats: int, thre
         return json.loads(completed.stdout.strip().splitlines()[-1]), dict(np.load(out))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (torch and reference OpenMP)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per targets/NMS measurement; the fastest counts")
     parser.add_argument("--reference-python", help="interpreter with the reference stardist package")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny volumes, seconds: checks that the bench runs")
+    args = parser.parse_args(argv)
+    scenes = SMOKE_SCENES if args.smoke else SCENES
+    if args.smoke:
+        args.repeats = 1
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     rays = golden_spiral_rays(N_RAYS, ANISOTROPY)
     report: dict = {
@@ -148,11 +161,13 @@ def main() -> None:
                     "threads": args.threads},
         "settings": {"n_rays": N_RAYS, "anisotropy": ANISOTROPY, "prob_thresh": PROB_THRESH,
                      "nms_thresh": NMS_THRESH, "seed": args.seed,
-                     "scenes": {k: {"shape": s, "grid": g} for k, (s, g) in SCENES.items()}},
+                     "scenes": {k: {"shape": s, "grid": g} for k, (s, g) in scenes.items()}},
     }
+    if args.smoke:
+        report["smoke"] = True
     arrays: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
-    for index, (name, (shape, grid)) in enumerate(SCENES.items()):
+    for index, (name, (shape, grid)) in enumerate(scenes.items()):
         labels[name] = scene_labels(shape, args.seed + 17 * index)
         candidates = noisy_candidates(labels[name], grid, rays, args.seed + 17 * index + 1)
         arrays.update({f"{name}_{key}": value for key, value in candidates.items()})
@@ -168,7 +183,7 @@ def main() -> None:
 
     kept_ours: dict[str, np.ndarray] = {}
     rendered: dict[str, np.ndarray] = {}
-    for name, (shape, _) in SCENES.items():
+    for name, (shape, _) in scenes.items():
         points, dists, probs = (arrays[f"{name}_{key}"] for key in ("points", "dists", "probs"))
         seconds, times, kept = best_of(
             args.repeats if name == "a" else 1,
@@ -188,7 +203,7 @@ def main() -> None:
         }
 
     if args.reference_python:
-        reference, saved = run_reference(args.reference_python, arrays, args.repeats, args.threads)
+        reference, saved = run_reference(args.reference_python, arrays, args.repeats, args.threads, scenes)
         report["reference"] = reference
         if saved:
             interior = ndimage.binary_erosion(targets_labels > 0)
@@ -198,7 +213,7 @@ def main() -> None:
                 "targets_fraction_differing": float(np.mean(difference > 1e-3)),
                 "targets_time_ratio": report["targets"]["seconds"] / reference["targets_seconds"],
             }
-            for name in SCENES:
+            for name in scenes:
                 ref_kept = set(saved[name + "_kept"].tolist())
                 report["agreement"][name] = {
                     "kept_only_bioflow": len(set(kept_ours[name].tolist()) - ref_kept),
@@ -207,8 +222,12 @@ def main() -> None:
                     "reference_accuracy@0.5": match_instances(labels[name], saved[name + "_labels"].astype(np.int64), 0.5)[0.5].accuracy,
                     "nms_time_ratio": report[f"nms_{name}"]["seconds"] / reference[name]["seconds"],
                 }
+    elif args.smoke:
+        report["reference"] = {"skipped": "no --reference-python (an interpreter with the stardist package)"}
+    torch.set_num_threads(threads)  # as it was (main may run in-process, e.g. in the tests)
     json.dump(report, sys.stdout)
     sys.stdout.write("\n")
+    return report
 
 
 if __name__ == "__main__":

@@ -12,6 +12,16 @@ Run (a model trained by ``bioflow train experiment=demo_stardist3d``)::
     .venv/bin/python bench/stardist3d_predict.py --model <checkpoint or run id> --depths 48 96 192
 
 Prints one JSON object.
+
+Smoke (seconds; run by the tests)::
+
+    .venv/bin/python bench/stardist3d_predict.py --smoke
+
+predicts one 16 x 48 x 48 stack with tile 8 x 32 x 32 (several tiles, one global NMS) in a fresh
+``bioflow predict`` process, with ``--model`` or else an untrained tiny StarDist 3D checkpoint
+(random weights: the objects and the accuracy mean nothing); the job is recorded under
+``--project-dir``, else in the temporary folder. The JSON has the same structure plus
+``"smoke": true``.
 """
 
 from __future__ import annotations
@@ -28,15 +38,25 @@ from pathlib import Path
 import numpy as np
 
 
-def main() -> None:
+# A tiny StarDist 3D network for a smoke run without --model (random weights).
+SMOKE_MODEL = ["experiment=demo_stardist3d", "model.depth=1", "model.base_channels=4", "task.n_rays=16",
+               "task.stem_channels=4", "task.features=4", "task.head_features=8"]
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint file or run id of a StarDist 3D model")
+    parser.add_argument("--model", help="checkpoint file or run id of a StarDist 3D model (required but with --smoke)")
     parser.add_argument("--depths", type=int, nargs="+", default=[48, 96, 192])
     parser.add_argument("--width", type=int, default=192, help="Y and X of the stacks")
     parser.add_argument("--tile", type=int, nargs=3, default=[32, 128, 128])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--project-dir", help="where the model's run is stored (for a run id)")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="one tiny stack, seconds: checks that the bench runs")
+    args = parser.parse_args(argv)
+    if not args.model and not args.smoke:
+        parser.error("the following arguments are required: --model")
+    if args.smoke:
+        args.depths, args.width, args.tile, args.threads = [16], 48, [8, 32, 32], min(args.threads, 2)
 
     import tifffile
 
@@ -46,7 +66,17 @@ def main() -> None:
     bioflow = str(Path(sys.executable).with_name("bioflow"))
     report = {"benchmark": "stardist3d_predict", "model": args.model, "width": args.width, "tile": args.tile,
               "threads": args.threads, "stacks": []}
+    if args.smoke:
+        report["smoke"] = True
     with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke and not args.model:
+            from bioflow.testing import make_checkpoint
+
+            args.model = str(make_checkpoint(Path(tmp) / "stardist3d.ckpt", *SMOKE_MODEL, spatial_dims=3,
+                                             pixel_size=[2.0, 1.0, 1.0]))
+            report["model"] = "untrained tiny StarDist 3D (smoke)"
+        if args.smoke and not args.project_dir:  # the job's record: not into the working directory
+            args.project_dir = str(Path(tmp) / "project")
         for depth in args.depths:
             image, labels = synthetic_nuclei_image((depth, args.width, args.width), seed=11, index=0, anisotropy=2.0)[:2]
             path = Path(tmp) / f"stack{depth}.tif"
@@ -76,6 +106,7 @@ def main() -> None:
                 "accuracy@0.5": round(float(stats.accuracy), 4),
             })
     print(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

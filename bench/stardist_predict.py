@@ -11,8 +11,15 @@ the reference's ``predict_instances`` (network + NMS + rendering) predicts the s
 image in the same run, with the same number of threads. Prints one JSON object: seconds per stage,
 candidates, objects, accuracy against the labels, peak memory.
 
-Run: .venv/bin/python bench/stardist_predict.py --model <ckpt or run id> [--project-dir DIR]
-         [--reference-python PY --reference-model DIR] [--threads 2]
+Run:   .venv/bin/python bench/stardist_predict.py --model <ckpt or run id> [--project-dir DIR]
+           [--reference-python PY --reference-model DIR] [--threads 2]
+Smoke: .venv/bin/python bench/stardist_predict.py --smoke     (seconds; run by the tests)
+
+``--smoke`` predicts a 128 x 128 image (the real one when the stardist package is at hand, else a
+generated one, the JSON saying the real one was skipped) with ``--model`` or else an untrained tiny
+StarDist checkpoint (random weights: objects and accuracy mean nothing); the reference runs only
+with ``--reference-python`` and ``--reference-model``, else the JSON says it was skipped. The JSON
+has the same structure plus ``"smoke": true``.
 """
 
 from __future__ import annotations
@@ -53,7 +60,13 @@ print(json.dumps({"total_s": seconds, "objects_found": int(labels.max()),
 """
 
 
-def load_image(kind: str, size: int, python: str | None) -> tuple[np.ndarray, np.ndarray]:
+# A tiny StarDist network for a smoke run without --model (random weights).
+SMOKE_MODEL = ["experiment=demo_stardist", "model.depth=1", "model.base_channels=4", "task.head_features=8",
+               "task.n_rays=16"]
+
+
+def load_image(kind: str, size: int, python: str | None, required: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+    """The image and its labels; None when the real one is not at hand and not ``required``."""
     if kind == "synthetic":
         from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
 
@@ -62,6 +75,8 @@ def load_image(kind: str, size: int, python: str | None) -> tuple[np.ndarray, np
 
     found = stardist_nuclei(python)
     if found is None:
+        if not required:
+            return None
         sys.exit("stardist_predict: --image real needs the stardist package (give --reference-python)")
     image, labels = found[0], found[1].astype(np.int64)
     reps = -(-size // image.shape[0])
@@ -71,9 +86,9 @@ def load_image(kind: str, size: int, python: str | None) -> tuple[np.ndarray, np
     return tiled, np.block(blocks)[:size, :size]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", help="checkpoint file or run id (required but with --smoke)")
     parser.add_argument("--image", choices=["real", "synthetic"], default="real")
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--tile", type=int, default=0, help="tile size (default 0: automatic, as bioflow predict)")
@@ -84,16 +99,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reference-python")
     parser.add_argument("--reference-model")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="a tiny image, seconds: checks that the bench runs")
+    args = parser.parse_args(argv)
+    if not args.model and not args.smoke:
+        parser.error("the following arguments are required: --model")
+    if args.smoke:
+        args.size, args.threads = 128, min(args.threads, 2)
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     from bioflow.loading import load_model
     from bioflow.metrics.matching import match_instances
     from bioflow.prediction import choose_device
     from bioflow.tracking.store import Store, default_project_dir
 
-    image, truth = load_image(args.image, args.size, args.reference_python)
+    skipped = {}
+    found = load_image(args.image, args.size, args.reference_python, required=not args.smoke)
+    if found is None:  # a smoke run without the stardist package: a generated image instead
+        skipped["real_image"] = {"skipped": "no stardist package for the real image: a generated one instead"}
+        args.image = "synthetic"
+        found = load_image(args.image, args.size, args.reference_python)
+    image, truth = found
+    tmp = tempfile.TemporaryDirectory() if args.smoke else None
+    if args.smoke and not args.model:
+        from bioflow.testing import make_checkpoint
+
+        args.model = str(make_checkpoint(Path(tmp.name) / "stardist.ckpt", *SMOKE_MODEL))
     task = load_model(args.model, Store.create(args.project_dir or default_project_dir()), inference=True,
                       explicit_store=args.project_dir is not None).task
     device = choose_device(args.device)
@@ -126,6 +158,10 @@ def main() -> None:
             "thresholds": [round(float(t), 3) for t in task.thresholds],
         },
     }
+    if args.smoke:
+        report.update(smoke=True, **skipped)
+        if not (args.reference_python and args.reference_model):
+            report["reference"] = {"skipped": "no --reference-python and --reference-model"}
     if args.reference_python and args.reference_model:
         with tempfile.TemporaryDirectory() as tmp:
             normalised = Path(tmp) / "image.npy"
@@ -144,7 +180,11 @@ def main() -> None:
                 ref["total_s"] = round(ref["total_s"], 2)
                 report["reference"] = ref
                 report["time_ratio_bioflow_over_reference"] = round(report["bioflow"]["total_s"] / max(ref["total_s"], 1e-9), 3)
+    if tmp is not None:
+        tmp.cleanup()
+    torch.set_num_threads(threads)  # as it was (main may run in-process, e.g. in the tests)
     print(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ Example::
 
     .venv/bin/python bench/stardist_real.py --reference-python ~/.cache/stardist-ref/bin/python \\
         --steps 500 5000 --seeds 1 2
+
+Smoke (seconds; run by the tests): ``.venv/bin/python bench/stardist_real.py --smoke`` runs the
+same steps on a 128 x 128 image (a crop of the real one when it is at hand, else a generated image
+of nuclei, the JSON saying the real one was skipped) at a tiny budget: batch 2, patch 32, 8 rays,
+2 steps, the first seed, a U-Net of depth 1 and width 4; the reference side runs only with
+``--reference-python`` (else the JSON says it was skipped). The scores mean nothing; the JSON has
+the same structure plus ``"smoke": true``. ``--project-dir`` keeps bioflow's MLflow store there
+(default: in the work folder).
 """
 
 from __future__ import annotations
@@ -49,6 +57,11 @@ from pathlib import Path
 import numpy as np
 
 BATCH, PATCH, RAYS, GRID, STEPS_PER_EPOCH = 4, 128, 32, 2, 100
+BUDGET = {"batch": BATCH, "patch": PATCH, "rays": RAYS, "grid": GRID, "steps_per_epoch": STEPS_PER_EPOCH}
+SMOKE_BUDGET = {"batch": 2, "patch": 32, "rays": 8, "grid": 2, "steps_per_epoch": 2}
+SMOKE_SIZE = 128
+# bioflow's network in a smoke run (added to --override).
+SMOKE_OVERRIDES = ["model.depth=1", "model.base_channels=4", "task.head_features=8"]
 TAUS = (0.5, 0.7)
 SCORES = ("accuracy", "f1", "precision", "recall", "panoptic_quality")
 
@@ -147,15 +160,26 @@ print(json.dumps({"summary": summary, "train_wall_s": train_wall, "predict_s": p
 
 
 def load_data(args) -> tuple[np.ndarray, np.ndarray, str]:
-    """The image and its labels: given files, the stardist package here, or the reference interpreter's."""
+    """The image and its labels: given files, the stardist package here, or the reference interpreter's
+    (a smoke run: a crop of them, or else a generated image)."""
     import tifffile
 
     if args.image:
-        return tifffile.imread(args.image), tifffile.imread(args.mask), f"{args.image} + {args.mask}"
-    found = stardist_nuclei(args.reference_python)
-    if found is None:
-        sys.exit("stardist_real: give --image/--mask, or --reference-python with the stardist package")
-    return (*found, "stardist.data.test_image_nuclei_2d (DSB2018 crop)")
+        image, labels, origin = tifffile.imread(args.image), tifffile.imread(args.mask), f"{args.image} + {args.mask}"
+    else:
+        found = stardist_nuclei(args.reference_python)
+        if found is None and args.smoke:
+            from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
+
+            image, labels = synthetic_nuclei_image((SMOKE_SIZE, SMOKE_SIZE), seed=5, index=0)[:2]
+            return image, labels, "generated nuclei (smoke: the stardist package's real image is not at hand)"
+        if found is None:
+            sys.exit("stardist_real: give --image/--mask, or --reference-python with the stardist package")
+        image, labels, origin = (*found, "stardist.data.test_image_nuclei_2d (DSB2018 crop)")
+    if args.smoke:
+        crop = (slice(0, SMOKE_SIZE), slice(0, SMOKE_SIZE))
+        return image[crop], labels[crop], f"{origin}, {SMOKE_SIZE} x {SMOKE_SIZE} crop"
+    return image, labels, origin
 
 
 def stardist_nuclei(reference_python: str | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -229,16 +253,18 @@ def cached(path: Path, job, *args) -> dict:
     return result
 
 
-def bioflow_job(work: Path, data: Path, steps: int, seed: int, threads: int, core, overrides: list[str]) -> dict:
+def bioflow_job(work: Path, data: Path, steps: int, seed: int, threads: int, core, overrides: list[str],
+                budget: dict = BUDGET, project: Path | None = None) -> dict:
     job = work / f"bioflow_s{seed}_{steps}"
     job.mkdir(parents=True, exist_ok=True)
-    project = work / "project"
+    project = project or work / "project"
+    batch, patch, per_epoch, grid = budget["batch"], budget["patch"], budget["steps_per_epoch"], budget["grid"]
     config = [
         "experiment=stardist_own_data", f"data.source.images={data / 'images'}", f"data.source.masks={data / 'masks'}",
         "data.split.train=[train]", "data.split.val=[val]", "data.split.test=[test]",
-        f"data.patch_size=[{PATCH},{PATCH}]", f"data.batch_size={BATCH}",
-        f"data.patches_per_epoch={BATCH * STEPS_PER_EPOCH}", f"trainer.max_epochs={max(1, steps // STEPS_PER_EPOCH)}",
-        f"task.n_rays={RAYS}", f"task.grid=[{GRID},{GRID}]", "data.num_workers=0", f"seed={seed}",
+        f"data.patch_size=[{patch},{patch}]", f"data.batch_size={batch}",
+        f"data.patches_per_epoch={batch * per_epoch}", f"trainer.max_epochs={max(1, steps // per_epoch)}",
+        f"task.n_rays={budget['rays']}", f"task.grid=[{grid},{grid}]", "data.num_workers=0", f"seed={seed}",
         f"project_dir={project}", "logger.experiment_name=bench_stardist_real", "trainer.enable_progress_bar=false",
         *overrides,
     ]
@@ -262,11 +288,14 @@ def bioflow_job(work: Path, data: Path, steps: int, seed: int, threads: int, cor
     }
 
 
-def reference_job(python: str, work: Path, data: Path, steps: int, seed: int, threads: int, core, norm: str) -> dict:
+def reference_job(python: str, work: Path, data: Path, steps: int, seed: int, threads: int, core, norm: str,
+                  budget: dict = BUDGET) -> dict:
     job = work / f"reference_s{seed}_{steps}"
     job.mkdir(parents=True, exist_ok=True)
-    args = {"data": str(data), "seed": seed, "threads": threads, "rays": RAYS, "grid": GRID, "patch": PATCH,
-            "batch": BATCH, "epochs": max(1, steps // STEPS_PER_EPOCH), "steps_per_epoch": STEPS_PER_EPOCH,
+    per_epoch = budget["steps_per_epoch"]
+    args = {"data": str(data), "seed": seed, "threads": threads, "rays": budget["rays"], "grid": budget["grid"],
+            "patch": budget["patch"], "batch": budget["batch"], "epochs": max(1, steps // per_epoch),
+            "steps_per_epoch": per_epoch,
             "workdir": str(job), "out": str(job / "labels.npy"), "taus": list(TAUS), "norm": norm}
     result = _run([python, "-c", REFERENCE_SCRIPT, json.dumps(args)], threads, core, job / "log.txt")
     if "error" in result:
@@ -290,7 +319,7 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference-python", help="interpreter with stardist + tensorflow-cpu (the reference)")
     parser.add_argument("--image", help="image TIFF (2D, one channel) instead of the stardist package's")
@@ -304,9 +333,15 @@ def main() -> None:
                              "regions (as bioflow's dataset mode) or of each region (csbdeep's normalize)")
     parser.add_argument("--skip-bioflow", action="store_true")
     parser.add_argument("--workdir", help="keep runs and logs here (default: a temporary folder)")
-    args = parser.parse_args()
+    parser.add_argument("--project-dir", help="bioflow's MLflow store (default: <work folder>/project)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: checks that the bench runs")
+    args = parser.parse_args(argv)
     if bool(args.image) != bool(args.mask):
         parser.error("--image and --mask go together")
+    budget = SMOKE_BUDGET if args.smoke else BUDGET
+    if args.smoke:
+        args.steps, args.seeds, args.override = [2], args.seeds[:1], [*SMOKE_OVERRIDES, *args.override]
+    project = Path(args.project_dir).resolve() if args.project_dir else None
 
     image, labels, origin = load_data(args)
     tmp = None if args.workdir else tempfile.TemporaryDirectory()
@@ -318,10 +353,13 @@ def main() -> None:
     report = {
         "benchmark": "stardist_real", "data": origin, "shape": list(image.shape), "objects_per_region": counts,
         "split": "train = left half, val = top-right quarter, test = bottom-right quarter",
-        "budget": {"batch": BATCH, "patch": PATCH, "n_rays": RAYS, "grid": GRID},
+        "budget": {"batch": budget["batch"], "patch": budget["patch"], "n_rays": budget["rays"],
+                   "grid": budget["grid"]},
         "threads_per_side": args.threads, "pinned_cores": pin, "bioflow_overrides": args.override,
         "reference_norm": args.reference_norm, "runs": {},
     }
+    if args.smoke:
+        report["smoke"] = True
     jobs = []
     # One worker per core: runs on one core follow one another. The reference gets a core of its
     # own; without it, bioflow's runs share the cores out.
@@ -339,22 +377,25 @@ def main() -> None:
                     turn += 1
                     jobs.append(((steps, seed, "bioflow"), pools[lane].submit(
                         cached, work / f"bioflow_s{seed}_{steps}.json",
-                        bioflow_job, work, data, steps, seed, args.threads, lane, args.override)))
+                        bioflow_job, work, data, steps, seed, args.threads, lane, args.override, budget, project)))
                 if args.reference_python:
                     lane = lanes[-1]
                     jobs.append(((steps, seed, "reference"), pools[lane].submit(
                         cached, work / f"reference_s{seed}_{steps}.json", reference_job,
                         args.reference_python, work, data, steps, seed, args.threads, lane,
-                        args.reference_norm)))
+                        args.reference_norm, budget)))
         for (steps, seed, side), future in jobs:
             report["runs"].setdefault(str(steps), {}).setdefault(side, {})[str(seed)] = future.result()
     report["mean_over_seeds"] = {
         steps: {side: summarise(list(r.values())) for side, r in sides.items()} for steps, sides in report["runs"].items()
     }
+    if args.smoke and not args.reference_python:
+        report["reference"] = {"skipped": "no --reference-python (an interpreter with stardist and tensorflow)"}
     json.dump(report, sys.stdout, indent=1)
     sys.stdout.write("\n")
     if tmp is not None:
         tmp.cleanup()
+    return report
 
 
 if __name__ == "__main__":
