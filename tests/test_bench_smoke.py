@@ -199,6 +199,21 @@ def check_tiled_prediction(result: dict) -> None:
 
 
 # bench name -> (arguments after --smoke, with {project} and {tmp} filled in; check of its JSON)
+def check_threads(result: dict) -> None:
+    assert result["benchmark"] == "threads" and result["shape"] == [16, 48, 48]
+    targets = result["parts"]["targets3d"]
+    for variant in ("spinning", "bioflow"):
+        for condition in ("quiet", "loaded"):
+            entry = targets[variant][condition]
+            assert "error" not in entry, entry.get("error")
+            assert positive(entry["median_s"]) and entry["threads"] >= 1
+        assert positive(targets[variant]["loaded_over_quiet"])
+    entry = result["parts"]["epoch_workers2"]["bioflow"]["quiet"]
+    assert "error" not in entry, entry.get("error")
+    assert positive(entry["median_s"]) and entry["threads"] == max(1, targets["bioflow"]["quiet"]["threads"] - 2)
+    assert result["parts"]["epoch_workers0"]["bioflow"]["quiet"]["median_s"] is None  # not run in smoke mode
+
+
 CASES: dict[str, tuple[list[str], Callable[[dict], None]]] = {
     "cold_start": ([], check_cold_start),
     "gpu": ([], check_gpu),
@@ -212,6 +227,7 @@ CASES: dict[str, tuple[list[str], Callable[[dict], None]]] = {
     "stardist_predict": ([], check_stardist_predict),
     "stardist_real": (["--workdir", "{tmp}/work", "--project-dir", "{project}"], check_stardist_real),
     "tiled_prediction": ([], check_tiled_prediction),
+    "threads": ([], lambda result: check_threads(result)),
 }
 
 

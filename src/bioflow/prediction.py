@@ -198,12 +198,14 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
     import time
 
     from bioflow.inference.distributed import assign
+    from bioflow.threads import fit_threads, local_processes
     from bioflow.loading import load_model
     from bioflow.tracking.predictions import NOT_RECORDED, start_record
     from bioflow.tracking.store import Store, default_project_dir
 
     started = time.perf_counter()
     device = ranks.start(choose_device(opts.device))
+    fit_threads(processes=local_processes())  # this node's processes share its cores
     files = ranks.gather(collect_inputs(inputs))[0]  # the first process's list (a folder may be growing)
     explicit = project_dir is not None or tracking_uri is not None
     store = Store.create(project_dir or default_project_dir(), tracking_uri).check_intact()

@@ -17,6 +17,7 @@ from bioflow.config import component
 from bioflow.training.validation import validate
 from bioflow.errors import ConfigError
 from bioflow.quiet import quiet_dependencies
+from bioflow.threads import chosen_threads, fit_threads, local_processes
 from bioflow.precision import resolve_precision
 from bioflow.data.module import BioflowDataModule
 from bioflow.training.resume import find_resume_point, requested_resume, resumed_config
@@ -224,6 +225,12 @@ def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] 
         EpochReport(task.monitor), speed, *callbacks,
     ]
     trainer_args = resolve_precision(config["trainer"])
+    processes = local_processes()
+    if processes == 1 and str(trainer_args.get("strategy", "")).startswith("ddp") and isinstance(trainer_args.get("devices"), int):
+        processes = int(trainer_args["devices"])  # Lightning starts the others on this node
+    threads, why = chosen_threads(int(config["data"]["num_workers"]), processes)
+    fit_threads(int(config["data"]["num_workers"]), processes)
+    log.info("threads: %d per process (%s)", threads, why)
     trainer_args.setdefault("enable_model_summary", False)  # bioflow's own line instead of Lightning's table
     steps = max(1, -(-int(config["data"]["patches_per_epoch"]) // int(config["data"]["batch_size"])))
     if int(trainer_args.get("log_every_n_steps", 50)) > steps:  # shorter epochs: log the loss within each

@@ -1,0 +1,158 @@
+"""Threads on a busy machine: StarDist 3D targets and a training epoch, quiet and beside another job.
+
+Each measurement runs in a fresh process (OpenMP reads its settings when torch loads), in two
+variants:
+
+- ``spinning``: what bioflow did before choosing threads: OpenMP's default waiting (threads that
+  wait spin for a while) and PyTorch's default thread count;
+- ``bioflow``: bioflow's defaults (waiting threads sleep: ``OMP_WAIT_POLICY=PASSIVE``; intra-op
+  threads fitted to the cores given, less the data-loader workers).
+
+and in two conditions: ``quiet``, and ``loaded`` beside another job (a process multiplying
+matrices with as many threads as there are cores, until the measurement ends). Parts:
+
+- ``targets3d``: star distances (64 rays) of a generated 32 x 128 x 128 label volume, the median
+  of ``--repeats`` calls after one warm-up;
+- ``epoch_workers0`` / ``epoch_workers2``: seconds per training step of a small U-Net (demo data,
+  patch 64, batch 8), with 0 and 2 data-loader workers (``data.num_workers``), from the job's own
+  step timer.
+
+Prints one JSON object: per part, variant and condition the median seconds, and the ratio
+loaded / quiet. Run::
+
+    .venv/bin/python bench/threads.py [--repeats 5] [--steps 40]
+
+Smoke (seconds; run by the tests)::
+
+    .venv/bin/python bench/threads.py --smoke
+
+runs the 3D targets in every variant and condition at a tiny size (16 x 48 x 48) and the epoch
+with two loader workers (4 steps) in bioflow's variant, quiet: the figures mean nothing; the JSON has the same structure
+(what was not run is null) plus ``"smoke": true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGETS = r"""
+import json, sys, time
+import numpy as np
+from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
+from bioflow.stardist.rays3d import golden_spiral_rays
+from bioflow.stardist.targets3d import star_distances_3d
+from bioflow.threads import fit_threads
+shape, repeats, fitted = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+if fitted:
+    fit_threads()
+_, labels = synthetic_nuclei_image(tuple(shape), seed=0, index=0, anisotropy=2.0)
+rays = golden_spiral_rays(64)
+star_distances_3d(labels, rays)
+times = []
+for _ in range(repeats):
+    t = time.perf_counter()
+    star_distances_3d(labels, rays)
+    times.append(time.perf_counter() - t)
+import torch
+print(json.dumps({"seconds": float(np.median(times)), "threads": torch.get_num_threads()}))
+"""
+
+EPOCH = r"""
+import json, sys
+import bioflow, torch
+workers, steps, project = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+summary = bioflow.train(["experiment=demo_unet", "trainer.max_epochs=1", f"data.num_workers={workers}",
+                         f"data.patches_per_epoch={8 * steps}", "data.batch_size=8", "data.patch_size=[64,64]",
+                         "data.source.n_images=8", "data.source.shape=[128,128]", "model.base_channels=16",
+                         "trainer.enable_progress_bar=false", "test_after_training=false",
+                         f"project_dir={project}", "logger.experiment_name=threads"])
+perf = summary["performance"]
+print(json.dumps({"seconds": perf.get("seconds_per_step"), "threads": torch.get_num_threads()}))
+"""
+
+LOAD = r"""
+import torch, time
+torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+a = torch.randn(512, 512)
+while True:
+    a = torch.tanh(a @ a / 512)
+"""
+
+
+def environment(variant: str) -> dict[str, str]:
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "BIOFLOW_THREADS", "OMP_WAIT_POLICY"):
+        env.pop(name, None)
+    if variant == "spinning":
+        env["OMP_WAIT_POLICY"] = ""  # OpenMP's default (bioflow only fills in an unset policy)
+    return env
+
+
+def measure(code: str, args: list[str], variant: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", code, *args], env=environment(variant), capture_output=True,
+                          text=True, timeout=1800)
+    if done.returncode != 0:
+        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1][:300]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of the 3D targets per process")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per epoch measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per part, variant and condition (median)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the bench runs")
+    args = parser.parse_args(argv)
+    shape = [16, 48, 48] if args.smoke else [32, 128, 128]
+    if args.smoke:
+        args.repeats, args.steps, args.rounds = 1, 4, 1
+    project = Path(tempfile.mkdtemp(prefix="bench-threads-"))
+    parts = {
+        "targets3d": (TARGETS, lambda variant: [json.dumps(shape), str(args.repeats), "1" if variant == "bioflow" else "0"]),
+        "epoch_workers0": (EPOCH, lambda variant: ["0", str(args.steps), str(project)]),
+        "epoch_workers2": (EPOCH, lambda variant: ["2", str(args.steps), str(project)]),
+    }
+    result: dict = {"benchmark": "threads", "cpus": os.cpu_count(), "shape": shape, "steps": args.steps,
+                    "rounds": args.rounds, "parts": {}}
+    for condition in ("quiet", "loaded"):
+        load = None
+        if condition == "loaded":
+            load = subprocess.Popen([sys.executable, "-c", LOAD], env=environment("spinning"))
+            time.sleep(1.0)
+        try:
+            for name, (code, arguments) in parts.items():
+                for variant in ("spinning", "bioflow"):
+                    if args.smoke and name != "targets3d" and (name, variant, condition) != ("epoch_workers2", "bioflow", "quiet"):
+                        result["parts"].setdefault(name, {}).setdefault(variant, {})[condition] = {"median_s": None}
+                        continue
+                    runs = [measure(code, arguments(variant), variant) for _ in range(args.rounds)]
+                    good = [r["seconds"] for r in runs if r.get("seconds") is not None]
+                    entry = result["parts"].setdefault(name, {}).setdefault(variant, {})
+                    entry[condition] = {"median_s": round(statistics.median(good), 4) if good else None,
+                                        "spread_s": [round(min(good), 4), round(max(good), 4)] if good else None,
+                                        "threads": runs[0].get("threads"),
+                                        **({"error": runs[0]["error"]} if "error" in runs[0] else {})}
+        finally:
+            if load is not None:
+                load.kill()
+                load.wait()
+    for variants in result["parts"].values():
+        for entry in variants.values():
+            quiet, loaded = entry["quiet"]["median_s"], entry["loaded"]["median_s"]
+            entry["loaded_over_quiet"] = round(loaded / quiet, 2) if quiet and loaded else None
+    if args.smoke:
+        result["smoke"] = True
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
