@@ -3,10 +3,10 @@
 Each measurement runs in a fresh process (OpenMP reads its settings when torch loads), in two
 variants:
 
-- ``spinning``: what bioflow did before choosing threads: OpenMP's default waiting (threads that
-  wait spin for a while) and PyTorch's default thread count;
-- ``bioflow``: bioflow's defaults (waiting threads sleep: ``OMP_WAIT_POLICY=PASSIVE``; intra-op
-  threads fitted to the cores given, less the data-loader workers).
+- ``spinning``: OpenMP's default waiting (threads that wait spin for a while) and, for the 3D
+  targets, PyTorch's default thread count (the training epochs choose theirs as bioflow does);
+- ``sleeping``: waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``, what a shared node may set),
+  with bioflow's fitted thread count.
 
 and in two conditions: ``quiet``, and ``loaded`` beside another job (a process multiplying
 matrices with as many threads as there are cores, until the measurement ends). Parts:
@@ -27,7 +27,7 @@ Smoke (seconds; run by the tests)::
     .venv/bin/python bench/threads.py --smoke
 
 runs the 3D targets in every variant and condition at a tiny size (16 x 48 x 48) and the epoch
-with two loader workers (4 steps) in bioflow's variant, quiet: the figures mean nothing; the JSON has the same structure
+with two loader workers (4 steps) with spinning waits, quiet: the figures mean nothing; the JSON has the same structure
 (what was not run is null) plus ``"smoke": true``.
 """
 
@@ -91,8 +91,8 @@ def environment(variant: str) -> dict[str, str]:
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "BIOFLOW_THREADS", "OMP_WAIT_POLICY"):
         env.pop(name, None)
-    if variant == "spinning":
-        env["OMP_WAIT_POLICY"] = ""  # OpenMP's default (bioflow only fills in an unset policy)
+    if variant == "sleeping":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
 
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.repeats, args.steps, args.rounds = 1, 4, 1
     project = Path(tempfile.mkdtemp(prefix="bench-threads-"))
     parts = {
-        "targets3d": (TARGETS, lambda variant: [json.dumps(shape), str(args.repeats), "1" if variant == "bioflow" else "0"]),
+        "targets3d": (TARGETS, lambda variant: [json.dumps(shape), str(args.repeats), "1" if variant == "sleeping" else "0"]),
         "epoch_workers0": (EPOCH, lambda variant: ["0", str(args.steps), str(project)]),
         "epoch_workers2": (EPOCH, lambda variant: ["2", str(args.steps), str(project)]),
     }
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
             time.sleep(1.0)
         try:
             for name, (code, arguments) in parts.items():
-                for variant in ("spinning", "bioflow"):
-                    if args.smoke and name != "targets3d" and (name, variant, condition) != ("epoch_workers2", "bioflow", "quiet"):
+                for variant in ("spinning", "sleeping"):
+                    if args.smoke and name != "targets3d" and (name, variant, condition) != ("epoch_workers2", "spinning", "quiet"):
                         result["parts"].setdefault(name, {}).setdefault(variant, {})[condition] = {"median_s": None}
                         continue
                     runs = [measure(code, arguments(variant), variant) for _ in range(args.rounds)]

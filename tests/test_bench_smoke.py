@@ -202,16 +202,16 @@ def check_tiled_prediction(result: dict) -> None:
 def check_threads(result: dict) -> None:
     assert result["benchmark"] == "threads" and result["shape"] == [16, 48, 48]
     targets = result["parts"]["targets3d"]
-    for variant in ("spinning", "bioflow"):
+    for variant in ("spinning", "sleeping"):
         for condition in ("quiet", "loaded"):
             entry = targets[variant][condition]
             assert "error" not in entry, entry.get("error")
             assert positive(entry["median_s"]) and entry["threads"] >= 1
         assert positive(targets[variant]["loaded_over_quiet"])
-    entry = result["parts"]["epoch_workers2"]["bioflow"]["quiet"]
+    entry = result["parts"]["epoch_workers2"]["spinning"]["quiet"]
     assert "error" not in entry, entry.get("error")
-    assert positive(entry["median_s"]) and entry["threads"] == max(1, targets["bioflow"]["quiet"]["threads"] - 2)
-    assert result["parts"]["epoch_workers0"]["bioflow"]["quiet"]["median_s"] is None  # not run in smoke mode
+    assert positive(entry["median_s"]) and entry["threads"] == max(1, targets["sleeping"]["quiet"]["threads"] - 2)
+    assert result["parts"]["epoch_workers0"]["spinning"]["quiet"]["median_s"] is None  # not run in smoke mode
 
 
 CASES: dict[str, tuple[list[str], Callable[[dict], None]]] = {

@@ -56,18 +56,6 @@ def test_the_processes_of_a_job_on_a_node(monkeypatch):
     assert threads.local_processes() == 2
 
 
-def test_waiting_threads_sleep_unless_the_user_chose():
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    probe = "import bioflow, os; print(os.environ.get('OMP_WAIT_POLICY'))"
-    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "ACTIVE"
-
-
 def test_affinity_caps_the_cores(monkeypatch):
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)

@@ -5,10 +5,7 @@ The Python API (:mod:`bioflow.api`, docs/python-api.md): ``bioflow.train``, ``bi
 bioflow`` stays instant.
 """
 
-from bioflow.threads import prefer_sleeping_waits
 from bioflow.version import __version__
-
-prefer_sleeping_waits()  # before torch loads OpenMP (see bioflow.threads)
 
 _API = ("train", "predict", "evaluate", "load_model", "Model")
 

@@ -11,9 +11,9 @@ that wait for each other spin on cores another thread needs. bioflow chooses ins
   computes with one thread, as PyTorch sets in workers);
 - ``OMP_NUM_THREADS`` or ``BIOFLOW_THREADS``, when set, win (the user chose).
 
-And threads that wait sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``, set when bioflow is
-imported unless the user set a policy): beside another job, spinning threads took the cores the
-working ones needed (StarDist 3D targets: 2.4 s against 1.1 s with one other job running).
+Waiting threads spin (OpenMP's default). On a node shared with other jobs, sleeping waits
+(``OMP_WAIT_POLICY=PASSIVE``, set before bioflow starts) keep spinning threads off the cores the
+others need, at a cost when the machine is quiet; bench/threads.py measures both.
 """
 
 from __future__ import annotations
@@ -24,13 +24,6 @@ from pathlib import Path
 
 #: Set to a number to choose the intra-op threads of every bioflow process yourself.
 THREADS_ENV = "BIOFLOW_THREADS"
-
-
-def prefer_sleeping_waits() -> None:
-    """OpenMP threads that wait sleep instead of spinning, unless the user chose a policy. Read
-    when PyTorch loads its OpenMP runtime: bioflow sets it on import (so before torch, in its
-    commands and in scripts that import bioflow first; always in the processes it starts)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
