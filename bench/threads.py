@@ -3,10 +3,10 @@
 Each measurement runs in a fresh process (OpenMP reads its settings when torch loads), in two
 variants:
 
-- ``spinning``: OpenMP's default waiting (threads that wait spin for a while) and, for the 3D
-  targets, PyTorch's default thread count (the training epochs choose theirs as bioflow does);
-- ``sleeping``: waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``, what a shared node may set),
-  with bioflow's fitted thread count.
+- ``spinning``: OpenMP's default long spin (``GOMP_SPINCOUNT=300000``) and, for the 3D targets,
+  PyTorch's default thread count (the training epochs choose theirs as bioflow does);
+- ``brief``: bioflow's default, a short spin (``GOMP_SPINCOUNT=1000``), fitted threads;
+- ``sleeping``: waiting threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``), fitted threads.
 
 and in two conditions: ``quiet``, and ``loaded`` beside another job (a process multiplying
 matrices with as many threads as there are cores, until the measurement ends). Parts:
@@ -89,9 +89,11 @@ while True:
 
 def environment(variant: str) -> dict[str, str]:
     env = dict(os.environ)
-    for name in ("OMP_NUM_THREADS", "BIOFLOW_THREADS", "OMP_WAIT_POLICY"):
+    for name in ("OMP_NUM_THREADS", "BIOFLOW_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         env.pop(name, None)
-    if variant == "sleeping":
+    if variant == "spinning":
+        env["GOMP_SPINCOUNT"] = "300000"  # libgomp's default (bioflow sets a short one on import)
+    elif variant == "sleeping":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.repeats, args.steps, args.rounds = 1, 4, 1
     project = Path(tempfile.mkdtemp(prefix="bench-threads-"))
     parts = {
-        "targets3d": (TARGETS, lambda variant: [json.dumps(shape), str(args.repeats), "1" if variant == "sleeping" else "0"]),
+        "targets3d": (TARGETS, lambda variant: [json.dumps(shape), str(args.repeats), "0" if variant == "spinning" else "1"]),
         "epoch_workers0": (EPOCH, lambda variant: ["0", str(args.steps), str(project)]),
         "epoch_workers2": (EPOCH, lambda variant: ["2", str(args.steps), str(project)]),
     }
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
             time.sleep(1.0)
         try:
             for name, (code, arguments) in parts.items():
-                for variant in ("spinning", "sleeping"):
+                for variant in ("spinning", "brief", "sleeping"):
                     if args.smoke and name != "targets3d" and (name, variant, condition) != ("epoch_workers2", "spinning", "quiet"):
                         result["parts"].setdefault(name, {}).setdefault(variant, {})[condition] = {"median_s": None}
                         continue

@@ -202,7 +202,7 @@ def check_tiled_prediction(result: dict) -> None:
 def check_threads(result: dict) -> None:
     assert result["benchmark"] == "threads" and result["shape"] == [16, 48, 48]
     targets = result["parts"]["targets3d"]
-    for variant in ("spinning", "sleeping"):
+    for variant in ("spinning", "brief", "sleeping"):
         for condition in ("quiet", "loaded"):
             entry = targets[variant][condition]
             assert "error" not in entry, entry.get("error")

@@ -56,6 +56,23 @@ def test_the_processes_of_a_job_on_a_node(monkeypatch):
     assert threads.local_processes() == 2
 
 
+def test_waiting_threads_spin_briefly_unless_the_user_chose():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    probe = "import bioflow, os; print(os.environ.get('GOMP_SPINCOUNT'))"
+
+    def seen(**extra):
+        return subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True,
+                              text=True).stdout.strip()
+
+    assert seen() == "1000"
+    assert seen(GOMP_SPINCOUNT="50") == "50"
+    assert seen(OMP_WAIT_POLICY="PASSIVE") == "None"  # a chosen policy is left alone
+
+
 def test_affinity_caps_the_cores(monkeypatch):
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)

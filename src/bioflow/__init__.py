@@ -5,7 +5,10 @@ The Python API (:mod:`bioflow.api`, docs/python-api.md): ``bioflow.train``, ``bi
 bioflow`` stays instant.
 """
 
+from bioflow.threads import spin_briefly
 from bioflow.version import __version__
+
+spin_briefly()  # before torch loads OpenMP (see bioflow.threads)
 
 _API = ("train", "predict", "evaluate", "load_model", "Model")
 
