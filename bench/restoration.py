@@ -3,9 +3,10 @@
 Prints one JSON object with
 
 * ``n2v_throughput``: training patches/s of Noise2Void in bioflow (Lightning, bioflow's data module,
-  masking on the device) against a bare PyTorch loop training the same network on tensors (inputs and
-  masks) made in advance; U-Net depth 2, 32 base channels, patch 64x64, batch 16, 2D, CPU; the ratio
-  of time per step is the framework's overhead;
+  masking on the device) against a bare PyTorch loop training the same network, in the same
+  channels-last layout, on tensors (inputs and masks) made in advance; U-Net depth 2, 32 base
+  channels, patch 64x64, batch 16, 2D, CPU; the ratio of time per step is the framework's overhead
+  (``bench/n2v_speed.py`` measures it pinned and side by side, and against CAREamics);
 * ``masking_ms_per_batch``: the blind-spot masking of one such batch;
 * ``prediction``: tiled prediction of a 1024x1024 image (tile 256);
 * ``quality``: on a 1024x1024 synthetic image with Gaussian noise of sigma 25 (0-255 scale), the PSNR
@@ -113,7 +114,7 @@ def throughput(steps: int, warmup: int, sizes: dict = FULL) -> dict:
     framework = (timer.end - timer.start) / steps
 
     torch.manual_seed(0)
-    net = UNet(1, 1, depth=2, base_channels=sizes["channels"], norm="none")
+    net = UNet(1, 1, depth=2, base_channels=sizes["channels"], norm="none").to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=4e-4)
     masking = N2VMasking()
     g = torch.Generator().manual_seed(0)
@@ -125,7 +126,7 @@ def throughput(steps: int, warmup: int, sizes: dict = FULL) -> dict:
     for i, (image, masked, mask) in enumerate(batches):
         if i == warmup:
             start = time.perf_counter()
-        loss = masked_mse(net(masked), image, mask)
+        loss = masked_mse(net(masked.contiguous(memory_format=torch.channels_last)), image, mask)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

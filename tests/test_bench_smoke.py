@@ -96,6 +96,18 @@ def _noisy_psnr_ok(value: float) -> bool:
     return 19.0 < value < 21.5
 
 
+def check_n2v_speed(result: dict) -> None:
+    assert result["threads_per_side"] == 1 and result["rounds"] == 1
+    bare = result["bioflow_vs_bare"]
+    for key in ("bioflow_patches_per_s", "bare_patches_per_s", "time_ratio_bioflow_over_bare"):
+        assert positive(bare[key]["median"]) and bare[key]["min"] <= bare[key]["median"] <= bare[key]["max"]
+    # the bare loop trains the very network bioflow builds from the config
+    assert bare["parameters"]["bioflow"] == bare["parameters"]["bare"] > 0
+    assert skipped(result["training_vs_careamics"])
+    prediction = result["prediction"]
+    assert positive(prediction["bioflow_pixels_per_s"]["median"]) and "careamics_pixels_per_s" not in prediction
+
+
 def check_n2v_single_image(result: dict) -> None:
     assert result["size"] == 96 and result["steps"] == 2 and result["sigma"] == 25.0
     contents = result["contents"]
@@ -220,6 +232,7 @@ CASES: dict[str, tuple[list[str], Callable[[dict], None]]] = {
     "imbalance": (["--project-dir", "{project}"], check_imbalance),
     "n2v_masking": ([], check_n2v_masking),
     "n2v_single_image": (["--project-dir", "{project}"], check_n2v_single_image),
+    "n2v_speed": ([], check_n2v_speed),
     "restoration": ([], check_restoration),
     "stardist3d": ([], check_stardist3d),
     "stardist3d_predict": (["--project-dir", "{project}"], check_stardist3d_predict),

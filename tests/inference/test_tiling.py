@@ -21,7 +21,7 @@ def whole(net, x):
     return out[(slice(None),) + tuple(slice(0, s) for s in shape)]
 
 
-@pytest.mark.parametrize("upsampling", ["transpose", "interpolate", "nearest"])
+@pytest.mark.parametrize("upsampling", ["transpose", "interpolate", "nearest", "linear"])
 @pytest.mark.parametrize("shape", [(200, 170), (64, 64), (131, 257)])
 def test_2d_tiled_equals_whole(upsampling, shape):
     torch.manual_seed(0)
@@ -102,7 +102,7 @@ def test_blend_none_is_exact_too_with_enough_overlap():
     assert (cut - whole(net, x)).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("upsampling", ["transpose", "interpolate", "nearest"])
+@pytest.mark.parametrize("upsampling", ["transpose", "interpolate", "nearest", "linear"])
 def test_gradient_probe_finds_the_analytic_receptive_field(upsampling):
     from bioflow.inference.receptive_field import probe_receptive_field
 

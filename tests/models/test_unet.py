@@ -10,7 +10,7 @@ import torch
 from bioflow.models.unet import UNet
 
 OPTIONS = list(
-    itertools.product(["batch", "instance", "none"], ["relu", "leaky_relu", "sigmoid", "maxout"], ["max", "avg", "blur"], ["transpose", "interpolate", "nearest"])
+    itertools.product(["batch", "instance", "none"], ["relu", "leaky_relu", "sigmoid", "maxout"], ["max", "avg", "blur"], ["transpose", "interpolate", "nearest", "linear"])
 )
 
 
@@ -25,7 +25,7 @@ def test_2d_shapes_for_every_option(norm, activation, pooling, upsampling):
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
-@pytest.mark.parametrize("upsampling", ["transpose", "interpolate", "nearest"])
+@pytest.mark.parametrize("upsampling", ["transpose", "interpolate", "nearest", "linear"])
 def test_3d_shapes(depth, upsampling):
     net = UNet(2, 3, spatial_dims=3, depth=depth, base_channels=2, upsampling=upsampling, norm="instance")
     size = 2**depth * 2
@@ -110,7 +110,7 @@ def probe(net: UNet, size: int) -> list[int]:
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2, 3])
-@pytest.mark.parametrize("upsampling", ["transpose", "interpolate", "nearest"])
+@pytest.mark.parametrize("upsampling", ["transpose", "interpolate", "nearest", "linear"])
 @pytest.mark.parametrize(("pooling", "skip_top"), [("max", True), ("blur", False)])
 def test_receptive_field_matches_a_gradient_probe(depth, upsampling, pooling, skip_top):
     net = UNet(1, 1, depth=depth, base_channels=2, norm="none", activation="leaky_relu", upsampling=upsampling,

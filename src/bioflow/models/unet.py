@@ -15,7 +15,7 @@ from torch.nn import functional as F
 Norm = Literal["batch", "instance", "none"]
 Activation = Literal["relu", "leaky_relu", "sigmoid", "maxout"]
 Pooling = Literal["max", "avg", "blur"]
-Upsampling = Literal["transpose", "interpolate", "nearest"]
+Upsampling = Literal["transpose", "interpolate", "nearest", "linear"]
 
 
 class Maxout(nn.Module):
@@ -116,6 +116,12 @@ class MaxBlurPool(nn.Module):
         return self.conv(x, self.kernel, stride=2, padding=1, groups=self.channels)
 
 
+def _weight_free_up(mode: str, spatial_dims: int) -> nn.Module:
+    if mode == "nearest":
+        return nn.Upsample(scale_factor=2.0, mode="nearest")
+    return nn.Upsample(scale_factor=2.0, mode="bilinear" if spatial_dims == 2 else "trilinear", align_corners=False)
+
+
 class Up(nn.Module):
     """Doubles the spatial size and halves the channels."""
 
@@ -158,9 +164,10 @@ class UNet(nn.Module):
         ``max``, ``avg``, or ``blur`` (anti-aliased max-blur-pool, as in N2V2) down-sampling.
     upsampling
         ``transpose`` (learned 2×2 transposed convolution), ``interpolate`` (bilinear/trilinear
-        interpolation followed by a 1×1 convolution) or ``nearest`` (nearest-neighbour copies, no
+        interpolation followed by a 1×1 convolution), ``nearest`` (nearest-neighbour copies, no
         weights; the last convolution of each block below then halves the channels instead, the
-        layout of CSBDeep's U-Net used by CARE and StarDist, with about a quarter fewer weights).
+        layout of CSBDeep's U-Net used by CARE and StarDist, with about a quarter fewer weights) or
+        ``linear`` (the same layout with bilinear/trilinear interpolation, as CAREamics' U-Net).
     residual
         Add the input to the output (the network learns a correction); needs
         ``in_channels == out_channels``. Used for restoration.
@@ -212,7 +219,7 @@ class UNet(nn.Module):
         for width in widths[:-1]:
             self.encoders.append(ConvBlock(channels, width, **block))
             channels = width
-        nearest = upsampling == "nearest"
+        nearest = upsampling in ("nearest", "linear")  # weight-free up-sampling
         # With weight-free up-sampling, the block below hands up half its width (CSBDeep's layout).
         self.bottom = ConvBlock(channels, widths[-1], **block, last_channels=widths[-2] if nearest and depth else None)
         channels = widths[-2] if nearest and depth else widths[-1]
@@ -227,7 +234,7 @@ class UNet(nn.Module):
         self.decoders = nn.ModuleList()
         for level in reversed(range(depth)):
             width = widths[level]
-            self.ups.append(nn.Upsample(scale_factor=2.0, mode="nearest") if nearest else Up(channels, width, spatial_dims, upsampling))
+            self.ups.append(_weight_free_up(upsampling, spatial_dims) if nearest else Up(channels, width, spatial_dims, upsampling))
             skip = level > 0 or skip_top
             last = widths[max(level - 1, 0)] if nearest else width
             self.decoders.append(ConvBlock(2 * width if skip else width, width, **block, last_channels=last))
@@ -261,7 +268,7 @@ class UNet(nn.Module):
             if level == self.depth:
                 return from_encoder(level, r)
             r += 4
-            coarse = r // 2 + (2 if self.upsampling == "interpolate" else 1)
+            coarse = r // 2 + (2 if self.upsampling in ("interpolate", "linear") else 1)
             through_bottom = from_decoder(level + 1, coarse)
             has_skip = level > 0 or self.skip_top
             return max(from_encoder(level, r), through_bottom) if has_skip else through_bottom
