@@ -8,7 +8,8 @@ one per core (the cores swap every round, so neither side keeps the faster core)
   Lightning, bioflow's data module and masking) against CAREamics' N2V (``create_advanced_n2v_config``
   on the same images as arrays); patches/s of the timed steps after a warm-up;
 * ``bare``: bioflow's training against a bare PyTorch loop training the same network, in the same
-  (channels-last) layout, on tensors and masks made in advance (the framework's overhead);
+  (channels-last) layout and with bioflow's process settings (``bioflow.allocator``), on tensors
+  and masks made in advance (the framework's overhead);
 * ``predict``: tiled prediction of one image, the same tile, overlap and batch on both sides (bioflow
   with its cosine blending); pixels/s, the median of ``--repeats`` calls after one warm-up call.
 
@@ -87,6 +88,7 @@ def worker_bioflow(args, sizes: dict) -> dict:
     import numpy as np
     import torch
 
+    from bioflow.allocator import keep_freed_memory
     from bioflow.data.module import BioflowDataModule
     from bioflow.prediction import predict_array
     from bioflow.inference.options import PredictionOptions
@@ -94,6 +96,7 @@ def worker_bioflow(args, sizes: dict) -> dict:
     from bioflow.testing import compose_config
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # as `bioflow train` does
     steps = sizes["steps"] + sizes["warmup"] if args.part != "predict" else 2
     config = compose_config(
         "experiment=n2v_own_data", f"data.source.images={args.data}", "data.split.val=0.0", "data.split.test=0.0",
@@ -134,11 +137,13 @@ def worker_bioflow(args, sizes: dict) -> dict:
 def worker_bare(args, sizes: dict) -> dict:
     import torch
 
+    from bioflow.allocator import keep_freed_memory
     from bioflow.losses.restoration import masked_mse
     from bioflow.models.unet import UNet
     from bioflow.transforms.n2v import N2VMasking
 
     torch.set_num_threads(1)
+    keep_freed_memory()  # bioflow's process settings, so that the ratio is the framework's alone
     torch.manual_seed(0)
     batch, patch = sizes["batch"], sizes["patch"]
     net = UNet(1, 1, depth=sizes["depth"], base_channels=sizes["channels"],

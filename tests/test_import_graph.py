@@ -18,7 +18,7 @@ PACKAGE = REPO / "src" / "bioflow"
 #: Layers from the bottom up; a module may import its own layer and the ones below.
 LAYERS = [
     {"bioflow.version", "bioflow.errors", "bioflow.kinds", "bioflow.registry", "bioflow.arguments", "bioflow.conventions",
-     "bioflow.quiet", "bioflow.threads"},
+     "bioflow.quiet", "bioflow.threads", "bioflow.allocator"},
     {"bioflow.config"},
     {"bioflow.models", "bioflow.losses", "bioflow.samplers", "bioflow.transforms", "bioflow.postprocessors",
      "bioflow.metrics", "bioflow.stardist", "bioflow.optim", "bioflow.precision"},

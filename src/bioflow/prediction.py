@@ -198,6 +198,7 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
     import time
 
     from bioflow.inference.distributed import assign
+    from bioflow.allocator import keep_freed_memory
     from bioflow.threads import fit_threads, local_processes
     from bioflow.loading import load_model
     from bioflow.tracking.predictions import NOT_RECORDED, start_record
@@ -206,6 +207,7 @@ def _predict_job(model, inputs, out_dir: Path, opts: PredictionOptions, ranks, p
     started = time.perf_counter()
     device = ranks.start(choose_device(opts.device))
     fit_threads(processes=local_processes())  # this node's processes share its cores
+    keep_freed_memory()
     files = ranks.gather(collect_inputs(inputs))[0]  # the first process's list (a folder may be growing)
     explicit = project_dir is not None or tracking_uri is not None
     store = Store.create(project_dir or default_project_dir(), tracking_uri).check_intact()
@@ -501,8 +503,10 @@ def predict_array(task, array, options: PredictionOptions | None = None, check_f
     model that has a fingerprint of its training data, also ``"fit"``: how the image fits it."""
     import torch
 
+    from bioflow.allocator import keep_freed_memory
     from bioflow.inference.fit import FitObserver
 
+    keep_freed_memory()
     if options is None:
         options = PredictionOptions.of(allowed=TILING, **{"progress": False, **tiling})
     options = options.tiling()

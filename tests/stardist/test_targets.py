@@ -152,3 +152,19 @@ def test_batched_star_distances_equal_per_image_loops(ellipse_labels, grid, widt
     assert batch.shape == (3, -(-36 // grid[0]), -(-width // grid[1]), 12)
     for image, result in zip(images, batch):
         np.testing.assert_array_equal(result.numpy(), loop_star_distances(image, 12, grid))
+
+
+def test_the_walk_counts_the_same_steps_on_numpy_arrays_and_on_tensors():
+    # On the CPU the walk runs on NumPy views of the masks; other devices walk the tensors.
+    from bioflow.stardist.targets import _walk_plan, _walk_steps
+
+    rng = np.random.default_rng(0)
+    masks = (rng.random((33, 33, 12)) < 0.85).astype(np.uint8)
+    offsets, _, groups = _walk_plan(32, 50, True)
+    sizes = sorted(rng.integers(5, 34, 6).tolist(), reverse=True)  # 6 objects, 2 mirrored copies each
+    for canonical, _members in groups:
+        on_numpy = _walk_steps(masks, sizes, 2, (2, 2), offsets[canonical])
+        on_torch = _walk_steps(torch.from_numpy(masks), sizes, 2, (2, 2), offsets[canonical])
+        assert isinstance(on_numpy, np.ndarray) and isinstance(on_torch, torch.Tensor)
+        np.testing.assert_array_equal(on_numpy, on_torch.numpy())
+        assert on_numpy.max() > 1

@@ -17,6 +17,7 @@ from bioflow.config import component
 from bioflow.training.validation import validate
 from bioflow.errors import ConfigError
 from bioflow.quiet import quiet_dependencies
+from bioflow.allocator import keep_freed_memory
 from bioflow.threads import chosen_threads, fit_threads, local_processes
 from bioflow.precision import resolve_precision
 from bioflow.data.module import BioflowDataModule
@@ -230,6 +231,7 @@ def run_training(config: Mapping[str, Any], run_dir: Path, overrides: list[str] 
         processes = int(trainer_args["devices"])  # Lightning starts the others on this node
     threads, why = chosen_threads(int(config["data"]["num_workers"]), processes)
     fit_threads(int(config["data"]["num_workers"]), processes)
+    keep_freed_memory()  # every step reuses the last one's memory (see bioflow.allocator)
     log.info("threads: %d per process (%s)", threads, why)
     trainer_args.setdefault("enable_model_summary", False)  # bioflow's own line instead of Lightning's table
     steps = max(1, -(-int(config["data"]["patches_per_epoch"]) // int(config["data"]["batch_size"])))
