@@ -32,6 +32,10 @@ Example::
     .venv/bin/python bench/stardist_real.py --reference-python ~/.cache/stardist-ref/bin/python \\
         --steps 500 5000 --seeds 1 2
 
+Besides the scores, ``step_time`` gives per budget each side's seconds per training step over the
+seeds (median and range) and bioflow's over the reference's, seed by seed (the two sides of a seed
+run at the same time, each on its own core).
+
 Smoke (seconds; run by the tests): ``.venv/bin/python bench/stardist_real.py --smoke`` runs the
 same steps on a 128 x 128 image (a crop of the real one when it is at hand, else a generated image
 of nuclei, the JSON saying the real one was skipped) at a tiny budget: batch 2, patch 32, 8 rays,
@@ -319,6 +323,27 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def spread(values: list[float]) -> dict:
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values)),
+            "rounds": [float(v) for v in values]}
+
+
+def step_times(sides: dict) -> dict:
+    """Seconds per training step of each side over the seeds (median, range), and bioflow's over the
+    reference's per seed (the two ran at the same time, each on its own core)."""
+    out = {}
+    for side, runs in sides.items():
+        values = [r["train_step_s"] for r in runs.values() if r.get("train_step_s") is not None]
+        if values:
+            out[f"{side}_s_per_step"] = spread(values)
+    paired = [sides["bioflow"][seed]["train_step_s"] / sides["reference"][seed]["train_step_s"]
+              for seed in sides.get("bioflow", {}) if seed in sides.get("reference", {})
+              and sides["bioflow"][seed].get("train_step_s") and sides["reference"][seed].get("train_step_s")]
+    if paired:
+        out["ratio_bioflow_over_reference"] = spread(paired)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference-python", help="interpreter with stardist + tensorflow-cpu (the reference)")
@@ -389,6 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["mean_over_seeds"] = {
         steps: {side: summarise(list(r.values())) for side, r in sides.items()} for steps, sides in report["runs"].items()
     }
+    report["step_time"] = {steps: step_times(sides) for steps, sides in report["runs"].items()}
     if args.smoke and not args.reference_python:
         report["reference"] = {"skipped": "no --reference-python (an interpreter with stardist and tensorflow)"}
     json.dump(report, sys.stdout, indent=1)

@@ -200,6 +200,9 @@ def check_stardist_real(result: dict) -> None:
     assert run["steps"] == 2 and all(positive(run[k]) for k in ("train_step_s", "wall_s", "predict_s"))
     assert 0 < run["prob_thresh"] < 1 and 0 <= run["nms_thresh"] <= 1
     assert result["mean_over_seeds"]["2"]["bioflow"]["accuracy@0.5"] == scores["accuracy@0.5"]
+    times = result["step_time"]["2"]
+    assert times["bioflow_s_per_step"]["median"] == run["train_step_s"]
+    assert "ratio_bioflow_over_reference" not in times  # no reference side ran
     assert skipped(result["reference"])
 
 
