@@ -5,8 +5,10 @@ variants:
 
 - ``spinning``: OpenMP's default long spin (``GOMP_SPINCOUNT=300000``) and, for the 3D targets,
   PyTorch's default thread count (the training epochs choose theirs as bioflow does);
-- ``brief``: bioflow's default, a short spin (``GOMP_SPINCOUNT=1000``), fitted threads;
-- ``sleeping``: waiting threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``), fitted threads.
+- ``brief``: bioflow's default, a short spin (``GOMP_SPINCOUNT=1000``), fitted threads (and, for
+  the 3D targets, freed memory kept as training keeps it: ``bioflow.allocator``);
+- ``sleeping``: waiting threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``), fitted threads (and
+  kept memory).
 
 and in two conditions: ``quiet``, and ``loaded`` beside another job (a process multiplying
 matrices with as many threads as there are cores, until the measurement ends). Parts:
@@ -49,10 +51,12 @@ import numpy as np
 from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
 from bioflow.stardist.rays3d import golden_spiral_rays
 from bioflow.stardist.targets3d import star_distances_3d
+from bioflow.allocator import keep_freed_memory
 from bioflow.threads import fit_threads
 shape, repeats, fitted = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
-if fitted:
+if fitted:  # bioflow's process settings, as in training
     fit_threads()
+    keep_freed_memory()
 _, labels = synthetic_nuclei_image(tuple(shape), seed=0, index=0, anisotropy=2.0)
 rays = golden_spiral_rays(64)
 star_distances_3d(labels, rays)
