@@ -15,12 +15,21 @@ reference in a subprocess (OpenMP limited to the same threads), and the report a
 ratios and the agreement: kept candidates, F1 at IoU 0.9 between the two rendered label volumes,
 and the largest target difference on interior voxels. Prints one JSON object.
 
+Every time is the median of ``--repeats`` runs (default 3; it used to be the fastest of them, and a
+single run for the NMS of scene (b), the renderings and the reference's NMS): the targets'
+``seconds``, each scene's NMS ``seconds`` and ``render_seconds``, and the reference's
+``targets_seconds`` and NMS ``seconds`` (so a full run with the reference takes about three times
+as long as one run of each). Beside each, ``<key>_spread`` gives the fastest and slowest run and
+every run's time (``seconds_all`` keeps listing the runs of ``seconds``); the time ratios are those
+of the medians.
+
 Example::
 
     taskset -c 0 python bench/stardist3d.py --reference-python ~/.cache/stardist-ref/bin/python
 
 Smoke: ``python bench/stardist3d.py --smoke`` (seconds; run by the tests) runs the same steps on
-two scenes of 16 x 64 x 64 (grids 1, 4, 4 and 2, 2, 2), one run each; without
+two scenes of 16 x 64 x 64 (grids 1, 4, 4 and 2, 2, 2), one run each (``--repeats 1``: each median
+is that one time, its spread that one run); without
 ``--reference-python`` the JSON says the reference was skipped. The figures mean nothing; the JSON
 has the same structure plus ``"smoke": true``.
 """
@@ -45,10 +54,10 @@ from bioflow.metrics.matching import match_instances
 from bioflow.stardist.nms3d import non_maximum_suppression_3d
 from bioflow.stardist.polyhedra import polyhedra_to_labels
 from bioflow.stardist.rays3d import golden_spiral_rays
-from bioflow.stardist.targets3d import object_probabilities_3d, star_distances_3d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stardist_nms import best_of  # noqa: E402  (the 2D bench's timing helper)
+from stardist_nms import median_of  # noqa: E402  (the 2D bench's timing helper)
+from bioflow.stardist.targets3d import object_probabilities_3d, star_distances_3d
 
 N_RAYS = 64
 ANISOTROPY = (2.0, 1.0, 1.0)
@@ -62,7 +71,7 @@ SMOKE_SCENES = {"a": ((16, 64, 64), (1, 4, 4)), "b": ((16, 64, 64), (2, 2, 2))}
 # Run by the reference interpreter: targets of the label volume and NMS + rendering of each
 # scene's candidates, on exactly the inputs bioflow gets.
 REFERENCE_SCRIPT = r"""
-import json, sys, time
+import json, statistics, sys, time
 import numpy as np
 from stardist.geometry import star_dist3D, polyhedron_to_label
 from stardist.nms import non_maximum_suppression_3d_sparse
@@ -74,25 +83,25 @@ repeats, out = int(sys.argv[2]), sys.argv[3]
 rays = Rays_GoldenSpiral(%(n_rays)d, anisotropy=%(anisotropy)r)
 result, saved = {}, {}
 
-def best(fn, n):
+def median(fn, n):
     times = []
     for _ in range(n):
         start = time.perf_counter()
         value = fn()
         times.append(time.perf_counter() - start)
-    return min(times), value
+    return statistics.median(times), {"min": min(times), "max": max(times), "rounds": times}, value
 
 labels = data["targets_labels"].astype(np.uint16)
-seconds, (dist, prob) = best(lambda: (star_dist3D(labels, rays), edt_prob(labels, anisotropy=%(anisotropy)r)), repeats)
-result["targets_seconds"] = seconds
+seconds, spread, (dist, prob) = median(lambda: (star_dist3D(labels, rays), edt_prob(labels, anisotropy=%(anisotropy)r)), repeats)
+result["targets_seconds"], result["targets_seconds_spread"] = seconds, spread
 saved["dist"] = dist
 for name in %(scenes)r:
     points, dists, probs = data[name + "_points"], data[name + "_dists"], data[name + "_probs"]
-    seconds, (p, pr, d, kept) = best(
-        lambda: non_maximum_suppression_3d_sparse(dists, probs, points, rays, nms_thresh=%(nms)r), 1)
+    seconds, spread, (p, pr, d, kept) = median(
+        lambda: non_maximum_suppression_3d_sparse(dists, probs, points, rays, nms_thresh=%(nms)r), repeats)
     saved[name + "_kept"] = kept
     saved[name + "_labels"] = polyhedron_to_label(d, p, rays, tuple(data[name + "_shape"]), prob=pr, verbose=False)
-    result[name] = {"seconds": seconds, "kept": int(len(kept))}
+    result[name] = {"seconds": seconds, "seconds_spread": spread, "kept": int(len(kept))}
 np.savez(out, **saved)
 print(json.dumps(result))
 """
@@ -146,13 +155,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (torch and reference OpenMP)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per targets/NMS measurement; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per targets/NMS/rendering measurement (both sides); the median is reported")
     parser.add_argument("--reference-python", help="interpreter with the reference stardist package")
     parser.add_argument("--smoke", action="store_true", help="tiny volumes, seconds: checks that the bench runs")
     args = parser.parse_args(argv)
     scenes = SMOKE_SCENES if args.smoke else SCENES
     if args.smoke:
         args.repeats = 1
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     rays = golden_spiral_rays(N_RAYS, ANISOTROPY)
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "threads": args.threads},
         "settings": {"n_rays": N_RAYS, "anisotropy": ANISOTROPY, "prob_thresh": PROB_THRESH,
-                     "nms_thresh": NMS_THRESH, "seed": args.seed,
+                     "nms_thresh": NMS_THRESH, "seed": args.seed, "repeats": args.repeats,
                      "scenes": {k: {"shape": s, "grid": g} for k, (s, g) in scenes.items()}},
     }
     if args.smoke:
@@ -175,29 +187,31 @@ def main(argv: list[str] | None = None) -> dict:
 
     targets_labels = labels["b"]
     arrays["targets_labels"] = targets_labels
-    seconds, times, (dist, _) = best_of(
+    seconds, spread, times, (dist, _) = median_of(
         args.repeats, lambda: (star_distances_3d(targets_labels, rays), object_probabilities_3d(targets_labels, anisotropy=ANISOTROPY))
     )
     report["targets"] = {"shape": targets_labels.shape, "objects": int(targets_labels.max()), "seconds": seconds,
-                         "seconds_all": times}
+                         "seconds_spread": spread, "seconds_all": times}
 
     kept_ours: dict[str, np.ndarray] = {}
     rendered: dict[str, np.ndarray] = {}
     for name, (shape, _) in scenes.items():
         points, dists, probs = (arrays[f"{name}_{key}"] for key in ("points", "dists", "probs"))
-        seconds, times, kept = best_of(
-            args.repeats if name == "a" else 1,
-            lambda: non_maximum_suppression_3d(points, dists, probs, rays, PROB_THRESH, NMS_THRESH),
+        seconds, spread, times, kept = median_of(
+            args.repeats, lambda: non_maximum_suppression_3d(points, dists, probs, rays, PROB_THRESH, NMS_THRESH),
         )
-        render_seconds, _, rendered[name] = best_of(1, lambda: polyhedra_to_labels(points[kept], dists[kept], probs[kept], shape, rays))
+        render_seconds, render_spread, _, rendered[name] = median_of(
+            args.repeats, lambda: polyhedra_to_labels(points[kept], dists[kept], probs[kept], shape, rays))
         kept_ours[name] = kept
         report[f"nms_{name}"] = {
             "objects": int(labels[name].max()),
             "candidates": int(len(probs)),
             "distinct_probs": int(len(np.unique(probs))),
             "seconds": seconds,
+            "seconds_spread": spread,
             "seconds_all": times,
             "render_seconds": render_seconds,
+            "render_seconds_spread": render_spread,
             "kept": int(len(kept)),
             "accuracy@0.5": match_instances(labels[name], rendered[name], 0.5)[0.5].accuracy,
         }

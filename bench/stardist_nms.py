@@ -11,12 +11,19 @@ on one thread unless ``--threads`` says otherwise. With ``--reference-python`` p
 interpreter that has the reference ``stardist`` package, the same work is timed there too (in a
 subprocess). Prints one JSON object.
 
+Every time is the median of ``--repeats`` runs (default 3; it used to be the fastest of them): the
+targets' ``seconds`` and ``star_distances_seconds``, each scene's NMS ``seconds`` and
+``render_seconds``, and the reference's ``targets_seconds`` and NMS ``seconds``. Beside each,
+``<key>_spread`` gives the fastest and slowest run and every run's time (``seconds_all`` keeps
+listing the runs of ``seconds``).
+
 Example::
 
     taskset -c 0 python bench/stardist_nms.py --reference-python /tmp/sdref/bin/python
 
 Smoke: ``python bench/stardist_nms.py --smoke`` (seconds; run by the tests) runs the same steps on a
-256 x 256 image with 25 and 50 objects, one run each; without ``--reference-python`` the JSON
+256 x 256 image with 25 and 50 objects, one run each (``--repeats 1``: each median is that one time,
+its spread that one run); without ``--reference-python`` the JSON
 says the reference was skipped. The figures mean nothing; the JSON has the same structure plus
 ``"smoke": true``.
 """
@@ -28,6 +35,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,7 +62,7 @@ SMOKE_SCENES = {"a": (25, 8.0, 19.0), "b": (50, 8.0, 18.0)}
 # Run by the reference interpreter: times the reference functions on the saved scenes and saves
 # its rendered label images for scoring here.
 REFERENCE_SCRIPT = r"""
-import json, sys, time
+import json, statistics, sys, time
 import numpy as np
 from stardist.geometry import star_dist, polygons_to_label
 from stardist.nms import non_maximum_suppression
@@ -64,24 +72,24 @@ data = np.load(sys.argv[1])
 repeats, out = int(sys.argv[2]), sys.argv[3]
 result, rendered = {}, {}
 
-def best(fn):
+def median(fn):
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         value = fn()
         times.append(time.perf_counter() - start)
-    return min(times), value
+    return statistics.median(times), {"min": min(times), "max": max(times), "rounds": times}, value
 
 labels = data["targets_labels"]
-seconds, _ = best(lambda: (star_dist(labels, %(n_rays)d), edt_prob(labels)))
-result["targets_seconds"] = seconds
+seconds, spread, _ = median(lambda: (star_dist(labels, %(n_rays)d), edt_prob(labels)))
+result["targets_seconds"], result["targets_seconds_spread"] = seconds, spread
 for name in %(scenes)r:
     prob, dist = data[name + "_prob"], data[name + "_dist"]
-    seconds, (points, probs, dists) = best(
+    seconds, spread, (points, probs, dists) = median(
         lambda: non_maximum_suppression(dist, prob, prob_thresh=%(prob)r, nms_thresh=%(nms)r, b=0)
     )
     rendered[name] = polygons_to_label(dists, points, prob.shape, prob=probs)
-    result[name] = {"seconds": seconds, "kept": int(len(points))}
+    result[name] = {"seconds": seconds, "seconds_spread": spread, "kept": int(len(points))}
 np.savez(out, **rendered)
 print(json.dumps(result))
 """
@@ -123,14 +131,14 @@ def noisy_prediction(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndar
     return prob, dist
 
 
-def best_of(repeats: int, fn: Callable[[], object]) -> tuple[float, list[float], object]:
-    """Fastest of ``repeats`` runs (the machine may be shared), all times, and the last value."""
+def median_of(repeats: int, fn: Callable[[], object]) -> tuple[float, dict, list[float], object]:
+    """Median of ``repeats`` runs, their spread (fastest, slowest, every run), all times, and the last value."""
     times, value = [], None
     for _ in range(repeats):
         start = time.perf_counter()
         value = fn()
         times.append(time.perf_counter() - start)
-    return min(times), times, value
+    return statistics.median(times), {"min": min(times), "max": max(times), "rounds": list(times)}, times, value
 
 
 def accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
@@ -168,13 +176,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (torch and reference OpenMP)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the fastest is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
     parser.add_argument("--reference-python", help="interpreter with the reference stardist package")
     parser.add_argument("--smoke", action="store_true", help="a tiny image, seconds: checks that the bench runs")
     args = parser.parse_args(argv)
     shape, scenes = (SMOKE_SHAPE, SMOKE_SCENES) if args.smoke else (SHAPE, SCENES)
     if args.smoke:
         args.repeats = 1
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
 
@@ -191,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
             "prob_thresh": PROB_THRESH,
             "nms_thresh": NMS_THRESH,
             "seed": args.seed,
+            "repeats": args.repeats,
         },
     }
     arrays: dict[str, np.ndarray] = {}
@@ -204,14 +215,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     targets_labels = labels["a"]
     arrays["targets_labels"] = targets_labels
-    seconds, times, _ = best_of(
+    seconds, spread, times, _ = median_of(
         args.repeats, lambda: (star_distances(targets_labels, N_RAYS), object_probabilities(targets_labels))
     )
-    dist_seconds, _, _ = best_of(args.repeats, lambda: star_distances(targets_labels, N_RAYS))
+    dist_seconds, dist_spread, _, _ = median_of(args.repeats, lambda: star_distances(targets_labels, N_RAYS))
     report["targets"] = {
         "objects": int(len(np.unique(targets_labels)) - 1),
         "seconds": seconds,
+        "seconds_spread": spread,
         "star_distances_seconds": dist_seconds,
+        "star_distances_seconds_spread": dist_spread,
         "seconds_all": times,
     }
 
@@ -219,19 +232,21 @@ def main(argv: list[str] | None = None) -> dict:
         prob, dist = arrays[name + "_prob"], arrays[name + "_dist"]
         rows, cols = np.nonzero(prob > PROB_THRESH)
         points = np.stack([rows, cols], axis=1)
-        seconds, times, kept = best_of(
+        seconds, spread, times, kept = median_of(
             args.repeats,
             lambda: non_maximum_suppression(points, dist[rows, cols], prob[rows, cols], PROB_THRESH, NMS_THRESH),
         )
-        render_seconds, _, rendered = best_of(
-            1, lambda: polygons_to_labels(points[kept], dist[rows, cols][kept], prob[rows, cols][kept], shape)
+        render_seconds, render_spread, _, rendered = median_of(
+            args.repeats, lambda: polygons_to_labels(points[kept], dist[rows, cols][kept], prob[rows, cols][kept], shape)
         )
         report[f"nms_{name}"] = {
             "objects": int(len(np.unique(labels[name])) - 1),
             "candidates": int(rows.size),
             "seconds": seconds,
+            "seconds_spread": spread,
             "seconds_all": times,
             "render_seconds": render_seconds,
+            "render_seconds_spread": render_spread,
             "kept": int(len(kept)),
             "accuracy@0.5": accuracy(labels[name], rendered),
         }

@@ -11,11 +11,18 @@ the reference's ``predict_instances`` (network + NMS + rendering) predicts the s
 image in the same run, with the same number of threads. Prints one JSON object: seconds per stage,
 candidates, objects, accuracy against the labels, peak memory.
 
+Every time is the median of ``--repeats`` rounds (default 3), each a whole prediction of the image
+(bioflow: network and candidates, then global NMS and rendering, in this process; the reference:
+``predict_instances`` in its own process, after its warm-up call): ``network_and_candidates_s``,
+``nms_and_render_s`` and ``total_s`` (the median of the rounds' totals), each with a ``<key>_spread``
+beside it giving the fastest and slowest round and every round's time; the time ratio is that of the
+medians. Candidates, objects and accuracy are those of the last round (the rounds predict the same).
+
 Run:   .venv/bin/python bench/stardist_predict.py --model <ckpt or run id> [--project-dir DIR]
-           [--reference-python PY --reference-model DIR] [--threads 2]
+           [--reference-python PY --reference-model DIR] [--threads 2] [--repeats 3]
 Smoke: .venv/bin/python bench/stardist_predict.py --smoke     (seconds; run by the tests)
 
-``--smoke`` predicts a 128 x 128 image (the real one when the stardist package is at hand, else a
+``--smoke`` predicts, in two rounds (``--repeats 2``), a 128 x 128 image (the real one when the stardist package is at hand, else a
 generated one, the JSON saying the real one was skipped) with ``--model`` or else an untrained tiny
 StarDist checkpoint (random weights: objects and accuracy mean nothing); the reference runs only
 with ``--reference-python`` and ``--reference-model``, else the JSON says it was skipped. The JSON
@@ -28,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/stardist_real.py
 
 REFERENCE_SCRIPT = r"""
-import json, sys, time
+import json, statistics, sys, time
 args = json.loads(sys.argv[1])
 import numpy as np
 import tensorflow as tf
@@ -51,11 +59,13 @@ folder = Path(args["model"])
 model = StarDist2D(None, name=folder.name, basedir=str(folder.parent))
 image = np.load(args["image"])
 model.predict_instances(image[:256, :256])  # warm-up: graph building
-start = time.perf_counter()
-labels, details = model.predict_instances(image)
-seconds = time.perf_counter() - start
+rounds = []
+for _ in range(args["repeats"]):
+    start = time.perf_counter()
+    labels, details = model.predict_instances(image)
+    rounds.append(time.perf_counter() - start)
 np.save(args["out"], labels.astype(np.int32))
-print(json.dumps({"total_s": seconds, "objects_found": int(labels.max()),
+print(json.dumps({"total_s": statistics.median(rounds), "total_s_rounds": rounds, "objects_found": int(labels.max()),
                   "thresholds": [float(model.thresholds.prob), float(model.thresholds.nms)]}))
 """
 
@@ -86,6 +96,13 @@ def load_image(kind: str, size: int, python: str | None, required: bool = True) 
     return tiled, np.block(blocks)[:size, :size]
 
 
+def median_and_spread(values: list[float], digits: int = 2) -> tuple[float, dict]:
+    """The median of the rounds, and their spread: fastest, slowest and every round (rounded)."""
+    return round(statistics.median(values), digits), {
+        "min": round(min(values), digits), "max": round(max(values), digits),
+        "rounds": [round(v, digits) for v in values]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint file or run id (required but with --smoke)")
@@ -97,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed", "auto"], default=None,
                         help="bioflow's network precision (as bioflow predict --precision; default: the model's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="whole predictions of the image per side; the median times are reported (default 3)")
     parser.add_argument("--reference-python")
     parser.add_argument("--reference-model")
     parser.add_argument("--smoke", action="store_true", help="a tiny image, seconds: checks that the bench runs")
@@ -104,7 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.model and not args.smoke:
         parser.error("the following arguments are required: --model")
     if args.smoke:
-        args.size, args.threads = 128, min(args.threads, 2)
+        args.size, args.threads, args.repeats = 128, min(args.threads, 2), 2
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     import torch
 
     threads = torch.get_num_threads()
@@ -133,26 +154,33 @@ def main(argv: list[str] | None = None) -> dict:
         task.context.predict["precision"] = args.precision
     task.to(device)
     norm = task.normalizer().norm_for(image[None])
-    session = task.prediction_session(image.shape)
-    start = time.perf_counter()
-    with torch.no_grad():
-        task.predict_array(image[None], sink=session.block, tile_size=[args.tile] if args.tile else None)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    network_s = time.perf_counter() - start
-    candidates = session.count  # rows appended to the session's candidate file
-    start = time.perf_counter()
-    labels = np.asarray(session.finish()["labels"])  # rendered strip by strip (Blocks)
-    nms_render_s = time.perf_counter() - start
-    session.close()
+    network_rounds, nms_rounds = [], []
+    for _ in range(args.repeats):  # each round: the whole prediction again, in a new session
+        labels = None  # the last round's labels are freed before the next round
+        session = task.prediction_session(image.shape)
+        start = time.perf_counter()
+        with torch.no_grad():
+            task.predict_array(image[None], sink=session.block, tile_size=[args.tile] if args.tile else None)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        network_rounds.append(time.perf_counter() - start)
+        candidates = session.count  # rows appended to the session's candidate file
+        start = time.perf_counter()
+        labels = np.asarray(session.finish()["labels"])  # rendered strip by strip (Blocks)
+        nms_rounds.append(time.perf_counter() - start)
+        session.close()
+    network_s, network_spread = median_and_spread(network_rounds)
+    nms_render_s, nms_render_spread = median_and_spread(nms_rounds)
+    total_s, total_spread = median_and_spread([a + b for a, b in zip(network_rounds, nms_rounds)])
     stats = match_instances(truth, labels, [0.5])[0.5]
     report = {
         "benchmark": "stardist_predict", "image": args.image, "size": f"{args.size}x{args.size}", "tile": args.tile or f"automatic ({task.tiling()[0]})",
-        "device": device, "threads": torch.get_num_threads(),
+        "device": device, "threads": torch.get_num_threads(), "repeats": args.repeats,
         "precision": task.context.predict.get("precision", "32-true"),
         "bioflow": {
-            "network_and_candidates_s": round(network_s, 2), "nms_and_render_s": round(nms_render_s, 2),
-            "total_s": round(network_s + nms_render_s, 2), "candidates": candidates, "objects_true": stats.n_true,
+            "network_and_candidates_s": network_s, "network_and_candidates_s_spread": network_spread,
+            "nms_and_render_s": nms_render_s, "nms_and_render_s_spread": nms_render_spread,
+            "total_s": total_s, "total_s_spread": total_spread, "candidates": candidates, "objects_true": stats.n_true,
             "objects_found": stats.n_pred, "accuracy@0.5": round(stats.accuracy, 4),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "thresholds": [round(float(t), 3) for t in task.thresholds],
@@ -163,11 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not (args.reference_python and args.reference_model):
             report["reference"] = {"skipped": "no --reference-python and --reference-model"}
     if args.reference_python and args.reference_model:
-        with tempfile.TemporaryDirectory() as tmp:
-            normalised = Path(tmp) / "image.npy"
+        with tempfile.TemporaryDirectory() as ref_tmp:
+            normalised = Path(ref_tmp) / "image.npy"
             np.save(normalised, norm(image[None])[0])  # the same input as bioflow's network saw
-            out = Path(tmp) / "labels.npy"
-            payload = {"model": args.reference_model, "image": str(normalised), "out": str(out), "threads": args.threads}
+            out = Path(ref_tmp) / "labels.npy"
+            payload = {"model": args.reference_model, "image": str(normalised), "out": str(out), "threads": args.threads,
+                       "repeats": args.repeats}
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
             done = subprocess.run([args.reference_python, "-c", REFERENCE_SCRIPT, json.dumps(payload)],
                                   capture_output=True, text=True, env=env)
@@ -177,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
                 ref = json.loads(done.stdout.strip().splitlines()[-1])
                 ref_stats = match_instances(truth, np.load(out), [0.5])[0.5]
                 ref.update(objects_true=ref_stats.n_true, **{"accuracy@0.5": round(ref_stats.accuracy, 4)})
-                ref["total_s"] = round(ref["total_s"], 2)
+                ref["total_s"], ref["total_s_spread"] = median_and_spread(ref.pop("total_s_rounds"))
                 report["reference"] = ref
                 report["time_ratio_bioflow_over_reference"] = round(report["bioflow"]["total_s"] / max(ref["total_s"], 1e-9), 3)
     if tmp is not None:

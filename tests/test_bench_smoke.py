@@ -153,10 +153,23 @@ def _check_exact_target_nms(result: dict, scenes: dict[str, int | None]) -> None
     assert skipped(result["reference"])
 
 
+def _check_single_round_spreads(result: dict, timed: list[tuple[dict, str]]) -> None:
+    for row, key in timed:
+        spread = row[f"{key}_spread"]
+        assert len(spread["rounds"]) == 1 and spread["min"] == min(spread["rounds"]) and spread["max"] == max(spread["rounds"])
+        assert spread["min"] <= row[key] <= spread["max"]
+    assert result["targets"]["seconds_spread"]["rounds"] == result["targets"]["seconds_all"]
+
+
 def check_stardist_nms(result: dict) -> None:
     assert result["settings"]["shape"] == [256, 256] and result["settings"]["n_rays"] == 32
     assert result["targets"]["objects"] == 25 and positive(result["targets"]["seconds"])
     _check_exact_target_nms(result, {"a": 25, "b": 50})
+    # medians of --repeats runs (one in smoke mode), each with its spread beside it
+    assert result["settings"]["repeats"] == 1
+    timed = [(result["targets"], "seconds"), (result["targets"], "star_distances_seconds")]
+    timed += [(result[f"nms_{name}"], key) for name in ("a", "b") for key in ("seconds", "render_seconds")]
+    _check_single_round_spreads(result, timed)
 
 
 def check_stardist3d(result: dict) -> None:
@@ -166,6 +179,11 @@ def check_stardist3d(result: dict) -> None:
     assert positive(result["targets"]["seconds"])
     _check_exact_target_nms(result, {"a": None, "b": None})
     assert all(row["distinct_probs"] == row["candidates"] for row in (result["nms_a"], result["nms_b"]))
+    # medians of --repeats runs (one in smoke mode), each with its spread beside it
+    assert result["settings"]["repeats"] == 1
+    timed = [(result["targets"], "seconds")]
+    timed += [(result[f"nms_{name}"], key) for name in ("a", "b") for key in ("seconds", "render_seconds")]
+    _check_single_round_spreads(result, timed)
 
 
 def check_stardist3d_predict(result: dict) -> None:
@@ -175,6 +193,11 @@ def check_stardist3d_predict(result: dict) -> None:
     assert stack["depth"] == 16 and stack["voxels"] == 16 * 48 * 48
     assert positive(stack["seconds"]) and positive(stack["peak_rss_mib"]) and stack["label_volume_mib"] >= 0
     assert stack["true_objects"] > 0 and stack["predicted_objects"] >= 0 and fraction(stack["accuracy@0.5"])
+    # the median of --repeats fresh processes (one in smoke mode), with its spread beside it
+    assert result["repeats"] == 1
+    spread = stack["seconds_spread"]
+    assert len(spread["rounds"]) == 1 and spread["min"] == min(spread["rounds"]) and spread["max"] == max(spread["rounds"])
+    assert spread["min"] <= stack["seconds"] <= spread["max"]
 
 
 def check_stardist_predict(result: dict) -> None:
@@ -186,6 +209,12 @@ def check_stardist_predict(result: dict) -> None:
     assert all(ours[k] >= 0 for k in ("network_and_candidates_s", "nms_and_render_s", "total_s"))
     assert positive(ours["peak_rss_mib"]) and fraction(ours["accuracy@0.5"])
     assert len(ours["thresholds"]) == 2 and skipped(result["reference"])
+    # medians of --repeats whole predictions (two in smoke mode), each with its spread beside it
+    assert result["repeats"] == 2
+    for key in ("network_and_candidates_s", "nms_and_render_s", "total_s"):
+        spread = ours[f"{key}_spread"]
+        assert len(spread["rounds"]) == 2 and spread["min"] == min(spread["rounds"]) and spread["max"] == max(spread["rounds"])
+        assert spread["min"] <= ours[key] <= spread["max"]
 
 
 def check_stardist_real(result: dict) -> None:
@@ -211,6 +240,11 @@ def check_tiled_prediction(result: dict) -> None:
     for row in result["results"]:
         assert row["size"] == "300x300"
         assert positive(row["seconds"]) and positive(row["megapixels_per_s"]) and positive(row["peak_rss_mib"])
+        # the median of --repeats fresh processes (one in smoke mode), with its spread beside it
+        spread = row["seconds_spread"]
+        assert len(spread["rounds"]) == result["repeats"] == 1
+        assert spread["min"] == min(spread["rounds"]) and spread["max"] == max(spread["rounds"])
+        assert spread["min"] <= row["seconds"] <= spread["max"]
 
 
 # bench name -> (arguments after --smoke, with {project} and {tmp} filled in; check of its JSON)
