@@ -37,10 +37,15 @@ def evaluate(
         accelerator="auto", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False,
     )
-    results = trainer.test(task, datamodule=data, verbose=False)
+    task.fit_verdicts = {}  # filled as the test predicts each image (the fit check rides along)
+    try:
+        results = trainer.test(task, datamodule=data, verbose=False)
+        verdicts = task.fit_verdicts
+    finally:
+        task.fit_verdicts = None
     prefix = "test/" if split == "test" else f"eval_{split}/"
     metrics = {prefix + k.split("/", 1)[1]: float(v) for k, v in (results[0] if results else {}).items()}
-    metrics.update({prefix + k: v for k, v in fit_scores(task, data.splits[split]).items()})
+    metrics.update({prefix + k: v for k, v in fit_scores(task, data.splits[split], verdicts).items()})
     logged = False
     if log_to_run and run_id is not None:
         logged = _log_to_run(store, run_id, metrics, split, task)
@@ -48,13 +53,17 @@ def evaluate(
             "run_id": run_id, "logged": logged, "tracking_uri": store.tracking_uri}
 
 
-def fit_scores(task, records) -> dict[str, float]:
-    """How the split's images fit the model's training data: mean score and fraction flagged."""
+def fit_scores(task, records, seen: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """How the split's images fit the model's training data: mean score and fraction flagged.
+    ``seen``: verdicts by image name from the test's own predictions; other images are predicted
+    for the check (tasks whose evaluation never predicts the image as it is)."""
     import numpy as np
 
     from bioflow.inference.fit import fit_verdict
 
-    verdicts = [v for v in (fit_verdict(task, r.image) for r in records) if v is not None]
+    seen = seen or {}
+    verdicts = [v for v in (seen[r.name] if r.name in seen else fit_verdict(task, r.image) for r in records)
+                if v is not None]
     if not verdicts:
         return {}
     return {"fit_score_mean": float(np.mean([v["score"] for v in verdicts])),

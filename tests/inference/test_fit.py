@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bioflow.inference.fit import GROUPS, FitReference
 
@@ -157,3 +158,44 @@ def test_a_fingerprint_of_other_features_is_not_used(tmp_path):
         torch.save(saved, path)
         task = task_from_checkpoint(load_checkpoint(path), "model")
         assert (getattr(task, "fit_reference", None) is not None) == expected
+
+
+@pytest.mark.parametrize("experiment", ["demo_care", "demo_n2v"])
+def test_evaluation_checks_the_fit_on_the_tests_own_predictions(experiment):
+    """``bioflow evaluate`` scores each test image's fit while the test predicts it: no network pass
+    more than the test alone (Noise2Void also predicts masked copies, which must not be what is
+    checked), and the scores of a separate check of each image."""
+    import lightning as L
+
+    from bioflow.evaluation import fit_scores
+    from bioflow.inference.fit import fit_reference, fit_verdict
+    from tests.helpers import task_and_data
+
+    task, data = task_and_data(f"experiment={experiment}", "data.source.n_images=6", "data.source.shape=[80,80]",
+                               "data.patch_size=[32,32]", "model.base_channels=4", "model.depth=1",
+                               "predict.tile_size=[48,48]")
+    task.eval()
+    task.fit_reference = FitReference(fit_reference(task, data))
+    calls = []
+    handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in (task.model, task.inference_network())]
+
+    def test(verdicts):
+        task.fit_verdicts = verdicts
+        L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).test(task, datamodule=data, verbose=False)
+        task.fit_verdicts = None
+
+    try:
+        test(None)
+        passes = len(calls)
+        seen: dict = {}
+        test(seen)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert passes > 0 and len(calls) == 2 * passes
+    records = data.splits["test"]
+    assert records and sorted(seen) == sorted(r.name for r in records)
+    for record in records:  # the same windows of the same tiles (a masked copy differs by about 3e-5)
+        assert seen[record.name]["score"] == pytest.approx(fit_verdict(task, np.asarray(record.image))["score"], rel=1e-7)
+    assert fit_scores(task, records, seen) == pytest.approx(fit_scores(task, records), rel=1e-7)  # checked on their own

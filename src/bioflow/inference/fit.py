@@ -147,6 +147,7 @@ class FitObserver:
         self.seconds = 0.0  # spent measuring windows (not predicting)
         self.pending: list[tuple[tuple[int, ...], torch.Tensor, tuple[int, ...]]] = []
         self.handles: list = []
+        self.expected: tuple | None = None  # see expect()
 
     def __enter__(self) -> "FitObserver":
         self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
@@ -158,6 +159,18 @@ class FitObserver:
             handle.remove()
         self.task._fit_observer = None
         self.pending.clear()
+
+    def expect(self, image: torch.Tensor) -> None:
+        """Watch the next tiled prediction of this very tensor (its memory and shape) only: an
+        evaluation also predicts masked or otherwise changed copies of its image."""
+        self.expected = (image.data_ptr(), tuple(image.shape), tuple(image.stride()))
+
+    def watch_if_expected(self, image: torch.Tensor):
+        """:meth:`watch` for the prediction of ``image`` if it is the one expected (once), else None."""
+        if self.expected is None or self.expected != (image.data_ptr(), tuple(image.shape), tuple(image.stride())):
+            return None
+        self.expected = None
+        return self.watch
 
     def watch(self, read, image_shape: Sequence[int]):
         """The predictor's tile reader, noting each tile it reads (and where) for the next forward."""

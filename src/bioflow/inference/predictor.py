@@ -141,10 +141,16 @@ class TiledPredictor:
         return tile, chosen, batch
 
     def predict_image(self, image: torch.Tensor) -> torch.Tensor:
-        """Raw network output for one normalised channel-first image tensor (tiled, blended)."""
+        """Raw network output for one normalised channel-first image tensor (tiled, blended).
+
+        Inside a :class:`bioflow.inference.fit.FitObserver` that expects this image (evaluation:
+        the image of the batch, not a masked or otherwise changed copy), its tiles and activations
+        also describe how the image fits the training data."""
         tile, overlap, batch = self.tiling()
+        observer = getattr(self, "_fit_observer", None)
         return predict_tiled(self, image, tile, overlap, self.receptive_field(), self.size_multiple,
-                             batch_size=batch, stride=self.output_stride())
+                             batch_size=batch, stride=self.output_stride(),
+                             watch=None if observer is None else observer.watch_if_expected(image))
 
     def predict_array(
         self,

@@ -383,13 +383,16 @@ def predict_tiled(
     blend: Blend = "cosine",
     channel_map: ChannelMap | None = None,
     stride: Sequence[int] | None = None,
+    watch: Callable[[Callable, tuple[int, ...]], Callable] | None = None,
 ) -> torch.Tensor:
-    """Tiled prediction of an in-memory image ``(C, *spatial)``; returns ``(K, *spatial / stride)`` on its device."""
+    """Tiled prediction of an in-memory image ``(C, *spatial)``; returns ``(K, *spatial / stride)`` on
+    its device. ``watch(read, shape)``, when given, wraps the tile reader (a fit check riding along)."""
     shape = tuple(image.shape[1:])
     plan = TilePlan.create(shape, tile, overlap, receptive_field, multiple, blend)
     parts: list[torch.Tensor] = []
+    read = array_reader(image, image.device, dtype=image.dtype)
     stream_predict(
-        fn, array_reader(image, image.device, dtype=image.dtype), shape, plan,
+        fn, read if watch is None else watch(read, shape), shape, plan,
         lambda start, block: parts.append(block), batch_size=batch_size, tta=tta, channel_map=channel_map,
         device=image.device, stride=stride,
     )

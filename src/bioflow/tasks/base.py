@@ -220,8 +220,18 @@ class BaseTask(TiledPredictor, ModelExchange, L.LightningModule):
             self.evaluate_image("val", batch)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        with full_precision(self.device):
+        verdicts = getattr(self, "fit_verdicts", None)  # bioflow evaluate: the fit check rides along
+        if verdicts is None or getattr(self, "fit_reference", None) is None:
+            with full_precision(self.device):
+                self.evaluate_image("test", batch)
+            return
+        from bioflow.inference.fit import FitObserver
+
+        with full_precision(self.device), FitObserver(self) as seen:
+            seen.expect(batch["image"][0])  # the image's own prediction, not its masked copies
             self.evaluate_image("test", batch)
+        if seen.kept:  # else the task never predicted the image itself: checked on its own later
+            verdicts[batch["name"][0]] = seen.verdict()
 
     def on_validation_epoch_start(self) -> None:
         self.figure_samples = []
