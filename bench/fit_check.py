@@ -7,10 +7,12 @@ data source does (another seed), and shifts copies of them after acquisition:
   normalises each image by its own percentiles, the default; visible with
   ``data.normalize.mode=dataset``);
 - ``noise_x3``: three times the noise (restoration pairs: the clean image plus three times the
-  degradation; images without a clean version: Gaussian noise of about twice the image's own
-  pixel noise added);
+  degradation; images without a clean version: Gaussian noise of sqrt(8) times the image's own
+  pixel noise added, so that the noise's std is three times the image's);
 - ``pixel_size_x2`` / ``pixel_size_x0.5``: resampled by 2 (cropped back) and by 0.5 (linear), the
-  metadata not saying so;
+  metadata not saying so; for 0.5, a field twice as wide around the image where the bench has one
+  (the real image), so that the shifted image has the unshifted one's size; else the image itself
+  (half its size then);
 - ``content``: a textured image of another kind (sinusoid gratings with noise) at the same
   intensity range.
 
@@ -78,18 +80,20 @@ def noise_level(image: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(step - np.median(step))) / np.sqrt(2))
 
 
-def shifted(image: np.ndarray, clean: np.ndarray | None, rng) -> dict[str, np.ndarray]:
+def shifted(image: np.ndarray, clean: np.ndarray | None, rng, wider: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The shifted versions of one held-out image (``wider``: a field twice as wide around it, or None)."""
     from scipy import ndimage
 
     spatial = image.shape[1:]
     out = {"intensity_x4": image * 4, "intensity_x0.25": image * 0.25}
     if clean is not None:
         out["noise_x3"] = clean + 3 * (image - clean)
-    else:
-        out["noise_x3"] = image + rng.normal(0, 2.0 * max(noise_level(image), 1e-3 * float(np.ptp(image))), image.shape)
+    else:  # independent noise of sqrt(3^2 - 1) times the image's own: three times its noise in all
+        sigma = np.sqrt(8.0) * max(noise_level(image), 1e-3 * float(np.ptp(image)))
+        out["noise_x3"] = image + rng.normal(0, sigma, image.shape)
     zoomed = ndimage.zoom(image, (1, 2, 2), order=1)
     out["pixel_size_x2"] = zoomed[:, : spatial[0], : spatial[1]]
-    out["pixel_size_x0.5"] = ndimage.zoom(image, (1, 0.5, 0.5), order=1)
+    out["pixel_size_x0.5"] = ndimage.zoom(image if wider is None else wider, (1, 0.5, 0.5), order=1)
     yy, xx = np.mgrid[: spatial[0], : spatial[1]]
     texture = np.sin(xx / 3.0 + rng.uniform(0, 6)) * np.cos(yy / 5.0) + 0.2 * rng.normal(size=spatial)
     low, high = np.percentile(image, [1, 99])
@@ -111,7 +115,7 @@ def measure(experiment: str, overrides: list[str], images: int, shape, project: 
     rng = np.random.default_rng(0)
     scores: dict[str, list[float]] = {"unshifted": []}
     plain_seconds, checked_seconds, check_seconds = [], [], []
-    for image, clean in held if held is not None else held_out(task.config, images, shape):
+    for image, clean, *wider in held if held is not None else held_out(task.config, images, shape):
         for _ in range(2):  # prediction alone and with the check riding along, interleaved; the first warms up
             start = time.perf_counter()
             predict_array(task, image)
@@ -123,12 +127,12 @@ def measure(experiment: str, overrides: list[str], images: int, shape, project: 
         checked_seconds.append(checked)
         check_seconds.append(verdict["seconds"])
         scores["unshifted"].append(verdict["score"])
-        for name, version in shifted(image, clean, rng).items():
+        for name, version in shifted(image, clean, rng, *wider).items():
             scores.setdefault(name, []).append(predict_array(task, version, check_fit=True)["fit"]["score"])
     threshold = reference.threshold
     plain, checked = float(np.median(plain_seconds)), float(np.median(checked_seconds))
     # the same on a field 4x4 as large, a mosaic of the held-out images (the check's cost is fixed)
-    images_only = [image for image, _ in (held if held is not None else held_out(task.config, 16, shape))][:16]
+    images_only = [item[0] for item in (held if held is not None else held_out(task.config, 16, shape))][:16]
     images_only = (images_only * 16)[:16]
     mosaic = np.concatenate([np.concatenate(images_only[r * 4:(r + 1) * 4], axis=2) for r in range(4)], axis=1)
     large_plain, large_checked, large_check = [], [], []
@@ -164,6 +168,12 @@ EXTRA: list[str] = []
 REAL = "real_nuclei_unet"
 
 
+#: Tiles of the 4 x 4 grid held out and used for validation (the rest train): one of each kind
+#: per row and per column, so that no kind holds only one corner of the image.
+HELD_TILES = [(0, 1), (1, 3), (2, 0), (3, 2)]
+VAL_TILES = [(0, 3), (1, 0), (2, 2), (3, 1)]
+
+
 def real_nuclei(reference_python: str | None, folder: Path, crops: int, size: int | None = None):
     """Write the real nuclei image, cut into 4 x 4 tiles, as training (8 tiles) and validation (4)
     images with masks into ``folder``; returns the config overrides and ``crops`` held-out crops
@@ -183,8 +193,7 @@ def real_nuclei(reference_python: str | None, folder: Path, crops: int, size: in
         return None
     image, labels = found
     th, tw = image.shape[0] // 4, image.shape[1] // 4
-    held_tiles = [(0, 1), (1, 3), (2, 0), (3, 2)]
-    val_tiles = [(0, 3), (1, 0), (2, 2), (3, 1)]
+    held_tiles, val_tiles = HELD_TILES, VAL_TILES
     for kind in ("images", "masks"):
         (folder / kind).mkdir(parents=True, exist_ok=True)
     held = []
@@ -195,10 +204,14 @@ def real_nuclei(reference_python: str | None, folder: Path, crops: int, size: in
             if (r, c) in held_tiles:
                 tile = image[box].astype(np.float32)
                 if size is None:  # whole tiles (the training images' size), in their 8 flips and turns
+                    # and the field twice as wide around each (for pixel size x0.5), inside the image
+                    y0 = min(max(r * th - th // 2, 0), image.shape[0] - 2 * th)
+                    x0 = min(max(c * tw - tw // 2, 0), image.shape[1] - 2 * tw)
+                    field = image[y0:y0 + 2 * th, x0:x0 + 2 * tw].astype(np.float32)
                     for k in range(4):
                         for flip in (False, True):
-                            turned = np.rot90(tile[:, ::-1] if flip else tile, k)
-                            held.append((np.ascontiguousarray(turned)[None], None))
+                            turn = lambda a: np.ascontiguousarray(np.rot90(a[:, ::-1] if flip else a, k))[None]  # noqa: E731
+                            held.append((turn(tile), None, turn(field)))
                     continue
                 for _ in range(max(1, -(-crops // len(held_tiles)))):
                     y, x = (int(rng.integers(0, n - size + 1)) for n in tile.shape)

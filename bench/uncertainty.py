@@ -18,7 +18,16 @@ one JSON object with, per experiment:
   intensity units) and the calibration of the signal's std (the observation's std less the noise)
   against the error from the clean images of the test split.
 
+On the real nuclei image of the ``stardist`` package (``--experiments real_nuclei_care
+real_nuclei_n2v``, with ``--reference-python`` pointing at an interpreter that has the package):
+the image is cut into 16 tiles of 128 x 128, 8 to train on, 4 to validate (and recalibrate) on and
+4 held out for the test, spread over the image as ``bench/fit_check.py`` spreads them. The image is
+the clean target; CARE's input is made from it by a Gaussian blur (sigma 1), Poisson noise at about
+20 photons at intensity 255 (``--photons``) and Gaussian read noise (sigma 4 of 255); Noise2Void's noisy
+images are the same without the blur, and its test compares with the image itself.
+
 Run:   .venv/bin/python bench/uncertainty.py [--experiments demo_care demo_n2v] [--epochs 10]
+       .venv/bin/python bench/uncertainty.py --experiments real_nuclei_care real_nuclei_n2v --reference-python ~/.cache/stardist-ref/bin/python
 Smoke: .venv/bin/python bench/uncertainty.py --smoke     (tiny sizes, seconds; run by the tests)
 """
 
@@ -36,12 +45,12 @@ SMOKE = ["data.source.n_images=6", "data.source.shape=[64,64]", "data.patch_size
          "data.batch_size=4", "model.depth=1", "model.base_channels=4", "trainer.enable_progress_bar=false"]
 
 
-def train(experiment: str, overrides: list[str], project: Path) -> tuple[dict, float]:
+def train(experiment: str | None, overrides: list[str], project: Path) -> tuple[dict, float]:
     import bioflow
 
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
-        summary = bioflow.train([f"experiment={experiment}", f"project_dir={project}", *overrides])
+        summary = bioflow.train([*([f"experiment={experiment}"] if experiment else []), f"project_dir={project}", *overrides])
     return summary, time.perf_counter() - start
 
 
@@ -77,10 +86,13 @@ def prediction_seconds(plain: dict, prob: dict, project: Path, rounds: int = 5) 
     return {**out, "overhead": out["probabilistic"] / out["plain"] - 1.0, "image_shape": list(image.shape)}
 
 
-def compare(experiment: str, overrides: list[str], project: Path) -> dict:
-    plain, plain_seconds = train(experiment, [*overrides, f"logger.experiment_name=bench_{experiment}_plain"], project)
+def compare(name: str, overrides: list[str], project: Path, experiment: str | None = "") -> dict:
+    """Plain and probabilistic model of experiment ``name`` (``experiment``: the config's, when
+    another; None: the overrides name it)."""
+    experiment = name if experiment == "" else experiment
+    plain, plain_seconds = train(experiment, [*overrides, f"logger.experiment_name=bench_{name}_plain"], project)
     prob, prob_seconds = train(experiment, [*overrides, "task.probabilistic=true",
-                                            f"logger.experiment_name=bench_{experiment}_probabilistic"], project)
+                                            f"logger.experiment_name=bench_{name}_probabilistic"], project)
     tables = calibration_tables(prob)
     test = prob["test"]
     return {
@@ -104,6 +116,62 @@ def compare(experiment: str, overrides: list[str], project: Path) -> dict:
     }
 
 
+REAL = ("real_nuclei_care", "real_nuclei_n2v")
+
+
+def bench(name: str):
+    """Another script of bench/ as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def nuclei_image(reference_python: str | None):
+    """The real nuclei image of the stardist package (this interpreter's or the reference's), or None."""
+    found = bench("stardist_real").stardist_nuclei(reference_python)
+    return None if found is None else found[0]
+
+
+def real_nuclei(experiment: str, reference_python: str | None, folder: Path, smoke: bool = False,
+                photons: float = 20.0) -> list[str] | None:
+    """Tiles of the real nuclei image as training, validation and test images of ``experiment``
+    (written into ``folder``); returns the config overrides, or None without the stardist package."""
+    import numpy as np
+    import tifffile
+    from scipy import ndimage
+
+    clean = nuclei_image(reference_python)
+    if clean is None:
+        return None
+    tiles = bench("fit_check")
+    clean = clean.astype(np.float32)
+    if smoke:
+        clean = clean[:256, :256]
+    rng = np.random.default_rng(0)
+    signal = ndimage.gaussian_filter(clean, 1.0) if experiment == "real_nuclei_care" else clean
+    low = rng.poisson(np.clip(signal, 0, None) / 255 * photons) / photons * 255 + rng.normal(0, 4, clean.shape)
+    th, tw = clean.shape[0] // 4, clean.shape[1] // 4
+    names = {"val": [], "test": []}
+    for kind in ("low", "high"):
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+    for r in range(4):
+        for c in range(4):
+            kind = "test" if (r, c) in tiles.HELD_TILES else "val" if (r, c) in tiles.VAL_TILES else "train"
+            box = (slice(r * th, (r + 1) * th), slice(c * tw, (c + 1) * tw))
+            name = f"{kind}_{r}{c}"
+            names.setdefault(kind, []).append(name)
+            tifffile.imwrite(folder / "low" / f"{name}.tif", low[box].astype(np.float32))
+            tifffile.imwrite(folder / "high" / f"{name}.tif", clean[box])
+    care = experiment == "real_nuclei_care"
+    return [f"experiment={'care_own_data' if care else 'n2v_own_data'}", "data=tiff_pairs",
+            f"data.source.images={folder / 'low'}", f"data.source.targets={folder / 'high'}",
+            f"data.split.val=[{','.join(names['val'])}]", f"data.split.test=[{','.join(names['test'])}]",
+            "optimizer.lr=0.001", *([] if smoke else ["trainer.max_epochs=15"])]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", default=["demo_care", "demo_n2v"])
@@ -111,6 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the bench runs")
     parser.add_argument("--project-dir", default=None)
+    parser.add_argument("--photons", type=float, default=20.0,
+                        help="real nuclei: photons at intensity 255 in the low-quality images (default 20)")
+    parser.add_argument("--reference-python", default=None,
+                        help=f"an interpreter with the stardist package, for --experiments {' '.join(REAL)}")
     args = parser.parse_args(argv)
     project = Path(args.project_dir or tempfile.mkdtemp(prefix="bioflow-uncertainty-"))
     overrides = [f"seed={args.seed}", "trainer.enable_progress_bar=false"]
@@ -118,7 +190,15 @@ def main(argv: list[str] | None = None) -> dict:
         overrides += [*SMOKE, "trainer.max_epochs=1"]
     elif args.epochs:
         overrides.append(f"trainer.max_epochs={args.epochs}")
-    result = {"overrides": overrides, **{e: compare(e, overrides, project) for e in args.experiments}}
+    result: dict = {"overrides": overrides}
+    for name in args.experiments:
+        if name not in REAL:
+            result[name] = compare(name, overrides, project)
+            continue
+        real = real_nuclei(name, args.reference_python, project / name, smoke=args.smoke, photons=args.photons)
+        result[name] = ({"skipped": "no stardist package here or in --reference-python"} if real is None
+                        else {"overrides": real, **compare(name, [*real, *(o for o in overrides if not o.startswith("data.source."))],
+                                                            project, experiment=None)})
     print(json.dumps(result, indent=1))
     return result
 

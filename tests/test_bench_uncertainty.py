@@ -22,3 +22,23 @@ def test_the_uncertainty_bench_runs_in_smoke_mode(tmp_path, monkeypatch):
     for split in ("val_before", "val_after", "test"):
         assert len(care["bins"][split]) == 10 and all(b["observed_rmse"] > 0 for b in care["bins"][split])
     assert care["worst_ratio_error"] == pytest.approx(max(abs(b["ratio"] - 1) for b in care["bins"]["test"]), rel=1e-5)
+
+
+def test_the_real_image_experiments_run_in_smoke_mode(tmp_path, monkeypatch):
+    """The real nuclei experiments' plumbing (tiles as training, validation and test pairs; Noise2Void
+    tested against the image itself), on a generated image where the stardist package is missing."""
+    import numpy as np
+
+    from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
+
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("bench_uncertainty_real", REPO / "bench" / "uncertainty.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    image, _ = synthetic_nuclei_image((256, 256), seed=0, index=0)
+    monkeypatch.setattr(bench, "nuclei_image", lambda reference_python: np.asarray(image, np.float32) * 200)
+    result = bench.main(["--smoke", "--experiments", "real_nuclei_n2v", "--project-dir", str(tmp_path / "p")])
+    n2v = result["real_nuclei_n2v"]
+    assert "data.split.test=[test_01,test_13,test_20,test_32]" in n2v["overrides"]
+    assert len(n2v["bins"]["test"]) == 10 and n2v["distribution"] == "gaussian"
+    assert n2v["signal"] is not None and len(n2v["signal"]["bins"]) == 10  # the clean image is there to check against
