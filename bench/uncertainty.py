@@ -109,6 +109,7 @@ def compare(name: str, overrides: list[str], project: Path, experiment: str | No
         # Noise2Void: the signal's std (the observation's less the noise model's) against the clean image
         "signal": None if "test/signal_calibration_mean_abs_log_ratio" not in test else {
             "noise_model": {k: prob["after_fit"].get(k) for k in ("noise_model_a", "noise_model_b")},
+            "variance_share": prob["after_fit"].get("signal_variance_share"),  # left to the signal, median
             "mean_abs_log_ratio": test.get("test/signal_calibration_mean_abs_log_ratio"),
             "worst_ratio_error": test.get("test/signal_calibration_worst_ratio_error"),
             "bins": tables.get("test_signal"),

@@ -84,6 +84,8 @@ def test_a_probabilistic_model_writes_its_uncertainty_beside_the_restored_image(
     if experiment == "demo_n2v":  # the signal's std: the observation's less the noise model's
         assert "signal_uncertainty" in model.outputs and "test/signal_calibration_mean_abs_log_ratio" in run.data.metrics
         assert float(run.data.params["noise_model_b"]) >= 0 and float(run.data.params["noise_model_a"]) >= 0
+        share = float(run.data.params["signal_variance_share"])  # and a warning when too little is left to read
+        assert 0 <= share <= 1 and ("nearly equal variances" in result.stderr) == (share < 0.25), (share, result.stderr[-2000:])
         signal = tifffile.imread(tmp_path / "out" / "noisy_signal_uncertainty.tif")
         assert signal.shape == noisy.shape and np.all(signal >= 0) and np.all(signal <= std * (1 + 1e-5) + 1e-4)
         np.testing.assert_allclose(outputs["signal_uncertainty"][0], signal, rtol=1e-4, atol=1e-4 * float(std.max()))

@@ -43,3 +43,15 @@ def test_the_variance_is_never_negative_and_follows_each_channel():
 def test_too_few_pixels_are_refused():
     with pytest.raises(ValueError, match="at least"):
         fit_noise_model(np.arange(10.0), np.ones(10))
+
+
+def test_the_share_of_variance_left_to_the_signal():
+    """Observation std 5 everywhere, noise variance 16 (a = 0, b = 16): 9 of 25 left to the signal;
+    with a = 1 the noise takes more where the signal is brighter, and all of it beyond 9."""
+    from bioflow.metrics.noise_model import signal_variance_share
+
+    observed = torch.full((1, 5), 5.0)
+    signal = torch.tensor([[0.0, 2.0, 4.0, 9.0, 20.0]])
+    assert signal_variance_share(torch.tensor([[0.0, 16.0]]), observed, signal) == pytest.approx(9 / 25)
+    # left: 9, 7, 5, 0, 0 of 25: the median is 5/25
+    assert signal_variance_share(torch.tensor([[1.0, 16.0]]), observed, signal) == pytest.approx(5 / 25)

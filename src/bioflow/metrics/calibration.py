@@ -125,3 +125,40 @@ def recalibrate(std: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
     above = ls + (ly[-1] - lx[-1])
     out = torch.where(ls < lx[0], below, torch.where(ls > lx[-1], above, inside))
     return out.exp()
+
+
+def write_calibration_report(tables: dict[str, Calibration], distribution: str, folder) -> list:
+    """The calibration plot (``calibration.png``: observed RMSE against predicted std per bin, as
+    trained and recalibrated on validation, and on the test) and its tables (``calibration.json``)
+    written into ``folder``; returns their paths."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    low, high = np.inf, 0.0
+    for key, label in (("val_before", "validation, as trained"), ("val_after", "validation, recalibrated"),
+                       ("test", "test, recalibrated")):
+        table = tables.get(key)
+        if table is None:
+            continue
+        ax.loglog(table.predicted, table.observed, marker="o", label=label)
+        low, high = min(low, table.predicted.min(), table.observed.min()), max(high, table.predicted.max(), table.observed.max())
+    ax.plot([low, high], [low, high], color="gray", linestyle="--", label="calibrated")
+    ax.set_xlabel("predicted std (normalised units)")
+    ax.set_ylabel("observed RMSE")
+    ax.set_title(f"Calibration of the {distribution} std, {len(table.predicted)} equal-count bins")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = Path(folder) / "calibration.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written = Path(folder) / "calibration.json"
+    written.write_text(json.dumps({"distribution": distribution, "units": "normalised",
+                                   **{k: t.table() for k, t in tables.items()}}, indent=1))
+    return [path, written]

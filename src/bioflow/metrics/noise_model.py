@@ -68,3 +68,18 @@ def noise_variance(model: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
     shape = (-1,) + (1,) * (signal.ndim - 1)
     a, b = model[:, 0].reshape(shape).to(signal), model[:, 1].reshape(shape).to(signal)
     return (a * signal.clamp(min=0) + b).clamp(min=0)
+
+
+#: The median share of the predicted variance left to the signal below which its std is too
+#: uncertain to read: a 10% error of the observation's std (about what recalibration leaves) is
+#: then an error of more than 2-fold in the signal's variance.
+SIGNAL_SHARE_WARNING = 0.25
+
+
+def signal_variance_share(model: torch.Tensor, observed: torch.Tensor, signal: torch.Tensor) -> float:
+    """Median over pixels of the share of the observation's variance (``observed``: its std,
+    ``(C, N)``, intensity units) that the noise ``model`` leaves to the signal at ``signal (C, N)``;
+    the signal's std is the square root of what is left, so a small share makes it fragile."""
+    variance = (observed.double() ** 2).clamp(min=1e-30)
+    left = (variance - noise_variance(model.double(), signal.double())).clamp(min=0)
+    return float((left / variance).median())

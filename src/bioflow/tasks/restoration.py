@@ -9,7 +9,7 @@ as the target's maximum minus minimum.
 
 from __future__ import annotations
 
-import json
+import logging
 from typing import Any, ClassVar, Literal, Optional
 
 import numpy as np
@@ -25,6 +25,8 @@ from bioflow.registry import registry
 from bioflow.tasks.base import BaseTask
 from bioflow.tasks.context import TaskContext
 from bioflow.tasks.exchange import PackageOutput
+
+log = logging.getLogger(__name__)
 
 
 def to_units(x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -236,39 +238,12 @@ class RestorationTask(BaseTask):
         return {"calibration_before": before.mean_abs_log_ratio, "calibration_after": after.mean_abs_log_ratio}
 
     def report_figures(self, metrics, folder) -> list:
-        """The calibration plot: observed RMSE against predicted std per bin (validation, test)."""
+        """The calibration plot (observed RMSE against predicted std per bin) and its tables."""
+        from bioflow.metrics.calibration import write_calibration_report
+
         if not self.calibration_tables:
             return []
-        from pathlib import Path
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 5))
-        low, high = np.inf, 0.0
-        for key, label in (("val_before", "validation, as trained"), ("val_after", "validation, recalibrated"),
-                           ("test", "test, recalibrated")):
-            table = self.calibration_tables.get(key)
-            if table is None:
-                continue
-            ax.loglog(table.predicted, table.observed, marker="o", label=label)
-            low, high = min(low, table.predicted.min(), table.observed.min()), max(high, table.predicted.max(), table.observed.max())
-        ax.plot([low, high], [low, high], color="gray", linestyle="--", label="calibrated")
-        ax.set_xlabel("predicted std (normalised units)")
-        ax.set_ylabel("observed RMSE")
-        ax.set_title(f"Calibration of the {self.distribution.name} std, {len(table.predicted)} equal-count bins")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, which="both")
-        fig.tight_layout()
-        path = Path(folder) / "calibration.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        tables = Path(folder) / "calibration.json"
-        tables.write_text(json.dumps({"distribution": self.distribution.name, "units": "normalised",
-                                      **{k: t.table() for k, t in self.calibration_tables.items()}}, indent=1))
-        return [path, tables]
+        return write_calibration_report(self.calibration_tables, self.distribution.name, folder)
 
     # -- prediction ---------------------------------------------------------------------------------
     def uncertainty_names(self) -> list[str]:
@@ -386,6 +361,10 @@ class CARETask(RestorationTask):
         return self.raw_std(output), self.location(output) - target
 
 
+#: Noise2Void's signal std: pixels sampled per validation image to judge it (noise_model.signal_variance_share)
+SIGNAL_SAMPLE = 4096
+
+
 class N2VTask(RestorationTask):
     """Noise2Void (Krull et al., 2019): denoising trained on the noisy images themselves.
 
@@ -442,10 +421,14 @@ class N2VTask(RestorationTask):
         from bioflow.metrics.noise_model import noise_variance
 
         span = (norm[1] - norm[0]).clamp(min=1e-6).reshape((-1,) + (1,) * (raw.ndim - 1))
-        observed = (self.uncertainty(raw) * span).double()
-        signal = to_units(self.location(raw), norm)
-        variance = (observed * observed - noise_variance(self.noise_model.double(), signal.double())).clamp(min=0)
+        observed, signal = self._observed_in_units(raw, norm)
+        variance = (observed * observed - noise_variance(self.noise_model.double(), signal)).clamp(min=0)
         return (variance.sqrt() / span).to(raw.dtype)
+
+    def _observed_in_units(self, raw: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The observation's recalibrated std and the restored signal, in intensity units (float64)."""
+        span = (norm[1] - norm[0]).clamp(min=1e-6).reshape((-1,) + (1,) * (raw.ndim - 1))
+        return (self.uncertainty(raw) * span).double(), to_units(self.location(raw), norm).double()
 
     def uncertainty_names(self) -> list[str]:
         return [*super().uncertainty_names(), *(["signal_uncertainty"] if self.has_noise_model else [])]
@@ -460,20 +443,27 @@ class N2VTask(RestorationTask):
     def after_fit(self, data) -> dict[str, float]:
         """The recalibration, then the noise model, from the validation images (training images
         where there are none) and the network's restored versions of them."""
-        from bioflow.metrics.noise_model import fit_noise_model, residual_differences
+        from bioflow.metrics.noise_model import (SIGNAL_SHARE_WARNING, fit_noise_model, residual_differences,
+                                                 signal_variance_share)
 
         extras = super().after_fit(data)
         if self.distribution is None:
             return extras
         loader = data.whole_images("val" if data.splits["val"] else "train")
         pooled: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(self.data_info.in_channels)]
+        sampled: list[tuple[torch.Tensor, torch.Tensor]] = []  # (observed std, signal) at some pixels
+        generator = torch.Generator().manual_seed(0)
         self.eval()
         with torch.no_grad():
             for i, batch in enumerate(loader):
                 image, norm = batch["image"][0].to(self.device), batch["norm"][0].to(self.device)
-                restored = to_units(self.location(self.predict_image(image)), norm)
+                raw = self.predict_image(image)
+                restored = to_units(self.location(raw), norm)
                 for c, pair in enumerate(residual_differences(to_units(image, norm), restored, seed=i)):
                     pooled[c].append(pair)
+                observed, signal = (t.flatten(1).cpu() for t in self._observed_in_units(raw, norm))
+                pick = torch.randperm(observed.shape[1], generator=generator)[:SIGNAL_SAMPLE]
+                sampled.append((observed[:, pick], signal[:, pick]))
         try:
             fitted = [fit_noise_model(np.concatenate([s for s, _ in p]), np.concatenate([d for _, d in p])) for p in pooled]
         except ValueError:  # too few pixels
@@ -482,7 +472,15 @@ class N2VTask(RestorationTask):
         for c, (a, b) in enumerate(fitted):
             suffix = "" if len(fitted) == 1 else f"_c{c}"
             extras.update({f"noise_model_a{suffix}": a, f"noise_model_b{suffix}": b})
+        observed, signal = (torch.cat(part, dim=1) for part in zip(*sampled))
+        share = extras["signal_variance_share"] = signal_variance_share(self.noise_model, observed, signal)
+        if share < SIGNAL_SHARE_WARNING:
+            log.warning("Noise2Void: the noise model leaves the signal %.0f%% of the predicted variance (median over "
+                        "validation pixels): its std (*_signal_uncertainty.tif) is the small difference of two nearly "
+                        "equal variances and may be off several-fold; read the observation's (*_uncertainty.tif)",
+                        100 * share)
         return extras
+
 
     def log_metrics(self, stage: str) -> None:
         super().log_metrics(stage)
