@@ -11,7 +11,8 @@ one JSON object with, per experiment:
   after it (CARE: against the clean targets; Noise2Void: against held-out noisy pixels);
 - ``worst_ratio_error`` (largest ``|observed/predicted - 1|`` over the test bins),
   ``mean_abs_log_ratio``, and ``top5_error_ratio`` (mean absolute error of the 5% of pixels with
-  the highest predicted std over that of the rest);
+  the highest predicted std over that of the rest), and for CARE the same ratio when the pixels
+  are ranked by the true local RMSE around each (an optimistic bound of what any std could reach);
 - seconds of training of each model, and of predicting a test image with each (the uncertainty's
   cost at prediction: one more output channel, its recalibration and its image);
 - for Noise2Void, ``signal``: the noise model fitted after training (variance = a * signal + b,
@@ -86,6 +87,45 @@ def prediction_seconds(plain: dict, prob: dict, project: Path, rounds: int = 5) 
     return {**out, "overhead": out["probabilistic"] / out["plain"] - 1.0, "image_shape": list(image.shape)}
 
 
+def error_ranking(prob: dict, project: Path) -> dict | None:
+    """How well the std ranks the test pixels' errors (CARE: the targets are the truth), against
+    how well any ranking could: the mean absolute error of the 5% of pixels ranked highest over the
+    rest's, ranked by the predicted std and by the true local RMSE in a w x w window around each
+    pixel (an oracle that knows the errors; optimistic, as a pixel's own error is in its window).
+    Errors in each image's normalised units (its percentile span), pooled over the test images."""
+    import bioflow
+    import numpy as np
+    from scipy import ndimage
+
+    from bioflow.data.module import BioflowDataModule
+
+    model = bioflow.load_model(prob["run_id"], project_dir=str(project))
+    task = model.task
+    if task.config["task"]["name"] != "care":  # Noise2Void: its truth is held-out noisy pixels
+        return None
+    data = BioflowDataModule(task.config["data"], task.config["sampler"], 0, type(task).target_kind, None)
+    data.prepare()
+    normalize = task.config["data"]["normalize"]
+    errors, stds = [], []
+    for record in data.splits["test"]:
+        image, target = np.asarray(record.image, np.float32), np.asarray(record.target, np.float32)
+        if target.shape != image.shape:
+            return None
+        out = model.predict(image[0] if image.shape[0] == 1 else image)
+        span = float(np.subtract(*np.percentile(image, [normalize.get("high", 99.8), normalize.get("low", 1.0)])))
+        errors.append((out["restored"].reshape(target.shape) - target)[0] / span)
+        stds.append(out["uncertainty"].reshape(target.shape)[0] / span)
+
+    def top5(rank: list) -> float:
+        order = np.concatenate([r.ravel() for r in rank])
+        error = np.abs(np.concatenate([e.ravel() for e in errors]))
+        top = order >= np.quantile(order, 0.95)  # as the test metric ranks
+        return float(error[top].mean() / error[~top].mean())
+
+    return {"predicted_std": top5(stds), **{f"oracle_local_rmse_{w}x{w}": top5(
+        [np.sqrt(ndimage.uniform_filter(e * e, w)) for e in errors]) for w in (3, 5, 9)}}
+
+
 def compare(name: str, overrides: list[str], project: Path, experiment: str | None = "") -> dict:
     """Plain and probabilistic model of experiment ``name`` (``experiment``: the config's, when
     another; None: the overrides name it)."""
@@ -102,6 +142,7 @@ def compare(name: str, overrides: list[str], project: Path, experiment: str | No
         "worst_ratio_error": test.get("test/calibration_worst_ratio_error"),
         "mean_abs_log_ratio": test.get("test/calibration_mean_abs_log_ratio"),
         "top5_error_ratio": test.get("test/uncertainty_top5_error_ratio"),
+        "top5_error_ratio_ranked_by": error_ranking(prob, project),
         "calibration_before_on_validation": prob["after_fit"].get("calibration_before"),
         "bins": {k: tables.get(k) for k in ("val_before", "val_after", "test")},
         "train_seconds": {"plain": plain_seconds, "probabilistic": prob_seconds},

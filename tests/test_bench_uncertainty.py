@@ -22,6 +22,9 @@ def test_the_uncertainty_bench_runs_in_smoke_mode(tmp_path, monkeypatch):
     for split in ("val_before", "val_after", "test"):
         assert len(care["bins"][split]) == 10 and all(b["observed_rmse"] > 0 for b in care["bins"][split])
     assert care["worst_ratio_error"] == pytest.approx(max(abs(b["ratio"] - 1) for b in care["bins"]["test"]), rel=1e-5)
+    ranked = care["top5_error_ratio_ranked_by"]  # the bench's own ranking reproduces the test's figure
+    assert ranked["predicted_std"] == pytest.approx(care["top5_error_ratio"], rel=1e-3)
+    assert ranked["oracle_local_rmse_3x3"] >= ranked["oracle_local_rmse_9x9"] > 1
 
 
 def test_the_real_image_experiments_run_in_smoke_mode(tmp_path, monkeypatch):
@@ -42,3 +45,4 @@ def test_the_real_image_experiments_run_in_smoke_mode(tmp_path, monkeypatch):
     assert "data.split.test=[test_01,test_13,test_20,test_32]" in n2v["overrides"]
     assert len(n2v["bins"]["test"]) == 10 and n2v["distribution"] == "gaussian"
     assert n2v["signal"] is not None and len(n2v["signal"]["bins"]) == 10  # the clean image is there to check against
+    assert 0 <= n2v["signal"]["variance_share"] <= 1 and n2v["top5_error_ratio_ranked_by"] is None
