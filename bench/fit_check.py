@@ -27,7 +27,9 @@ a field 4x4 as large (a mosaic of held-out images), as the check's cost does not
 On the real nuclei image of the ``stardist`` package (``--experiments real_nuclei_unet``, with
 ``--reference-python`` pointing at an interpreter that has the package): a U-Net trained on 8 of
 its 16 tiles (128 x 128), validated on 4; the held-out images are the 4 others in their 8 flips
-and turns (20 of these 32, seeded), shifted as above.
+and turns (20 of these 32, seeded), shifted as above; and ``held_out_tiles``: per unseen tile
+(held out or validation, as it is) its fit score and verdict and the Dice of the model's
+foreground against the annotation, to see whether the tiles flagged are those it does worst on.
 
 Run:   .venv/bin/python bench/fit_check.py [--images 20]
        .venv/bin/python bench/fit_check.py --experiments real_nuclei_unet --reference-python ~/.cache/stardist-ref/bin/python
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import sys
 import tempfile
@@ -174,6 +177,14 @@ HELD_TILES = [(0, 1), (1, 3), (2, 0), (3, 2)]
 VAL_TILES = [(0, 3), (1, 0), (2, 2), (3, 1)]
 
 
+def nuclei(reference_python: str | None):
+    """The real nuclei image and its labels (bench/stardist_real.py), or None without the package."""
+    spec = importlib.util.spec_from_file_location("bench_stardist_real", Path(__file__).with_name("stardist_real.py"))
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    return real.stardist_nuclei(reference_python)
+
+
 def real_nuclei(reference_python: str | None, folder: Path, crops: int, size: int | None = None):
     """Write the real nuclei image, cut into 4 x 4 tiles, as training (8 tiles) and validation (4)
     images with masks into ``folder``; returns the config overrides and ``crops`` held-out crops
@@ -181,14 +192,9 @@ def real_nuclei(reference_python: str | None, folder: Path, crops: int, size: in
     4 tiles left out, or None without the stardist package. The tiles of each kind
     are spread over the image (one of each per row and column where it can), so that no kind holds
     only one corner of it (its regions differ)."""
-    import importlib.util
-
     import tifffile
 
-    spec = importlib.util.spec_from_file_location("bench_stardist_real", Path(__file__).with_name("stardist_real.py"))
-    real = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real)
-    found = real.stardist_nuclei(reference_python)
+    found = nuclei(reference_python)
     if found is None:
         return None
     image, labels = found
@@ -228,6 +234,31 @@ def real_nuclei(reference_python: str | None, folder: Path, crops: int, size: in
     return overrides, held
 
 
+def tile_quality(project: Path, reference_python: str | None) -> list[dict]:
+    """Per unseen tile of the real image (held out, and validation), as it is: the fit score and
+    verdict, and the Dice of the model's foreground against the annotation (does the check flag
+    the tiles the model does worst on?)."""
+    import bioflow
+    from mlflow.tracking import MlflowClient
+
+    image, labels = nuclei(reference_python)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name(f"fit_{REAL}").experiment_id], max_results=1,
+                             order_by=["attributes.start_time DESC"])[0]
+    model = bioflow.load_model(run.info.run_id, project_dir=str(project))
+    th, tw = image.shape[0] // 4, image.shape[1] // 4
+    rows = []
+    for kind, tiles in (("held_out", HELD_TILES), ("validation", VAL_TILES)):
+        for r, c in tiles:
+            box = (slice(r * th, (r + 1) * th), slice(c * tw, (c + 1) * tw))
+            out = model.predict(image[box].astype(np.float32))
+            predicted, truth = np.asarray(out["labels"]).squeeze() > 0, labels[box] > 0
+            dice = 2 * float((predicted & truth).sum()) / max(1, int(predicted.sum() + truth.sum()))
+            rows.append({"tile": [r, c], "kind": kind, "dice": round(dice, 4), "score": round(out["fit"]["score"], 3),
+                         "fits": bool(out["fit"]["fits"]), "reason": out["fit"]["reason"]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS))
@@ -248,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
             result[REAL] = {"skipped": "no stardist package here or in --reference-python"}
         else:
             result[REAL] = measure(REAL, found[0], images, None, project, held=found[1])
+            result[REAL]["held_out_tiles"] = tile_quality(project, args.reference_python)
     print(json.dumps(result, indent=1))
     return result
 
