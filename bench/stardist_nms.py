@@ -11,9 +11,10 @@ on one thread unless ``--threads`` says otherwise. With ``--reference-python`` p
 interpreter that has the reference ``stardist`` package, the same work is timed there too (in a
 subprocess). Prints one JSON object.
 
-Every time is the median of ``--repeats`` runs (default 3; it used to be the fastest of them): the
-targets' ``seconds`` and ``star_distances_seconds``, each scene's NMS ``seconds`` and
-``render_seconds``, and the reference's ``targets_seconds`` and NMS ``seconds``. Beside each,
+Every time is the median of ``--repeats`` runs (default 7: with 3, two runs of the bench
+differed by up to 9%; it used to be the fastest of them): the targets' ``seconds`` and
+``star_distances_seconds``, each scene's NMS ``seconds`` and ``render_seconds``, and the
+reference's ``targets_seconds`` and NMS ``seconds``. Beside each,
 ``<key>_spread`` gives the fastest and slowest run and every run's time (``seconds_all`` keeps
 listing the runs of ``seconds``).
 
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (torch and reference OpenMP)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")
+    parser.add_argument("--repeats", type=int, default=7, help="runs per measurement; the median is reported")
     parser.add_argument("--reference-python", help="interpreter with the reference stardist package")
     parser.add_argument("--smoke", action="store_true", help="a tiny image, seconds: checks that the bench runs")
     args = parser.parse_args(argv)
