@@ -199,3 +199,16 @@ def test_evaluation_checks_the_fit_on_the_tests_own_predictions(experiment):
     for record in records:  # the same windows of the same tiles (a masked copy differs by about 3e-5)
         assert seen[record.name]["score"] == pytest.approx(fit_verdict(task, np.asarray(record.image))["score"], rel=1e-7)
     assert fit_scores(task, records, seen) == pytest.approx(fit_scores(task, records), rel=1e-7)  # checked on their own
+
+
+def test_window_quantiles_are_numpys():
+    """The partial sort behind the intensity and noise features gives np.quantile's values exactly
+    (a fingerprint's features must not change with how they are computed)."""
+    from bioflow.inference.fit import _quantiles
+
+    rng = np.random.default_rng(0)
+    for shape in [(16, 1, 2048), (3, 2, 7), (5, 1, 1), (4, 3, 2)]:
+        values = rng.normal(size=shape).astype(np.float32)
+        for qs in [(0.01, 0.5, 0.99), (0.5,)]:
+            for ours, numpys in zip(_quantiles(values, qs), (np.quantile(values, q, axis=-1) for q in qs)):
+                np.testing.assert_allclose(ours, numpys, rtol=1e-6, atol=1e-7)

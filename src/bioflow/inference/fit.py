@@ -28,6 +28,7 @@ group (intensity, noise, content) whose own distance is the most above what vali
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -75,27 +76,30 @@ def _deepest(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
 SAMPLES = 2048
 
 
-def _lattice(values: torch.Tensor) -> torch.Tensor:
-    """``SAMPLES`` evenly spaced values of each row of ``values (C, n)`` (repeats where n is smaller)."""
-    index = torch.linspace(0, values.shape[1] - 1, SAMPLES, device=values.device).round().long()
-    return values[:, index]
+@functools.lru_cache(maxsize=64)
+def _lattice_index(n: int) -> np.ndarray:
+    """``SAMPLES`` evenly spaced indices into ``n`` values (repeats where n is smaller)."""
+    return torch.linspace(0, n - 1, SAMPLES).round().long().numpy()
 
 
-def window_samples(crop: torch.Tensor) -> np.ndarray:
-    """What the intensity and noise features of one normalised window ``crop (C, *window)`` are
-    measured on: ``(C, 2, SAMPLES)``, pixels and differences of neighbours along the last axis."""
-    flat = crop.reshape(crop.shape[0], -1).float()
-    step = (crop[..., 1:] - crop[..., :-1]).reshape(crop.shape[0], -1).float() if crop.shape[-1] > 1 else flat * 0
-    return torch.stack([_lattice(flat), _lattice(step)], dim=1).cpu().numpy()
+def window_samples(crop: np.ndarray) -> np.ndarray:
+    """What the intensity and noise features of one normalised window ``crop (C, *window)``
+    (float32, on the host) are measured on: ``(C, 2, SAMPLES)``, pixels and differences of
+    neighbours along the last axis, on a fixed lattice."""
+    flat = crop.reshape(crop.shape[0], -1)
+    step = (crop[..., 1:] - crop[..., :-1]).reshape(crop.shape[0], -1) if crop.shape[-1] > 1 else flat * 0
+    return np.stack([flat[:, _lattice_index(flat.shape[1])], step[:, _lattice_index(step.shape[1])]], axis=1)
 
 
 def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[np.ndarray]:
-    """Quantiles along the last axis, interpolated linearly as ``np.quantile`` does (one sort)."""
-    ordered = np.sort(values, axis=-1)
-    n = ordered.shape[-1]
+    """Quantiles along the last axis, interpolated linearly as ``np.quantile`` does (one partial
+    sort: only the order statistics needed are put in place)."""
+    n = values.shape[-1]
+    positions = [q * (n - 1) for q in qs]
+    needed = sorted({k for p in positions for k in (int(np.floor(p)), min(int(np.floor(p)) + 1, n - 1))})
+    ordered = np.partition(values, needed, axis=-1)
     out = []
-    for q in qs:
-        position = q * (n - 1)
+    for position in positions:
         below = int(np.floor(position))
         above = min(below + 1, n - 1)
         out.append(ordered[..., below] + (position - below) * (ordered[..., above] - ordered[..., below]))
@@ -215,6 +219,7 @@ class FitObserver:
         # may overlap then), so that a small image is described by as many windows as a large one
         share = self.windows * float(np.prod(valid)) / max(1.0, float(np.prod(shape)))
         count = max(1, int(np.prod([r / c for r, c in zip(room, cells)])), int(np.ceil(share)))
+        host = None
         for _ in range(count):
             n = reservoir["seen"]
             reservoir["seen"] += 1
@@ -228,7 +233,9 @@ class FitObserver:
             content = feature_map.mean(dim=1)
             if not self.is_deepest:
                 content = torch.cat([content, feature_map.std(dim=1, unbiased=False)])
-            kept = (window_samples(tile[(slice(None),) + pixel_box]), content.cpu().numpy())
+            if host is None:  # the tile on the host once, for all its windows
+                host = tile.detach().float().cpu().numpy()
+            kept = (window_samples(host[(slice(None),) + pixel_box]), content.cpu().numpy())
             if slot < len(reservoir["kept"]):
                 reservoir["kept"][slot] = kept
             else:
