@@ -173,7 +173,7 @@ def bench(name: str):
 
 def nuclei_image(reference_python: str | None):
     """The real nuclei image of the stardist package (this interpreter's or the reference's), or None."""
-    found = bench("stardist_real").stardist_nuclei(reference_python)
+    found = bench("fit_check").nuclei(reference_python)
     return None if found is None else found[0]
 
 

@@ -220,17 +220,15 @@ class BaseTask(TiledPredictor, ModelExchange, L.LightningModule):
             self.evaluate_image("val", batch)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        verdicts = getattr(self, "fit_verdicts", None)  # bioflow evaluate: the fit check rides along
-        if verdicts is None or getattr(self, "fit_reference", None) is None:
-            with full_precision(self.device):
-                self.evaluate_image("test", batch)
-            return
         from bioflow.inference.fit import FitObserver
 
-        with full_precision(self.device), FitObserver(self) as seen:
-            seen.expect(batch["image"][0])  # the image's own prediction, not its masked copies
+        verdicts = getattr(self, "fit_verdicts", None)  # bioflow evaluate: the fit check rides along
+        watch = verdicts is not None and getattr(self, "fit_reference", None) is not None
+        with full_precision(self.device), (FitObserver(self) if watch else contextlib.nullcontext()) as seen:
+            if seen is not None:
+                seen.expect(batch["image"][0])  # the image's own prediction, not its masked copies
             self.evaluate_image("test", batch)
-        if seen.kept:  # else the task never predicted the image itself: checked on its own later
+        if seen is not None and seen.kept:  # else the task never predicted the image itself: checked on its own later
             verdicts[batch["name"][0]] = seen.verdict()
 
     def on_validation_epoch_start(self) -> None:
