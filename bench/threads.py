@@ -10,8 +10,9 @@ variants:
 - ``sleeping``: waiting threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``), fitted threads (and
   kept memory).
 
-and in two conditions: ``quiet``, and ``loaded`` beside another job (a process multiplying
-matrices with as many threads as there are cores, until the measurement ends). Parts:
+and in three conditions: ``quiet``; ``loaded`` beside a job that keeps every core busy (a process
+multiplying matrices with as many threads as there are cores, until the measurement ends); and
+``loaded_one`` beside a job of one thread (the same process with one thread). Parts:
 
 - ``targets3d``: star distances (64 rays) of a generated 32 x 128 x 128 label volume, the median
   of ``--repeats`` calls after one warm-up;
@@ -19,17 +20,18 @@ matrices with as many threads as there are cores, until the measurement ends). P
   patch 64, batch 8), with 0 and 2 data-loader workers (``data.num_workers``), from the job's own
   step timer.
 
-Prints one JSON object: per part, variant and condition the median seconds, and the ratio
-loaded / quiet. Run::
+Prints one JSON object: per part, variant and condition the median seconds, and the ratios
+loaded / quiet and loaded_one / quiet. Run::
 
-    .venv/bin/python bench/threads.py [--repeats 5] [--steps 40]
+    .venv/bin/python bench/threads.py [--repeats 5] [--steps 40] [--parts targets3d]
 
 Smoke (seconds; run by the tests)::
 
     .venv/bin/python bench/threads.py --smoke
 
-runs the 3D targets in every variant and condition at a tiny size (16 x 48 x 48) and the epoch
-with two loader workers (4 steps) with spinning waits, quiet: the figures mean nothing; the JSON has the same structure
+runs the 3D targets at a tiny size (16 x 48 x 48) in every variant, quiet and loaded (beside the
+one-thread job with bioflow's settings only), and the epoch with two loader workers (4 steps)
+with spinning waits, quiet: the figures mean nothing; the JSON has the same structure
 (what was not run is null) plus ``"smoke": true``.
 """
 
@@ -83,12 +85,17 @@ print(json.dumps({"seconds": perf.get("seconds_per_step"), "threads": torch.get_
 """
 
 LOAD = r"""
-import torch, time
-torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
 a = torch.randn(512, 512)
 while True:
     a = torch.tanh(a @ a / 512)
 """
+
+
+PARTS = ("targets3d", "epoch_workers0", "epoch_workers2")
+# condition -> threads of the other job (None: no other job)
+CONDITIONS = {"quiet": None, "loaded": max(1, os.cpu_count() or 1), "loaded_one": 1}
 
 
 def environment(variant: str) -> dict[str, str]:
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of the 3D targets per process")
     parser.add_argument("--steps", type=int, default=40, help="training steps per epoch measurement")
     parser.add_argument("--rounds", type=int, default=3, help="processes per part, variant and condition (median)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the bench runs")
     args = parser.parse_args(argv)
     shape = [16, 48, 48] if args.smoke else [32, 128, 128]
@@ -127,16 +135,19 @@ def main(argv: list[str] | None = None) -> dict:
         "epoch_workers2": (EPOCH, lambda variant: ["2", str(args.steps), str(project)]),
     }
     result: dict = {"benchmark": "threads", "cpus": os.cpu_count(), "shape": shape, "steps": args.steps,
-                    "rounds": args.rounds, "parts": {}}
-    for condition in ("quiet", "loaded"):
+                    "rounds": args.rounds, "load_threads": {c: t for c, t in CONDITIONS.items() if t}, "parts": {}}
+    parts = {name: part for name, part in parts.items() if name in args.parts}
+    for condition, load_threads in CONDITIONS.items():
         load = None
-        if condition == "loaded":
-            load = subprocess.Popen([sys.executable, "-c", LOAD], env=environment("spinning"))
+        if load_threads is not None:
+            load = subprocess.Popen([sys.executable, "-c", LOAD, str(load_threads)], env=environment("spinning"))
             time.sleep(1.0)
         try:
             for name, (code, arguments) in parts.items():
                 for variant in ("spinning", "brief", "sleeping"):
-                    if args.smoke and name != "targets3d" and (name, variant, condition) != ("epoch_workers2", "spinning", "quiet"):
+                    smoke_runs = (name == "targets3d" and (condition != "loaded_one" or variant == "brief")
+                                  or (name, variant, condition) == ("epoch_workers2", "spinning", "quiet"))
+                    if args.smoke and not smoke_runs:
                         result["parts"].setdefault(name, {}).setdefault(variant, {})[condition] = {"median_s": None}
                         continue
                     runs = [measure(code, arguments(variant), variant) for _ in range(args.rounds)]
@@ -152,8 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
                 load.wait()
     for variants in result["parts"].values():
         for entry in variants.values():
-            quiet, loaded = entry["quiet"]["median_s"], entry["loaded"]["median_s"]
-            entry["loaded_over_quiet"] = round(loaded / quiet, 2) if quiet and loaded else None
+            quiet = entry["quiet"]["median_s"]
+            for condition in ("loaded", "loaded_one"):
+                loaded = entry[condition]["median_s"]
+                entry[f"{condition}_over_quiet"] = round(loaded / quiet, 2) if quiet and loaded else None
     if args.smoke:
         result["smoke"] = True
     print(json.dumps(result, indent=1))

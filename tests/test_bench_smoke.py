@@ -252,11 +252,16 @@ def check_threads(result: dict) -> None:
     assert result["benchmark"] == "threads" and result["shape"] == [16, 48, 48]
     targets = result["parts"]["targets3d"]
     for variant in ("spinning", "brief", "sleeping"):
-        for condition in ("quiet", "loaded"):
+        for condition in ("quiet", "loaded", "loaded_one"):
             entry = targets[variant][condition]
+            if condition == "loaded_one" and variant != "brief":
+                assert entry["median_s"] is None  # not run in smoke mode
+                continue
             assert "error" not in entry, entry.get("error")
             assert positive(entry["median_s"]) and entry["threads"] >= 1
         assert positive(targets[variant]["loaded_over_quiet"])
+    assert positive(targets["brief"]["loaded_one_over_quiet"])
+    assert result["load_threads"]["loaded_one"] == 1
     entry = result["parts"]["epoch_workers2"]["spinning"]["quiet"]
     assert "error" not in entry, entry.get("error")
     assert positive(entry["median_s"]) and entry["threads"] == max(1, targets["sleeping"]["quiet"]["threads"] - 2)

@@ -92,3 +92,54 @@ def test_training_with_loader_workers_leaves_them_their_cores(tmp_path, monkeypa
                    "test_after_training=false", f"project_dir={tmp_path}"])
     assert torch.get_num_threads() == 3
     assert "threads: 3 per process (4 core(s) given, 1 process(es), 1 loader worker(s))" in caplog.text
+
+
+def test_map_on_threads_runs_items_side_by_side_with_single_threaded_ops():
+    import threading
+
+    torch.set_num_threads(2)
+    together = threading.Barrier(2, timeout=10)  # breaks unless two items run at once
+    seen = {}
+
+    def work(item):
+        together.wait()
+        seen[item] = (torch.get_num_threads(), threading.current_thread().name)
+
+    threads.map_on_threads(work, [0, 1])
+    assert sorted(seen) == [0, 1]
+    assert {n for n, _ in seen.values()} == {1}
+    assert len({name for _, name in seen.values()}) == 2
+    assert torch.get_num_threads() == 2  # restored
+
+
+def test_map_on_threads_stays_on_the_caller_with_one_thread_and_passes_errors_on():
+    import threading
+
+    torch.set_num_threads(1)
+    names = []
+    threads.map_on_threads(lambda item: names.append(threading.current_thread().name), range(3))
+    assert names == [threading.current_thread().name] * 3
+    torch.set_num_threads(2)
+
+    def fail(item):
+        raise ValueError(f"item {item}")
+
+    with pytest.raises(ValueError, match="item"):
+        threads.map_on_threads(fail, range(4))
+    assert torch.get_num_threads() == 2
+
+
+def test_3d_star_distances_do_not_depend_on_the_thread_count():
+    import numpy as np
+
+    from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
+    from bioflow.stardist.rays3d import golden_spiral_rays
+    from bioflow.stardist.targets3d import star_distances_3d
+
+    _, labels = synthetic_nuclei_image((16, 48, 48), seed=1, index=0, anisotropy=2.0)
+    rays = golden_spiral_rays(32)
+    torch.set_num_threads(1)
+    one = star_distances_3d(labels, rays, grid=(1, 2, 2))
+    torch.set_num_threads(2)
+    two = star_distances_3d(labels, rays, grid=(1, 2, 2))
+    assert one.any() and np.array_equal(one, two)
