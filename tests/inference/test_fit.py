@@ -212,3 +212,30 @@ def test_window_quantiles_are_numpys():
         for qs in [(0.01, 0.5, 0.99), (0.5,)]:
             for ours, numpys in zip(_quantiles(values, qs), (np.quantile(values, q, axis=-1) for q in qs)):
                 np.testing.assert_allclose(ours, numpys, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("spatial, box", [((40, 37), (16, 9)), ((9, 20, 21), (4, 8, 8)), ((30, 12), (10, 1))])
+def test_windows_measured_together_equal_windows_measured_one_by_one(spatial, box):
+    """Several windows gathered at once give each window's own samples exactly, and their content
+    (feature-map means and spreads from summed-area tables) as direct means to float precision."""
+    import torch
+
+    from bioflow.inference.fit import window_content, window_samples, windows_samples
+
+    rng = np.random.default_rng(1)
+    host = rng.normal(size=(2, *spatial)).astype(np.float32)
+    corners = np.stack([rng.integers(0, n - b + 1, size=5) for n, b in zip(spatial, box)], axis=1)
+    together = windows_samples(host, corners, box)
+    for corner, measured in zip(corners, together):
+        crop = host[(slice(None), *(slice(a, a + b) for a, b in zip(corner, box)))]
+        np.testing.assert_array_equal(measured, window_samples(crop))
+
+    maps = torch.from_numpy(rng.normal(2.0, 3.0, size=(3, *spatial)).astype(np.float32))
+    for spread in (False, True):
+        content = window_content(maps, corners, box, spread=spread)
+        for corner, described in zip(corners, content):
+            window = maps[(slice(None), *(slice(a, a + b) for a, b in zip(corner, box)))].flatten(1)
+            direct = window.mean(dim=1)
+            if spread:
+                direct = torch.cat([direct, window.std(dim=1, unbiased=False)])
+            np.testing.assert_allclose(described, direct.numpy(), rtol=1e-5, atol=1e-5)

@@ -91,15 +91,69 @@ def window_samples(crop: np.ndarray) -> np.ndarray:
     return np.stack([flat[:, _lattice_index(flat.shape[1])], step[:, _lattice_index(step.shape[1])]], axis=1)
 
 
+@functools.lru_cache(maxsize=64)
+def _lattice_offsets(box: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The lattice of :func:`window_samples` for windows of shape ``box`` as offsets ``(d, SAMPLES)``
+    from the window's corner: of the pixels, and of the left pixel of each neighbour difference
+    (None when the last axis has one pixel: no differences)."""
+    pixels = np.stack(np.unravel_index(_lattice_index(int(np.prod(box))), box))
+    if box[-1] < 2:
+        return pixels, None
+    inner = (*box[:-1], box[-1] - 1)
+    return pixels, np.stack(np.unravel_index(_lattice_index(int(np.prod(inner))), inner))
+
+
+def windows_samples(host: np.ndarray, corners: np.ndarray, box: tuple[int, ...]) -> np.ndarray:
+    """:func:`window_samples` of several windows of one shape ``box`` at ``corners (W, d)`` of
+    ``host (C, *spatial)``, by flat gathers: ``(W, C, 2, SAMPLES)``, the same values."""
+    pixels, lefts = _lattice_offsets(tuple(int(b) for b in box))
+    strides = np.array([int(np.prod(host.shape[a + 2:])) for a in range(host.ndim - 1)], dtype=np.int64)
+    flat = host.reshape(host.shape[0], -1)
+    base = (corners @ strides)[:, None]  # (W, 1)
+    values = np.take(flat, base + strides @ pixels, axis=1)  # (C, W, SAMPLES)
+    if lefts is None:
+        steps = values * 0
+    else:
+        left = base + strides @ lefts
+        steps = np.take(flat, left + 1, axis=1) - np.take(flat, left, axis=1)
+    return np.stack([values, steps], axis=2).transpose(1, 0, 2, 3)
+
+
+def window_content(maps: torch.Tensor, corners: np.ndarray, cells: Sequence[int], spread: bool) -> np.ndarray:
+    """Each feature map's mean (and, with ``spread``, its standard deviation) over windows of
+    ``cells`` at ``corners (W, d)`` of ``maps (K, *spatial)``, from summed-area tables in float64
+    (one pass over the maps, a few look-ups per window): ``(W, K)`` or ``(W, 2K)``, on the host."""
+    d = len(cells)
+    powers = [maps.double()] + ([maps.double() ** 2] if spread else [])
+    tables = []
+    for values in powers:
+        for axis in range(1, d + 1):
+            values = values.cumsum(dim=axis)
+        tables.append(torch.nn.functional.pad(values, (1, 0) * d))  # a zero in front along each axis
+    low = torch.as_tensor(corners, dtype=torch.long, device=maps.device)
+    high = low + torch.as_tensor(list(cells), dtype=torch.long, device=maps.device)
+    sums = [0.0 for _ in tables]
+    for choice in range(1 << d):  # inclusion-exclusion over the window's corners
+        index = [high[:, a] if choice >> a & 1 else low[:, a] for a in range(d)]
+        sign = 1.0 if (d - bin(choice).count("1")) % 2 == 0 else -1.0
+        sums = [total + sign * table[(slice(None), *index)] for total, table in zip(sums, tables)]
+    count = float(np.prod(cells))
+    mean = sums[0] / count  # (K, W)
+    parts = [mean]
+    if spread:
+        parts.append((sums[1] / count - mean**2).clamp_min(0).sqrt())
+    return torch.cat(parts).T.float().cpu().numpy()
+
+
 def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[np.ndarray]:
-    """Quantiles along the last axis, interpolated linearly as ``np.quantile`` does (one partial
-    sort: only the order statistics needed are put in place)."""
+    """Quantiles along the last axis, interpolated linearly as ``np.quantile`` does, from one sort
+    (NumPy's vectorised sort of a few thousand values is several times faster than a partial
+    sort, and gives the same order statistics)."""
     n = values.shape[-1]
-    positions = [q * (n - 1) for q in qs]
-    needed = sorted({k for p in positions for k in (int(np.floor(p)), min(int(np.floor(p)) + 1, n - 1))})
-    ordered = np.partition(values, needed, axis=-1)
+    ordered = np.sort(values, axis=-1)
     out = []
-    for position in positions:
+    for q in qs:
+        position = q * (n - 1)
         below = int(np.floor(position))
         above = min(below + 1, n - 1)
         out.append(ordered[..., below] + (position - below) * (ordered[..., above] - ordered[..., below]))
@@ -219,23 +273,31 @@ class FitObserver:
         # may overlap then), so that a small image is described by as many windows as a large one
         share = self.windows * float(np.prod(valid)) / max(1.0, float(np.prod(shape)))
         count = max(1, int(np.prod([r / c for r, c in zip(room, cells)])), int(np.ceil(share)))
-        host = None
+        chosen: dict[int, list[int]] = {}  # reservoir slot -> window corner, in activation cells
         for _ in range(count):
             n = reservoir["seen"]
             reservoir["seen"] += 1
             slot = n if n < self.windows else int(self.rng.integers(0, n + 1))
             starts = [o + int(self.rng.integers(0, max(0, r - c) + 1)) for o, r, c in zip(offset, room, cells)]
-            if slot >= self.windows:
-                continue
-            cell_box = tuple(slice(a, a + c) for a, c in zip(starts, cells))
-            pixel_box = tuple(slice(a * g, min((a + c) * g, v)) for a, c, g, v in zip(starts, cells, scale, valid))
-            feature_map = activations[(slice(None),) + cell_box].float().flatten(1)
-            content = feature_map.mean(dim=1)
-            if not self.is_deepest:
-                content = torch.cat([content, feature_map.std(dim=1, unbiased=False)])
-            if host is None:  # the tile on the host once, for all its windows
-                host = tile.detach().float().cpu().numpy()
-            kept = (window_samples(host[(slice(None),) + pixel_box]), content.cpu().numpy())
+            if slot < self.windows:  # a later window of this tile in the same slot replaces the earlier
+                chosen[slot] = starts
+        if not chosen:
+            return
+        slots = sorted(chosen)
+        corners = np.array([chosen[slot] for slot in slots], dtype=np.int64)
+        content = window_content(activations, corners, cells, spread=not self.is_deepest)
+        host = tile.detach().float().cpu().numpy()  # the tile on the host once, for all its windows
+        # windows clipped by the image's edge are smaller: measured by shape
+        pixel_low = corners * np.array(scale)
+        pixel_high = np.minimum((corners + np.array(cells)) * np.array(scale), np.array(valid))
+        boxes = [tuple(int(b) for b in box) for box in pixel_high - pixel_low]
+        samples: list[np.ndarray | None] = [None] * len(slots)
+        for box in set(boxes):
+            members = [i for i, b in enumerate(boxes) if b == box]
+            for i, measured in zip(members, windows_samples(host, pixel_low[members], box)):
+                samples[i] = measured
+        for slot, measured, described in zip(slots, samples, content):
+            kept = (measured, described)
             if slot < len(reservoir["kept"]):
                 reservoir["kept"][slot] = kept
             else:
