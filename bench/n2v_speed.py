@@ -321,34 +321,31 @@ def main(argv: list[str] | None = None) -> dict:
             elif "predict" in args.parts:
                 a = collect(launch(here, "bioflow", "predict", order[0] if order else None, folder, args), "bioflow")
                 per_round.setdefault("predict", []).append({"bioflow": a})
+    def sides(rows: list[dict], key: str, left: str, right: str, ratio: str, over: bool = True) -> dict:
+        """Each side's summary of ``key`` over the rounds, and the per-round ratio (left over right,
+        or right over left: a time ratio from speeds)."""
+        return {f"{left}_{key}": summary([r[left][key] for r in rows]),
+                **({f"{right}_{key}": summary([r[right][key] for r in rows])} if right in rows[0] else {}),
+                **({ratio: summary([(r[left][key] / r[right][key]) if over else (r[right][key] / r[left][key])
+                                    for r in rows])} if right in rows[0] else {})}
+
     if "bare" in per_round:
         rows = per_round["bare"]
         results["bioflow_vs_bare"] = {
-            "bioflow_patches_per_s": summary([r["bioflow"]["patches_per_s"] for r in rows]),
-            "bare_patches_per_s": summary([r["bare"]["patches_per_s"] for r in rows]),
-            "time_ratio_bioflow_over_bare": summary([r["bare"]["patches_per_s"] / r["bioflow"]["patches_per_s"]
-                                                     for r in rows]),
+            **sides(rows, "patches_per_s", "bioflow", "bare", "time_ratio_bioflow_over_bare", over=False),
             "parameters": {"bioflow": rows[0]["bioflow"]["parameters"], "bare": rows[0]["bare"]["parameters"]}}
     if "train" in args.parts and not args.reference_python:
         results["training_vs_careamics"] = {"skipped": "no --reference-python (an interpreter with careamics)"}
     if "train" in per_round:
         rows = per_round["train"]
         results["training_vs_careamics"] = {
-            "bioflow_patches_per_s": summary([r["bioflow"]["patches_per_s"] for r in rows]),
-            "careamics_patches_per_s": summary([r["careamics"]["patches_per_s"] for r in rows]),
-            "speed_ratio_bioflow_over_careamics": summary([r["bioflow"]["patches_per_s"] / r["careamics"]["patches_per_s"]
-                                                           for r in rows]),
+            **sides(rows, "patches_per_s", "bioflow", "careamics", "speed_ratio_bioflow_over_careamics"),
             "parameters": {"bioflow": rows[0]["bioflow"]["parameters"], "careamics": rows[0]["careamics"]["parameters"]}}
     if "predict" in per_round:
         rows = per_round["predict"]
-        entry = {"image": f"{sizes['predict_size']}x{sizes['predict_size']}", "tile": sizes["tile"],
-                 "overlap": sizes["overlap"], "batch": sizes["predict_batch"],
-                 "bioflow_pixels_per_s": summary([r["bioflow"]["pixels_per_s"] for r in rows])}
-        if "careamics" in rows[0]:
-            entry["careamics_pixels_per_s"] = summary([r["careamics"]["pixels_per_s"] for r in rows])
-            entry["speed_ratio_bioflow_over_careamics"] = summary(
-                [r["bioflow"]["pixels_per_s"] / r["careamics"]["pixels_per_s"] for r in rows])
-        results["prediction"] = entry
+        results["prediction"] = {"image": f"{sizes['predict_size']}x{sizes['predict_size']}", "tile": sizes["tile"],
+                                 "overlap": sizes["overlap"], "batch": sizes["predict_batch"],
+                                 **sides(rows, "pixels_per_s", "bioflow", "careamics", "speed_ratio_bioflow_over_careamics")}
     print(json.dumps(results, indent=1))
     return results
 

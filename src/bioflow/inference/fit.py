@@ -121,28 +121,19 @@ def windows_samples(host: np.ndarray, corners: np.ndarray, box: tuple[int, ...])
 
 def window_content(maps: torch.Tensor, corners: np.ndarray, cells: Sequence[int], spread: bool) -> np.ndarray:
     """Each feature map's mean (and, with ``spread``, its standard deviation) over windows of
-    ``cells`` at ``corners (W, d)`` of ``maps (K, *spatial)``, from summed-area tables in float64
-    (one pass over the maps, a few look-ups per window): ``(W, K)`` or ``(W, 2K)``, on the host."""
-    d = len(cells)
-    powers = [maps.double()] + ([maps.double() ** 2] if spread else [])
-    tables = []
-    for values in powers:
-        for axis in range(1, d + 1):
-            values = values.cumsum(dim=axis)
-        tables.append(torch.nn.functional.pad(values, (1, 0) * d))  # a zero in front along each axis
-    low = torch.as_tensor(corners, dtype=torch.long, device=maps.device)
-    high = low + torch.as_tensor(list(cells), dtype=torch.long, device=maps.device)
-    sums = [0.0 for _ in tables]
-    for choice in range(1 << d):  # inclusion-exclusion over the window's corners
-        index = [high[:, a] if choice >> a & 1 else low[:, a] for a in range(d)]
-        sign = 1.0 if (d - bin(choice).count("1")) % 2 == 0 else -1.0
-        sums = [total + sign * table[(slice(None), *index)] for total, table in zip(sums, tables)]
-    count = float(np.prod(cells))
-    mean = sums[0] / count  # (K, W)
-    parts = [mean]
-    if spread:
-        parts.append((sums[1] / count - mean**2).clamp_min(0).sqrt())
-    return torch.cat(parts).T.float().cpu().numpy()
+    ``cells`` at ``corners (W, d)`` of ``maps (K, *spatial)``, on the host: ``(W, K)`` or
+    ``(W, 2K)``. Maps on the CPU are reduced in place by NumPy (which follows their memory
+    layout; PyTorch's copies of small strided blocks, e.g. of channels-last maps, cost more than
+    the arithmetic); from other devices only the windows travel, copied out together."""
+    boxes = [(slice(None), *(slice(int(a), int(a) + int(c)) for a, c in zip(corner, cells))) for corner in corners]
+    if maps.device.type == "cpu":
+        source = maps.detach().float().numpy()
+        windows = [source[box] for box in boxes]
+    else:
+        windows = list(torch.stack([maps.detach()[box] for box in boxes]).float().cpu().numpy())
+    axes = tuple(range(1, len(cells) + 1))
+    return np.stack([np.concatenate([w.mean(axis=axes, dtype=np.float64)]
+                                    + ([w.std(axis=axes, dtype=np.float64)] if spread else [])) for w in windows]).astype(np.float32)
 
 
 def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[np.ndarray]:
@@ -284,20 +275,24 @@ class FitObserver:
         if not chosen:
             return
         slots = sorted(chosen)
-        corners = np.array([chosen[slot] for slot in slots], dtype=np.int64)
+        # windows at the same place (a tile with room for one window gets its share all there)
+        # are measured once
+        places: dict[tuple[int, ...], int] = {}
+        inverse = [places.setdefault(tuple(chosen[slot]), len(places)) for slot in slots]
+        corners = np.array(list(places), dtype=np.int64)
         content = window_content(activations, corners, cells, spread=not self.is_deepest)
         host = tile.detach().float().cpu().numpy()  # the tile on the host once, for all its windows
         # windows clipped by the image's edge are smaller: measured by shape
         pixel_low = corners * np.array(scale)
         pixel_high = np.minimum((corners + np.array(cells)) * np.array(scale), np.array(valid))
         boxes = [tuple(int(b) for b in box) for box in pixel_high - pixel_low]
-        samples: list[np.ndarray | None] = [None] * len(slots)
+        samples: list[np.ndarray | None] = [None] * len(corners)
         for box in set(boxes):
             members = [i for i, b in enumerate(boxes) if b == box]
             for i, measured in zip(members, windows_samples(host, pixel_low[members], box)):
                 samples[i] = measured
-        for slot, measured, described in zip(slots, samples, content):
-            kept = (measured, described)
+        for slot, at in zip(slots, inverse):
+            kept = (samples[at], content[at])
             if slot < len(reservoir["kept"]):
                 reservoir["kept"][slot] = kept
             else:
@@ -317,8 +312,12 @@ class FitObserver:
         """Features ``(windows, F)`` of the windows kept, and each feature's group."""
         if not self.kept:
             raise FitUnavailable("the prediction read no tiles through the task's tile reader")
-        samples, content = (np.stack(part) for part in zip(*self.kept))
-        features = window_features(samples, content)
+        # windows measured once and kept several times (same place) are described once
+        first: dict[int, int] = {}
+        at = [first.setdefault(id(samples), len(first)) for samples, _ in self.kept]
+        unique = [self.kept[at.index(i)] for i in range(len(first))]
+        samples, content = (np.stack(part) for part in zip(*unique))
+        features = window_features(samples, content)[at]
         channels = samples.shape[1]
         groups = ["intensity"] * (3 * channels) + ["noise"] * channels + ["content"] * content.shape[1]
         return features, groups
