@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
     """A tiny StarDist run in its own project (enough steps to find nuclei), and a held-out image."""
     project = tmp_path_factory.mktemp("napari-project")
     summary = bioflow.train(["experiment=demo_stardist", "data.source.n_images=6", "data.source.shape=[96,96]",
-                             f"project_dir={project}", *TINY, "trainer.max_epochs=6", "data.patches_per_epoch=32"])
+                             f"project_dir={project}", *TINY, "trainer.max_epochs=10", "data.patches_per_epoch=48"])
     image, _ = synthetic_nuclei_image((128, 160), seed=5, index=0)
     return project, summary["run_id"], image
 
