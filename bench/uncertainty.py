@@ -23,7 +23,7 @@ On the real nuclei image of the ``stardist`` package (``--experiments real_nucle
 real_nuclei_n2v``, with ``--reference-python`` pointing at an interpreter that has the package):
 the image is cut into 16 tiles of 128 x 128, 8 to train on, 4 to validate (and recalibrate) on and
 4 held out for the test, spread over the image as ``bench/fit_check.py`` spreads them. The image is
-the clean target; CARE's input is made from it by a Gaussian blur (sigma 1), Poisson noise at about
+the clean target; CARE's input is made from it by a Gaussian blur (sigma 1, ``--blur``), Poisson noise at about
 20 photons at intensity 255 (``--photons``) and Gaussian read noise (sigma 4 of 255); Noise2Void's noisy
 images are the same without the blur, and its test compares with the image itself.
 
@@ -178,7 +178,7 @@ def nuclei_image(reference_python: str | None):
 
 
 def real_nuclei(experiment: str, reference_python: str | None, folder: Path, smoke: bool = False,
-                photons: float = 20.0) -> list[str] | None:
+                photons: float = 20.0, blur: float = 1.0) -> list[str] | None:
     """Tiles of the real nuclei image as training, validation and test images of ``experiment``
     (written into ``folder``); returns the config overrides, or None without the stardist package."""
     import numpy as np
@@ -193,7 +193,7 @@ def real_nuclei(experiment: str, reference_python: str | None, folder: Path, smo
     if smoke:
         clean = clean[:256, :256]
     rng = np.random.default_rng(0)
-    signal = ndimage.gaussian_filter(clean, 1.0) if experiment == "real_nuclei_care" else clean
+    signal = ndimage.gaussian_filter(clean, blur) if experiment == "real_nuclei_care" and blur > 0 else clean
     low = rng.poisson(np.clip(signal, 0, None) / 255 * photons) / photons * 255 + rng.normal(0, 4, clean.shape)
     th, tw = clean.shape[0] // 4, clean.shape[1] // 4
     names = {"val": [], "test": []}
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--project-dir", default=None)
     parser.add_argument("--photons", type=float, default=20.0,
                         help="real nuclei: photons at intensity 255 in the low-quality images (default 20)")
+    parser.add_argument("--blur", type=float, default=1.0,
+                        help="real nuclei, CARE: sigma of the Gaussian blur of the low-quality images, pixels (default 1)")
     parser.add_argument("--reference-python", default=None,
                         help=f"an interpreter with the stardist package, for --experiments {' '.join(REAL)}")
     args = parser.parse_args(argv)
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         if name not in REAL:
             result[name] = compare(name, overrides, project)
             continue
-        real = real_nuclei(name, args.reference_python, project / name, smoke=args.smoke, photons=args.photons)
+        real = real_nuclei(name, args.reference_python, project / name, smoke=args.smoke, photons=args.photons,
+                           blur=args.blur)
         result[name] = ({"skipped": "no stardist package here or in --reference-python"} if real is None
                         else {"overrides": real, **compare(name, [*real, *(o for o in overrides if not o.startswith("data.source."))],
                                                             project, experiment=None)})

@@ -239,3 +239,46 @@ def test_windows_measured_together_equal_windows_measured_one_by_one(spatial, bo
             if spread:
                 direct = torch.cat([direct, window.std(dim=1, unbiased=False)])
             np.testing.assert_allclose(described, direct.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_content_holds_the_deepest_level_and_the_second_encoder_level_over_each_windows_pixels(spatial_dims):
+    """A U-Net's window is described by the means of its bottom's maps and of its second encoder
+    level's maps, both over the window's own pixels (the finer maps averaged onto the coarser cells)."""
+    import torch
+
+    from bioflow.inference.fit import FitObserver
+    from bioflow.registry import registry
+
+    torch.manual_seed(0)
+    net = registry.create("models", "unet", in_channels=1, out_channels=1, spatial_dims=spatial_dims, depth=2,
+                          base_channels=4).eval()
+
+    class Task:  # what the observer needs of a task: its network and its patch size
+        model = net
+        config = {"data": {"patch_size": [8] * spatial_dims}}
+
+    seen = {}
+    hooks = [net.bottom.register_forward_hook(lambda m, a, o: seen.__setitem__("bottom", o)),
+             net.encoders[1].register_forward_hook(lambda m, a, o: seen.__setitem__("fine", o))]
+    shape = (16,) * spatial_dims
+    tile = torch.randn(1, *shape)
+    with FitObserver(Task(), windows=6) as observer, torch.no_grad():
+        read = observer.watch(lambda corner, size: tile, shape)
+        net(read((0,) * spatial_dims, shape)[None])
+        features, groups = observer.features()
+    for hook in hooks:
+        hook.remove()
+    content = features[:, [i for i, g in enumerate(groups) if g == "content"]]
+    bottom, fine = seen["bottom"][0], seen["fine"][0]
+    assert content.shape[1] == bottom.shape[0] + fine.shape[0]
+    expected = []
+    for corner in (np.ndindex(*[b - 2 + 1 for b in bottom.shape[1:]])):  # every window of 2 cells (8 pixels)
+        coarse = bottom[(slice(None), *(slice(c, c + 2) for c in corner))].flatten(1).mean(dim=1)
+        detail = fine[(slice(None), *(slice(2 * c, 2 * c + 4) for c in corner))].flatten(1).mean(dim=1)
+        expected.append(torch.cat([coarse, detail]).numpy())
+    expected = np.stack(expected)
+    for described in content:  # each window kept is one of these, to float precision
+        assert np.abs(expected - described).max(axis=1).min() < 1e-5
+    # and the windows kept are not all alike (the check would see nothing of the finer level otherwise)
+    assert np.ptp(content[:, bottom.shape[0]:], axis=0).max() > 0

@@ -13,7 +13,9 @@ it, not another pass of the network:
   the difference of neighbouring pixels, relative to the window's 1-99 percentile range);
 - **content**: the mean of each feature map at the network's deepest level (a module named
   ``bottom``, e.g. the U-Net's; other networks: each output channel's mean and spread), which
-  sees structures at the scale of the receptive field.
+  sees structures at the scale of the receptive field, and at its second encoder level where it
+  has one (``encoders[1]``), which sees structures a few pixels wide, so that a resampled image
+  (another pixel size) stands out more.
 
 After training, the training images are predicted the same way to make the fingerprint.
 
@@ -49,7 +51,7 @@ MOST_WINDOWS = 128
 #: Training images from which each is also scored against the fingerprint of the others.
 LEAVE_ONE_OUT_FROM = 4
 #: The features' definition; a fingerprint of another version is not used (no check).
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3
 
 
 def _patch_size(task, spatial_shape: Sequence[int]) -> list[int]:
@@ -61,14 +63,34 @@ def _patch_size(task, spatial_shape: Sequence[int]) -> list[int]:
     return [max(1, min(int(w), int(s))) for w, s in zip(wanted, spatial_shape)]
 
 
-def _deepest(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
-    """The module whose output describes content: the network's deepest level (a module named
-    ``bottom``, e.g. the U-Net's, also inside a wrapper such as StarDist's), else the whole network
-    (its output channels). The flag says whether it is the deepest level."""
+def _deepest(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None, bool]:
+    """The modules whose outputs describe content: the network's deepest level (a module named
+    ``bottom``, e.g. the U-Net's, also inside a wrapper such as StarDist's) and, where it has one,
+    its second encoder level beside it (``encoders[1]``, at half the resolution: structures the
+    size of a few pixels, where a resampled image differs most); else the whole network (its
+    output channels) and None. The flag says whether it is the deepest level."""
     for name, module in model.named_modules():
         if name == "bottom" or name.endswith(".bottom"):
-            return module, True
-    return model, False
+            parent = model.get_submodule(name[: -len("bottom")].rstrip(".")) if name != "bottom" else model
+            encoders = getattr(parent, "encoders", None)
+            fine = encoders[1] if isinstance(encoders, torch.nn.ModuleList) and len(encoders) > 1 else None
+            return module, fine, True
+    return model, None, False
+
+
+def _on_grid(fine: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """Feature maps ``fine (B, K, *spatial)`` averaged onto a coarser ``grid`` of cells (exactly, by
+    blocks, where the grid divides them), so that a window of the grid's cells covers the same pixels."""
+    pool = {1: torch.nn.functional.avg_pool1d, 2: torch.nn.functional.avg_pool2d, 3: torch.nn.functional.avg_pool3d}
+    adaptive = {1: torch.nn.functional.adaptive_avg_pool1d, 2: torch.nn.functional.adaptive_avg_pool2d,
+                3: torch.nn.functional.adaptive_avg_pool3d}
+    spatial, d = tuple(fine.shape[2:]), len(grid)
+    fine = fine.detach().float()
+    if tuple(grid) == spatial:
+        return fine
+    if all(s % g == 0 for s, g in zip(spatial, grid)):
+        return pool[d](fine, [s // g for s, g in zip(spatial, grid)])
+    return adaptive[d](fine, list(grid))
 
 
 #: Pixels (and neighbour differences) per window and channel that the intensity and noise
@@ -184,8 +206,10 @@ class FitObserver:
         if hasattr(task, "inference_network"):
             networks.append(task.inference_network())
         found = [_deepest(n) for n in networks]
-        self.modules = list({id(m): m for m, _ in found}.values())
-        self.is_deepest = found[0][1]
+        self.modules = list({id(m): m for m, _, _ in found}.values())
+        self.fine_modules = list({id(f): f for _, f, _ in found if f is not None}.values())
+        self.is_deepest = found[0][2]
+        self.fine: torch.Tensor | None = None  # the finer level's output of the forward under way
         self.rng = np.random.default_rng(seed)
         from bioflow.inference.tiling import context_margin
 
@@ -200,6 +224,7 @@ class FitObserver:
 
     def __enter__(self) -> "FitObserver":
         self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        self.handles += [m.register_forward_hook(self._fine_hook) for m in self.fine_modules]
         self.task._fit_observer = self
         return self
 
@@ -208,6 +233,11 @@ class FitObserver:
             handle.remove()
         self.task._fit_observer = None
         self.pending.clear()
+        self.fine = None
+
+    def _fine_hook(self, module, args, out) -> None:
+        # runs before the deepest level in the same forward; kept only while tiles are pending
+        self.fine = (out[0] if isinstance(out, (tuple, list)) else out) if self.pending else None
 
     def expect(self, image: torch.Tensor) -> None:
         """Watch the next tiled prediction of this very tensor (its memory and shape) only: an
@@ -237,6 +267,10 @@ class FitObserver:
             return
         start = time.perf_counter()
         out = out[0] if isinstance(out, (tuple, list)) else out
+        if self.fine is not None and self.fine.shape[0] == out.shape[0]:
+            # the finer level averaged onto the deepest level's cells: one set of maps, one window grid
+            out = torch.cat([out.detach().float(), _on_grid(self.fine, out.shape[2:])], dim=1)
+        self.fine = None
         for (corner, tile, shape), activations in zip(self.pending, out):
             self._take(corner, tile, shape, activations)
         self.pending.clear()
@@ -353,20 +387,33 @@ class FitReference:
         self.inverse = {g: np.asarray(m) for g, m in record["inverse"].items()}
         self.threshold = float(record["threshold"])
         self.group_thresholds = {g: float(v) for g, v in record["group_thresholds"].items()}
+        # the products run on PyTorch's threads, which are running anyway and wait briefly: NumPy's
+        # BLAS would wake a pool of its own per image, which then spins on the cores the next
+        # prediction needs (where NumPy was loaded before bioflow could shorten its wait). The
+        # groups' inverses sit on the diagonal of one matrix, so that one product serves them all.
+        size = len(self.groups)
+        self._scored = [g for g in GROUPS if g in self.inverse]
+        blocks = torch.zeros(size, size, dtype=torch.float64)
+        members = torch.zeros(size, len(self._scored), dtype=torch.float64)  # feature -> its group
+        for j, g in enumerate(self._scored):
+            index = torch.tensor([i for i, name in enumerate(self.groups) if name == g])
+            blocks[index[:, None], index[None, :]] = torch.from_numpy(np.asarray(self.inverse[g], dtype=np.float64))
+            members[index, j] = 1.0 / len(index)
+        self._all = torch.from_numpy(np.ascontiguousarray(self.inverse["all"], dtype=np.float64))
+        self._blocks, self._members = blocks, members
 
-    def _distances(self, features: np.ndarray, group: str | None = None) -> np.ndarray:
-        index = [i for i, g in enumerate(self.groups) if group is None or g == group]
-        centred = features[:, index] - self.mean[index]
-        inverse = self.inverse["all" if group is None else group]
-        return np.sqrt(np.maximum(((centred @ inverse) * centred).sum(axis=1), 0.0) / len(index))
+    def _distances(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per window ``features (W, F)``: the Mahalanobis distance over all features (W,), and
+        within each scored group (W, groups), each per feature (divided by the number of features)."""
+        centred = torch.from_numpy(np.ascontiguousarray(features - self.mean, dtype=np.float64))
+        every = ((centred @ self._all) * centred).sum(dim=1) / len(self.groups)
+        per_group = ((centred @ self._blocks) * centred) @ self._members
+        return every.clamp_min(0.0).sqrt().numpy(), per_group.clamp_min(0.0).sqrt().numpy()
 
     def score(self, features: np.ndarray) -> dict[str, float]:
         """The image's score, and each group's, from its patches' features."""
-        out = {"score": float(self._distances(features).mean())}
-        for g in GROUPS:
-            if g in self.inverse:
-                out[g] = float(self._distances(features, g).mean())
-        return out
+        every, per_group = self._distances(features)
+        return {"score": float(every.mean()), **{g: float(per_group[:, j].mean()) for j, g in enumerate(self._scored)}}
 
     def verdict(self, features: np.ndarray) -> dict[str, Any]:
         """Score, threshold, whether the input fits, and the likely reason when it does not.
