@@ -1,14 +1,16 @@
-"""Threads on a busy machine: StarDist 3D targets and a training epoch, quiet and beside another job.
+"""Threads on a busy machine: StarDist 3D targets, a training epoch, checked predictions, quiet and beside another job.
 
-Each measurement runs in a fresh process (OpenMP reads its settings when torch loads), in two
-variants:
+Each measurement runs in a fresh process (OpenMP reads its settings when torch loads, OpenBLAS
+when NumPy does), in three variants:
 
-- ``spinning``: OpenMP's default long spin (``GOMP_SPINCOUNT=300000``) and, for the 3D targets,
-  PyTorch's default thread count (the training epochs choose theirs as bioflow does);
-- ``brief``: bioflow's default, a short spin (``GOMP_SPINCOUNT=1000``), fitted threads (and, for
-  the 3D targets, freed memory kept as training keeps it: ``bioflow.allocator``);
-- ``sleeping``: waiting threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``), fitted threads (and
-  kept memory).
+- ``spinning``: OpenMP's default long spin (``GOMP_SPINCOUNT=300000``), OpenBLAS's default wait
+  (``OPENBLAS_THREAD_TIMEOUT=28``) and, for the 3D targets, PyTorch's default thread count (the
+  training epochs choose theirs as bioflow does);
+- ``brief``: bioflow's default, a short spin (``GOMP_SPINCOUNT=1000``), OpenBLAS's threads
+  sleeping at once (``OPENBLAS_THREAD_TIMEOUT=4``), fitted threads (and, for the 3D targets, freed
+  memory kept as training keeps it: ``bioflow.allocator``);
+- ``sleeping``: waiting OpenMP threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``), OpenBLAS's as
+  in ``brief``, fitted threads (and kept memory).
 
 and in three conditions: ``quiet``; ``loaded`` beside a job that keeps every core busy (a process
 multiplying matrices with as many threads as there are cores, until the measurement ends); and
@@ -18,7 +20,13 @@ multiplying matrices with as many threads as there are cores, until the measurem
   of ``--repeats`` calls after one warm-up;
 - ``epoch_workers0`` / ``epoch_workers2``: seconds per training step of a small U-Net (demo data,
   patch 64, batch 8), with 0 and 2 data-loader workers (``data.num_workers``), from the job's own
-  step timer.
+  step timer;
+- ``predict_checked``: seconds per image of predicting small images (128 x 128, ``--images`` of
+  them in a loop, as a folder is) with a U-Net of the default width (32 channels, as
+  ``unet_own_data``; the demo's has 16) trained briefly by the bench, each checked against its
+  training data (the fit check's scores are a few NumPy matrix products per image, large enough
+  at this width for NumPy's BLAS to use its threads, which then wait between predictions). ``spinning`` also keeps OpenBLAS's default
+  wait (``OPENBLAS_THREAD_TIMEOUT=28``); bioflow sets a short one on import.
 
 Prints one JSON object: per part, variant and condition the median seconds, and the ratios
 loaded / quiet and loaded_one / quiet. Run::
@@ -30,8 +38,9 @@ Smoke (seconds; run by the tests)::
     .venv/bin/python bench/threads.py --smoke
 
 runs the 3D targets at a tiny size (16 x 48 x 48) in every variant, quiet and loaded (beside the
-one-thread job with bioflow's settings only), and the epoch with two loader workers (4 steps)
-with spinning waits, quiet: the figures mean nothing; the JSON has the same structure
+one-thread job with bioflow's settings only), the epoch with two loader workers (4 steps)
+with spinning waits, quiet, and 3 checked predictions of a tiny model with bioflow's settings,
+quiet: the figures mean nothing; the JSON has the same structure
 (what was not run is null) plus ``"smoke": true``.
 """
 
@@ -84,6 +93,35 @@ perf = summary["performance"]
 print(json.dumps({"seconds": perf.get("seconds_per_step"), "threads": torch.get_num_threads()}))
 """
 
+PREPARE = r"""
+import json, sys
+import bioflow
+project, extra = sys.argv[1], json.loads(sys.argv[2])
+summary = bioflow.train(["experiment=demo_unet", "trainer.max_epochs=1", "data.patches_per_epoch=32",
+                         "data.source.n_images=8", "data.source.shape=[128,128]", "data.patch_size=[64,64]",
+                         "model.base_channels=32", "trainer.enable_progress_bar=false", "test_after_training=false",
+                         f"project_dir={project}", "logger.experiment_name=threads_predict", *extra])
+print(summary["run_id"])
+"""
+
+PREDICT = r"""
+import json, sys, time
+import bioflow  # first, as in bioflow's commands: its thread settings before NumPy and torch load
+import numpy as np, torch
+from bioflow.data.synthetic_nuclei import synthetic_nuclei_image
+run, project, images = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = bioflow.load_model(run, project_dir=project)
+inputs = [synthetic_nuclei_image((128, 128), seed=5, index=i)[0].astype(np.float32) for i in range(4)]
+model.predict(inputs[0])
+times = []
+for i in range(images):  # a folder of small images, each checked against the training data
+    t = time.perf_counter()
+    out = model.predict(inputs[i % len(inputs)])
+    times.append(time.perf_counter() - t)
+assert "fit" in out
+print(json.dumps({"seconds": float(np.median(times)), "threads": torch.get_num_threads()}))
+"""
+
 LOAD = r"""
 import sys, torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -93,17 +131,18 @@ while True:
 """
 
 
-PARTS = ("targets3d", "epoch_workers0", "epoch_workers2")
+PARTS = ("targets3d", "epoch_workers0", "epoch_workers2", "predict_checked")
 # condition -> threads of the other job (None: no other job)
 CONDITIONS = {"quiet": None, "loaded": max(1, os.cpu_count() or 1), "loaded_one": 1}
 
 
 def environment(variant: str) -> dict[str, str]:
     env = dict(os.environ)
-    for name in ("OMP_NUM_THREADS", "BIOFLOW_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+    for name in ("OMP_NUM_THREADS", "BIOFLOW_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT"):
         env.pop(name, None)
     if variant == "spinning":
         env["GOMP_SPINCOUNT"] = "300000"  # libgomp's default (bioflow sets a short one on import)
+        env["OPENBLAS_THREAD_TIMEOUT"] = "28"  # OpenBLAS's default, 2^28 cycles (bioflow: 2^4)
     elif variant == "sleeping":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
@@ -121,15 +160,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="timed calls of the 3D targets per process")
     parser.add_argument("--steps", type=int, default=40, help="training steps per epoch measurement")
+    parser.add_argument("--images", type=int, default=40, help="images predicted per process (predict_checked)")
     parser.add_argument("--rounds", type=int, default=3, help="processes per part, variant and condition (median)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the bench runs")
     args = parser.parse_args(argv)
     shape = [16, 48, 48] if args.smoke else [32, 128, 128]
     if args.smoke:
-        args.repeats, args.steps, args.rounds = 1, 4, 1
+        args.repeats, args.steps, args.rounds, args.images = 1, 4, 1, 3
     project = Path(tempfile.mkdtemp(prefix="bench-threads-"))
+    run = None
+    if "predict_checked" in args.parts:  # a small trained model, once
+        tiny = ["data.patches_per_epoch=8", "model.base_channels=4", "model.depth=1"] if args.smoke else []
+        done = subprocess.run([sys.executable, "-c", PREPARE, str(project), json.dumps(tiny)], env=environment("brief"),
+                              capture_output=True, text=True, timeout=1800)
+        run = done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else "none"
     parts = {
+        "predict_checked": (PREDICT, lambda variant: [str(run), str(project), str(args.images)]),
         "targets3d": (TARGETS, lambda variant: [json.dumps(shape), str(args.repeats), "0" if variant == "spinning" else "1"]),
         "epoch_workers0": (EPOCH, lambda variant: ["0", str(args.steps), str(project)]),
         "epoch_workers2": (EPOCH, lambda variant: ["2", str(args.steps), str(project)]),
@@ -146,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
             for name, (code, arguments) in parts.items():
                 for variant in ("spinning", "brief", "sleeping"):
                     smoke_runs = (name == "targets3d" and (condition != "loaded_one" or variant == "brief")
-                                  or (name, variant, condition) == ("epoch_workers2", "spinning", "quiet"))
+                                  or (name, variant, condition) in (("epoch_workers2", "spinning", "quiet"),
+                                                                    ("predict_checked", "brief", "quiet")))
                     if args.smoke and not smoke_runs:
                         result["parts"].setdefault(name, {}).setdefault(variant, {})[condition] = {"median_s": None}
                         continue

@@ -56,21 +56,29 @@ def test_the_processes_of_a_job_on_a_node(monkeypatch):
     assert threads.local_processes() == 2
 
 
-def test_waiting_threads_spin_briefly_unless_the_user_chose():
+def seen_after_import(name: str, **chosen: str) -> str:
+    """The value of environment variable ``name`` in a fresh process after ``import bioflow``,
+    with only the variables ``chosen`` of bioflow's thread settings set beforehand."""
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    probe = "import bioflow, os; print(os.environ.get('GOMP_SPINCOUNT'))"
+    ours = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT")
+    env = {k: v for k, v in os.environ.items() if k not in ours}
+    probe = f"import bioflow, os; print(os.environ.get({name!r}))"
+    return subprocess.run([sys.executable, "-c", probe], env={**env, **chosen}, capture_output=True,
+                          text=True).stdout.strip()
 
-    def seen(**extra):
-        return subprocess.run([sys.executable, "-c", probe], env={**env, **extra}, capture_output=True,
-                              text=True).stdout.strip()
 
-    assert seen() == "1000"
-    assert seen(GOMP_SPINCOUNT="50") == "50"
-    assert seen(OMP_WAIT_POLICY="PASSIVE") == "None"  # a chosen policy is left alone
+def test_waiting_threads_spin_briefly_unless_the_user_chose():
+    assert seen_after_import("GOMP_SPINCOUNT") == "1000"
+    assert seen_after_import("GOMP_SPINCOUNT", GOMP_SPINCOUNT="50") == "50"
+    assert seen_after_import("GOMP_SPINCOUNT", OMP_WAIT_POLICY="PASSIVE") == "None"  # a chosen policy is left alone
+
+
+def test_numpys_blas_threads_sleep_at_once_unless_the_user_chose():
+    assert seen_after_import("OPENBLAS_THREAD_TIMEOUT") == "4"
+    assert seen_after_import("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT="28") == "28"
 
 
 def test_affinity_caps_the_cores(monkeypatch):

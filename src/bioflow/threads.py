@@ -40,9 +40,16 @@ THREADS_ENV = "BIOFLOW_THREADS"
 def spin_briefly() -> None:
     """OpenMP (GNU's, which PyTorch's CPU builds use) threads that wait spin briefly, then sleep;
     unless the user chose a wait policy or a spin count. Read when PyTorch loads OpenMP: bioflow
-    sets it on import (before torch in its commands and in the processes they start)."""
+    sets it on import (before torch in its commands and in the processes they start).
+
+    The same for OpenBLAS's threads (NumPy's BLAS in its wheels), unless the user chose: after
+    each matrix product they spin for about 2^28 cycles by default, on the cores PyTorch's threads
+    then need (a fit check's scores, a few small products per image, slowed the next image's
+    prediction 2.4 times). Read when NumPy loads OpenBLAS: set here when bioflow is imported before
+    NumPy, as in its commands and the processes they start."""
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles: waiting threads sleep at once
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
