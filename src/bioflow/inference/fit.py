@@ -81,16 +81,13 @@ def _deepest(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module |
 def _on_grid(fine: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """Feature maps ``fine (B, K, *spatial)`` averaged onto a coarser ``grid`` of cells (exactly, by
     blocks, where the grid divides them), so that a window of the grid's cells covers the same pixels."""
-    pool = {1: torch.nn.functional.avg_pool1d, 2: torch.nn.functional.avg_pool2d, 3: torch.nn.functional.avg_pool3d}
-    adaptive = {1: torch.nn.functional.adaptive_avg_pool1d, 2: torch.nn.functional.adaptive_avg_pool2d,
-                3: torch.nn.functional.adaptive_avg_pool3d}
-    spatial, d = tuple(fine.shape[2:]), len(grid)
+    spatial, d, functional = tuple(fine.shape[2:]), len(grid), torch.nn.functional
     fine = fine.detach().float()
     if tuple(grid) == spatial:
         return fine
     if all(s % g == 0 for s, g in zip(spatial, grid)):
-        return pool[d](fine, [s // g for s, g in zip(spatial, grid)])
-    return adaptive[d](fine, list(grid))
+        return getattr(functional, f"avg_pool{d}d")(fine, [s // g for s, g in zip(spatial, grid)])
+    return getattr(functional, f"adaptive_avg_pool{d}d")(fine, list(grid))
 
 
 #: Pixels (and neighbour differences) per window and channel that the intensity and noise
@@ -387,10 +384,9 @@ class FitReference:
         self.inverse = {g: np.asarray(m) for g, m in record["inverse"].items()}
         self.threshold = float(record["threshold"])
         self.group_thresholds = {g: float(v) for g, v in record["group_thresholds"].items()}
-        # the products run on PyTorch's threads, which are running anyway and wait briefly: NumPy's
-        # BLAS would wake a pool of its own per image, which then spins on the cores the next
-        # prediction needs (where NumPy was loaded before bioflow could shorten its wait). The
-        # groups' inverses sit on the diagonal of one matrix, so that one product serves them all.
+        # products on PyTorch's threads, which run anyway: NumPy's BLAS would wake a pool of its own
+        # per image, spinning on the cores the next prediction needs (where NumPy was loaded before
+        # bioflow set its wait). The groups' inverses sit on one block diagonal: one product for all.
         size = len(self.groups)
         self._scored = [g for g in GROUPS if g in self.inverse]
         blocks = torch.zeros(size, size, dtype=torch.float64)
