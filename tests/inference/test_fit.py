@@ -214,6 +214,29 @@ def test_window_quantiles_are_numpys():
                 np.testing.assert_allclose(ours, numpys, rtol=1e-6, atol=1e-7)
 
 
+def test_distances_are_the_mahalanobis_distances_of_each_group():
+    """The scores' distances (products of factors in float32) equal the direct float64 formula
+    ``sqrt(x^T A x / n)`` over all features and within each group, also for strongly correlated
+    features (whose inverse covariance is ill-conditioned) far from the training mean."""
+    from bioflow.inference.fit import GROUPS, FitReference
+
+    rng = np.random.default_rng(3)
+    groups = ["intensity"] * 6 + ["noise"] * 2 + ["content"] * 40
+    mixing = rng.normal(size=(len(groups), len(groups))) * np.logspace(0, -3, len(groups))  # a range of scales
+    train = rng.normal(size=(300, len(groups))) @ mixing + 5.0
+    reference = FitReference._untested(train, groups)
+    features = rng.normal(size=(16, len(groups))) @ mixing * rng.choice([0.5, 1.0, 8.0], size=(16, 1)) + 5.0
+    every, per_group = reference._distances(features)
+    centred = features - reference.mean
+    direct = np.sqrt(np.einsum("wi,ij,wj->w", centred, reference.inverse["all"], centred) / len(groups))
+    np.testing.assert_allclose(every, direct, rtol=1e-5)
+    for j, g in enumerate(g for g in GROUPS if g in reference.inverse):
+        index = [i for i, name in enumerate(groups) if name == g]
+        part = centred[:, index]
+        expected = np.sqrt(np.einsum("wi,ij,wj->w", part, reference.inverse[g], part) / len(index))
+        np.testing.assert_allclose(per_group[:, j], expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("spatial, box", [((40, 37), (16, 9)), ((9, 20, 21), (4, 8, 8)), ((30, 12), (10, 1))])
 def test_windows_measured_together_equal_windows_measured_one_by_one(spatial, box):
     """Several windows gathered at once give each window's own samples exactly, and their content
