@@ -204,7 +204,7 @@ def test_evaluation_checks_the_fit_on_the_tests_own_predictions(experiment):
 def test_window_quantiles_are_numpys():
     """The partial sort behind the intensity and noise features gives np.quantile's values exactly
     (a fingerprint's features must not change with how they are computed)."""
-    from bioflow.inference.fit import _quantiles
+    from bioflow.inference.fit_windows import _median, _quantiles
 
     rng = np.random.default_rng(0)
     for shape in [(16, 1, 2048), (3, 2, 7), (5, 1, 1), (4, 3, 2)]:
@@ -212,6 +212,9 @@ def test_window_quantiles_are_numpys():
         for qs in [(0.01, 0.5, 0.99), (0.5,)]:
             for ours, numpys in zip(_quantiles(values, qs), (np.quantile(values, q, axis=-1) for q in qs)):
                 np.testing.assert_allclose(ours, numpys, rtol=1e-6, atol=1e-7)
+    for n in (2048, 2047, 2, 1, 7):  # the median from one partition, even and odd counts
+        values = rng.normal(size=(5, 2, n)).astype(np.float32)
+        np.testing.assert_allclose(_median(values), np.quantile(values, 0.5, axis=-1), rtol=1e-6, atol=1e-7)
 
 
 def test_distances_are_the_mahalanobis_distances_of_each_group():
@@ -243,7 +246,7 @@ def test_windows_measured_together_equal_windows_measured_one_by_one(spatial, bo
     (feature-map means and spreads) as each window's own to float precision."""
     import torch
 
-    from bioflow.inference.fit import window_content, window_samples, windows_samples
+    from bioflow.inference.fit_windows import window_content, window_samples, windows_samples
 
     rng = np.random.default_rng(1)
     host = rng.normal(size=(2, *spatial)).astype(np.float32)

@@ -30,7 +30,6 @@ group (intensity, noise, content) whose own distance is the most above what vali
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -39,6 +38,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from bioflow.inference.fit_windows import _on_grid, window_content, window_features, windows_samples
 
 log = logging.getLogger(__name__)
 
@@ -76,109 +77,6 @@ def _deepest(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module |
             fine = encoders[1] if isinstance(encoders, torch.nn.ModuleList) and len(encoders) > 1 else None
             return module, fine, True
     return model, None, False
-
-
-def _on_grid(fine: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """Feature maps ``fine (B, K, *spatial)`` averaged onto a coarser ``grid`` of cells (exactly, by
-    blocks, where the grid divides them), so that a window of the grid's cells covers the same pixels."""
-    spatial, d, functional = tuple(fine.shape[2:]), len(grid), torch.nn.functional
-    fine = fine.detach().float()
-    if tuple(grid) == spatial:
-        return fine
-    if all(s % g == 0 for s, g in zip(spatial, grid)):
-        return getattr(functional, f"avg_pool{d}d")(fine, [s // g for s, g in zip(spatial, grid)])
-    return getattr(functional, f"adaptive_avg_pool{d}d")(fine, list(grid))
-
-
-#: Pixels (and neighbour differences) per window and channel that the intensity and noise
-#: features are measured on: a fixed lattice through the window, so the cost does not grow with it.
-SAMPLES = 2048
-
-
-@functools.lru_cache(maxsize=64)
-def _lattice_index(n: int) -> np.ndarray:
-    """``SAMPLES`` evenly spaced indices into ``n`` values (repeats where n is smaller)."""
-    return torch.linspace(0, n - 1, SAMPLES).round().long().numpy()
-
-
-def window_samples(crop: np.ndarray) -> np.ndarray:
-    """What the intensity and noise features of one normalised window ``crop (C, *window)``
-    (float32, on the host) are measured on: ``(C, 2, SAMPLES)``, pixels and differences of
-    neighbours along the last axis, on a fixed lattice."""
-    flat = crop.reshape(crop.shape[0], -1)
-    step = (crop[..., 1:] - crop[..., :-1]).reshape(crop.shape[0], -1) if crop.shape[-1] > 1 else flat * 0
-    return np.stack([flat[:, _lattice_index(flat.shape[1])], step[:, _lattice_index(step.shape[1])]], axis=1)
-
-
-@functools.lru_cache(maxsize=64)
-def _lattice_offsets(box: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
-    """The lattice of :func:`window_samples` for windows of shape ``box`` as offsets ``(d, SAMPLES)``
-    from the window's corner: of the pixels, and of the left pixel of each neighbour difference
-    (None when the last axis has one pixel: no differences)."""
-    pixels = np.stack(np.unravel_index(_lattice_index(int(np.prod(box))), box))
-    if box[-1] < 2:
-        return pixels, None
-    inner = (*box[:-1], box[-1] - 1)
-    return pixels, np.stack(np.unravel_index(_lattice_index(int(np.prod(inner))), inner))
-
-
-def windows_samples(host: np.ndarray, corners: np.ndarray, box: tuple[int, ...]) -> np.ndarray:
-    """:func:`window_samples` of several windows of one shape ``box`` at ``corners (W, d)`` of
-    ``host (C, *spatial)``, by flat gathers: ``(W, C, 2, SAMPLES)``, the same values."""
-    pixels, lefts = _lattice_offsets(tuple(int(b) for b in box))
-    strides = np.array([int(np.prod(host.shape[a + 2:])) for a in range(host.ndim - 1)], dtype=np.int64)
-    flat = host.reshape(host.shape[0], -1)
-    base = (corners @ strides)[:, None]  # (W, 1)
-    values = np.take(flat, base + strides @ pixels, axis=1)  # (C, W, SAMPLES)
-    if lefts is None:
-        steps = values * 0
-    else:
-        left = base + strides @ lefts
-        steps = np.take(flat, left + 1, axis=1) - np.take(flat, left, axis=1)
-    return np.stack([values, steps], axis=2).transpose(1, 0, 2, 3)
-
-
-def window_content(maps: torch.Tensor, corners: np.ndarray, cells: Sequence[int], spread: bool) -> np.ndarray:
-    """Each feature map's mean (and, with ``spread``, its standard deviation) over windows of
-    ``cells`` at ``corners (W, d)`` of ``maps (K, *spatial)``, on the host: ``(W, K)`` or
-    ``(W, 2K)``. Maps on the CPU are reduced in place by NumPy (which follows their memory
-    layout; PyTorch's copies of small strided blocks, e.g. of channels-last maps, cost more than
-    the arithmetic); from other devices only the windows travel, copied out together."""
-    boxes = [(slice(None), *(slice(int(a), int(a) + int(c)) for a, c in zip(corner, cells))) for corner in corners]
-    if maps.device.type == "cpu":
-        source = maps.detach().float().numpy()
-        windows = [source[box] for box in boxes]
-    else:
-        windows = list(torch.stack([maps.detach()[box] for box in boxes]).float().cpu().numpy())
-    axes = tuple(range(1, len(cells) + 1))
-    return np.stack([np.concatenate([w.mean(axis=axes, dtype=np.float64)]
-                                    + ([w.std(axis=axes, dtype=np.float64)] if spread else [])) for w in windows]).astype(np.float32)
-
-
-def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[np.ndarray]:
-    """Quantiles along the last axis, interpolated linearly as ``np.quantile`` does, from one sort
-    (NumPy's vectorised sort of a few thousand values is several times faster than a partial
-    sort, and gives the same order statistics)."""
-    n = values.shape[-1]
-    ordered = np.sort(values, axis=-1)
-    out = []
-    for q in qs:
-        position = q * (n - 1)
-        below = int(np.floor(position))
-        above = min(below + 1, n - 1)
-        out.append(ordered[..., below] + (position - below) * (ordered[..., above] - ordered[..., below]))
-    return out
-
-
-def window_features(samples: np.ndarray, content: np.ndarray) -> np.ndarray:
-    """Features of windows: intensity percentiles and noise of their normalised pixels, from
-    ``samples (W, C, 2, SAMPLES)`` (:func:`window_samples`), then their content ``(W, K)``."""
-    low, mid, high = _quantiles(samples[:, :, 0], (0.01, 0.5, 0.99))
-    step = samples[:, :, 1]
-    deviation = np.abs(step - _quantiles(step, (0.5,))[0][..., None])
-    spread = np.maximum(high - low, 1e-6)
-    noise = 1.4826 * _quantiles(deviation, (0.5,))[0] / np.sqrt(2) / spread
-    return np.concatenate([low, mid, high, np.log(np.maximum(noise, 1e-6)), content], axis=1).astype(np.float64)
 
 
 class FitUnavailable(Exception):
