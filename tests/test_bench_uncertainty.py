@@ -46,3 +46,22 @@ def test_the_real_image_experiments_run_in_smoke_mode(tmp_path, monkeypatch):
     assert len(n2v["bins"]["test"]) == 10 and n2v["distribution"] == "gaussian"
     assert n2v["signal"] is not None and len(n2v["signal"]["bins"]) == 10  # the clean image is there to check against
     assert 0 <= n2v["signal"]["variance_share"] <= 1 and n2v["top5_error_ratio_ranked_by"] is None
+
+
+def test_several_seeds_are_summarised_per_experiment_and_figure():
+    """With several seeds the bench reports each figure per seed, in seed order, with median and range
+    (a missing figure, e.g. a skipped experiment's, is left out rather than counted)."""
+    spec = importlib.util.spec_from_file_location("bench_uncertainty_summary", REPO / "bench" / "uncertainty.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    runs = {seed: {"overrides": [f"seed={seed}"],
+                   "demo_care": {"psnr": {"plain": 30.0 + seed, "probabilistic": 30.0 + 2 * seed, "difference_db": float(seed)},
+                                 "top5_error_ratio": 4.0 - seed, "worst_ratio_error": None}}
+            for seed in (0, 1, 5)}
+    summary = bench.summary(runs)["demo_care"]
+    assert summary["difference_db"] == {"values": [0.0, 1.0, 5.0], "median": 1.0, "min": 0.0, "max": 5.0}
+    assert summary["top5_error_ratio"]["median"] == 3.0 and summary["top5_error_ratio"]["min"] == -1.0
+    assert summary["psnr_probabilistic"]["values"] == [30.0, 32.0, 40.0]
+    assert "worst_ratio_error" not in summary and "mean_abs_log_ratio" not in summary
+    even = bench.summary({0: runs[0], 1: runs[1]})["demo_care"]
+    assert even["difference_db"]["median"] == 0.5
