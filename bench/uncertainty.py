@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -257,10 +258,8 @@ def summary(runs: dict) -> dict:
                 if isinstance(value, (int, float)):
                     values.append(float(value))
             if values:
-                ordered = sorted(values)
-                middle = len(ordered) // 2
-                median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-                out[name][figure] = {"values": values, "median": median, "min": ordered[0], "max": ordered[-1]}
+                out[name][figure] = {"values": values, "median": statistics.median(values), "min": min(values),
+                                     "max": max(values)}
     return out
 
 
