@@ -28,10 +28,15 @@ multiplying matrices with as many threads as there are cores, until the measurem
   at this width for NumPy's BLAS to use its threads, which then wait between predictions). ``spinning`` also keeps OpenBLAS's default
   wait (``OPENBLAS_THREAD_TIMEOUT=28``); bioflow sets a short one on import.
 
-Prints one JSON object: per part, variant and condition the median seconds, and the ratios
-loaded / quiet and loaded_one / quiet. Run::
+The rounds go condition by condition (quiet, then beside each job) and start again, so that
+each loaded measurement has a quiet one of its own round, taken a minute or so before it rather
+than a whole phase apart: this machine's speed drifts by tens of percent over minutes.
 
-    .venv/bin/python bench/threads.py [--repeats 5] [--steps 40] [--parts targets3d]
+Prints one JSON object: per part, variant and condition the median seconds and their spread over
+the rounds, and the ratios loaded / quiet and loaded_one / quiet, each round's against its own
+quiet measurement (``*_over_quiet_rounds``) and their median (``*_over_quiet``). Run::
+
+    .venv/bin/python bench/threads.py [--repeats 5] [--steps 40] [--rounds 3] [--parts targets3d] [--variants brief]
 
 Smoke (seconds; run by the tests)::
 
@@ -132,6 +137,7 @@ while True:
 
 
 PARTS = ("targets3d", "epoch_workers0", "epoch_workers2", "predict_checked")
+VARIANTS = ("spinning", "brief", "sleeping")
 # condition -> threads of the other job (None: no other job)
 CONDITIONS = {"quiet": None, "loaded": max(1, os.cpu_count() or 1), "loaded_one": 1}
 
@@ -163,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=40, help="images predicted per process (predict_checked)")
     parser.add_argument("--rounds", type=int, default=3, help="processes per part, variant and condition (median)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="thread settings to measure (brief: bioflow's)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the bench runs")
     args = parser.parse_args(argv)
     shape = [16, 48, 48] if args.smoke else [32, 128, 128]
@@ -184,37 +192,45 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"benchmark": "threads", "cpus": os.cpu_count(), "shape": shape, "steps": args.steps,
                     "rounds": args.rounds, "load_threads": {c: t for c, t in CONDITIONS.items() if t}, "parts": {}}
     parts = {name: part for name, part in parts.items() if name in args.parts}
-    for condition, load_threads in CONDITIONS.items():
-        load = None
-        if load_threads is not None:
-            load = subprocess.Popen([sys.executable, "-c", LOAD, str(load_threads)], env=environment("spinning"))
-            time.sleep(1.0)
-        try:
-            for name, (code, arguments) in parts.items():
-                for variant in ("spinning", "brief", "sleeping"):
-                    smoke_runs = (name == "targets3d" and (condition != "loaded_one" or variant == "brief")
-                                  or (name, variant, condition) in (("epoch_workers2", "spinning", "quiet"),
-                                                                    ("predict_checked", "brief", "quiet")))
-                    if args.smoke and not smoke_runs:
-                        result["parts"].setdefault(name, {}).setdefault(variant, {})[condition] = {"median_s": None}
-                        continue
-                    runs = [measure(code, arguments(variant), variant) for _ in range(args.rounds)]
-                    good = [r["seconds"] for r in runs if r.get("seconds") is not None]
-                    entry = result["parts"].setdefault(name, {}).setdefault(variant, {})
-                    entry[condition] = {"median_s": round(statistics.median(good), 4) if good else None,
-                                        "spread_s": [round(min(good), 4), round(max(good), 4)] if good else None,
-                                        "threads": runs[0].get("threads"),
-                                        **({"error": runs[0]["error"]} if "error" in runs[0] else {})}
-        finally:
-            if load is not None:
-                load.kill()
-                load.wait()
-    for variants in result["parts"].values():
-        for entry in variants.values():
-            quiet = entry["quiet"]["median_s"]
+    # round by round, each condition in turn: a ratio compares a loaded measurement with the quiet
+    # one of its own round, minutes apart rather than a whole phase apart (this machine drifts)
+    runs: dict = {}  # (part, variant, condition) -> one result per round
+    for _ in range(args.rounds):
+        for condition, load_threads in CONDITIONS.items():
+            load = None
+            if load_threads is not None:
+                load = subprocess.Popen([sys.executable, "-c", LOAD, str(load_threads)], env=environment("spinning"))
+                time.sleep(1.0)
+            try:
+                for name, (code, arguments) in parts.items():
+                    for variant in args.variants:
+                        smoke_runs = (name == "targets3d" and (condition != "loaded_one" or variant == "brief")
+                                      or (name, variant, condition) in (("epoch_workers2", "spinning", "quiet"),
+                                                                        ("predict_checked", "brief", "quiet")))
+                        if args.smoke and not smoke_runs:
+                            continue
+                        runs.setdefault((name, variant, condition), []).append(measure(code, arguments(variant), variant))
+            finally:
+                if load is not None:
+                    load.kill()
+                    load.wait()
+    for name in parts:
+        for variant in args.variants:
+            entry = result["parts"].setdefault(name, {}).setdefault(variant, {})
+            seconds = {}
+            for condition in CONDITIONS:
+                done = runs.get((name, variant, condition), [])
+                seconds[condition] = [r.get("seconds") for r in done]
+                good = [v for v in seconds[condition] if v is not None]
+                entry[condition] = {"median_s": round(statistics.median(good), 4) if good else None,
+                                    "spread_s": [round(min(good), 4), round(max(good), 4)] if good else None,
+                                    "threads": done[0].get("threads") if done else None,
+                                    **({"error": done[0]["error"]} if done and "error" in done[0] else {})}
             for condition in ("loaded", "loaded_one"):
-                loaded = entry[condition]["median_s"]
-                entry[f"{condition}_over_quiet"] = round(loaded / quiet, 2) if quiet and loaded else None
+                paired = [round(loaded / quiet, 3) for quiet, loaded in zip(seconds["quiet"], seconds[condition])
+                          if quiet and loaded]
+                entry[f"{condition}_over_quiet"] = round(statistics.median(paired), 2) if paired else None
+                entry[f"{condition}_over_quiet_rounds"] = paired
     if args.smoke:
         result["smoke"] = True
     print(json.dumps(result, indent=1))

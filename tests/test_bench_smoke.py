@@ -261,6 +261,12 @@ def check_threads(result: dict) -> None:
             assert positive(entry["median_s"]) and entry["threads"] >= 1
         assert positive(targets[variant]["loaded_over_quiet"])
     assert positive(targets["brief"]["loaded_one_over_quiet"])
+    # each round's ratio against the quiet measurement of its own round
+    brief = targets["brief"]
+    assert len(brief["loaded_one_over_quiet_rounds"]) == result["rounds"] == 1
+    expected = brief["loaded_one"]["median_s"] / brief["quiet"]["median_s"]
+    assert brief["loaded_one_over_quiet"] == pytest.approx(expected, rel=0.05)
+    assert targets["spinning"]["loaded_one_over_quiet_rounds"] == []  # not run in smoke mode
     assert result["load_threads"]["loaded_one"] == 1
     entry = result["parts"]["epoch_workers2"]["spinning"]["quiet"]
     assert "error" not in entry, entry.get("error")
