@@ -28,13 +28,16 @@ multiplying matrices with as many threads as there are cores, until the measurem
   at this width for NumPy's BLAS to use its threads, which then wait between predictions). ``spinning`` also keeps OpenBLAS's default
   wait (``OPENBLAS_THREAD_TIMEOUT=28``); bioflow sets a short one on import.
 
-The rounds go condition by condition (quiet, then beside each job) and start again, so that
-each loaded measurement has a quiet one of its own round, taken a minute or so before it rather
-than a whole phase apart: this machine's speed drifts by tens of percent over minutes.
+The rounds go condition by condition (quiet, then beside each job; the other way round every
+other round) and start again, so that each loaded measurement has a quiet one of its own round
+rather than one a whole phase apart: this machine's speed drifts over minutes. The pairing is
+tight (tens of seconds) when one part and one variant are measured.
 
-Prints one JSON object: per part, variant and condition the median seconds and their spread over
-the rounds, and the ratios loaded / quiet and loaded_one / quiet, each round's against its own
-quiet measurement (``*_over_quiet_rounds``) and their median (``*_over_quiet``). Run::
+Prints one JSON object: per part, variant and condition the median seconds, their spread and each
+round's seconds (``seconds_rounds``; failed processes counted in ``failed``, the first one's
+``error``), the thread count, and the ratios loaded / quiet and loaded_one / quiet, each round's
+against the quiet measurement of the same round (``*_over_quiet_rounds``) and their median
+(``*_over_quiet``). Run::
 
     .venv/bin/python bench/threads.py [--repeats 5] [--steps 40] [--rounds 3] [--parts targets3d] [--variants brief]
 
@@ -45,8 +48,8 @@ Smoke (seconds; run by the tests)::
 runs the 3D targets at a tiny size (16 x 48 x 48) in every variant, quiet and loaded (beside the
 one-thread job with bioflow's settings only), the epoch with two loader workers (4 steps)
 with spinning waits, quiet, and 3 checked predictions of a tiny model with bioflow's settings,
-quiet: the figures mean nothing; the JSON has the same structure
-(what was not run is null) plus ``"smoke": true``.
+quiet: the figures mean nothing; the JSON has the same structure (what was not run is null, or
+an empty list of rounds) plus ``"smoke": true``.
 """
 
 from __future__ import annotations
@@ -155,11 +158,45 @@ def environment(variant: str) -> dict[str, str]:
 
 
 def measure(code: str, args: list[str], variant: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", code, *args], env=environment(variant), capture_output=True,
-                          text=True, timeout=1800)
-    if done.returncode != 0:
-        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1][:300]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """One process's result, or ``{"error": ...}`` (a failed, silent or overlong process costs its
+    round, not the bench)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", code, *args], env=environment(variant), capture_output=True,
+                              text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out after 1800 s"}
+    lines = (done.stdout or "").strip().splitlines()
+    if done.returncode != 0 or not lines:
+        said = ((done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}, no output"])
+        return {"error": said[-1][:300]}
+    try:
+        return json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return {"error": f"not JSON: {lines[-1][:200]}"}
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    """One part and variant: per condition, its processes' results round by round (``{"seconds":
+    ...}`` or ``{"error": ...}``; no list: not run) -> medians, spreads, failures, and each round's
+    loaded / quiet ratio against the quiet result of the same round, and their median."""
+    entry: dict = {}
+    seconds = {}
+    for condition in CONDITIONS:
+        done = runs.get(condition, [])
+        seconds[condition] = [r.get("seconds") for r in done]
+        good = [v for v in seconds[condition] if v is not None]
+        failed = [r["error"] for r in done if "error" in r]
+        entry[condition] = {"median_s": round(statistics.median(good), 4) if good else None,
+                            "spread_s": [round(min(good), 4), round(max(good), 4)] if good else None,
+                            "seconds_rounds": [None if v is None else round(v, 4) for v in seconds[condition]],
+                            "threads": next((r.get("threads") for r in done if "threads" in r), None),
+                            **({"failed": len(failed), "error": failed[0]} if failed else {})}
+    for condition in ("loaded", "loaded_one"):
+        paired = [round(loaded / quiet, 3) for quiet, loaded in zip(seconds["quiet"], seconds[condition])
+                  if quiet and loaded]
+        entry[f"{condition}_over_quiet"] = round(statistics.median(paired), 2) if paired else None
+        entry[f"{condition}_over_quiet_rounds"] = paired
+    return entry
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -192,45 +229,36 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"benchmark": "threads", "cpus": os.cpu_count(), "shape": shape, "steps": args.steps,
                     "rounds": args.rounds, "load_threads": {c: t for c, t in CONDITIONS.items() if t}, "parts": {}}
     parts = {name: part for name, part in parts.items() if name in args.parts}
-    # round by round, each condition in turn: a ratio compares a loaded measurement with the quiet
-    # one of its own round, minutes apart rather than a whole phase apart (this machine drifts)
-    runs: dict = {}  # (part, variant, condition) -> one result per round
-    for _ in range(args.rounds):
-        for condition, load_threads in CONDITIONS.items():
+    variants = list(dict.fromkeys(args.variants))
+    result["variants"] = variants
+    # round by round, each condition in turn (in reverse every other round, so that a steady drift
+    # does not always favour the same one): a ratio compares a loaded measurement with the quiet
+    # one of its own round, tens of seconds apart for one part and variant, rather than a phase apart
+    runs: dict = {}  # (part, variant) -> condition -> one result per round
+    for round_ in range(args.rounds):
+        order = list(CONDITIONS.items())
+        for condition, load_threads in (order if round_ % 2 == 0 else order[::-1]):
             load = None
             if load_threads is not None:
                 load = subprocess.Popen([sys.executable, "-c", LOAD, str(load_threads)], env=environment("spinning"))
                 time.sleep(1.0)
             try:
                 for name, (code, arguments) in parts.items():
-                    for variant in args.variants:
+                    for variant in variants:
                         smoke_runs = (name == "targets3d" and (condition != "loaded_one" or variant == "brief")
                                       or (name, variant, condition) in (("epoch_workers2", "spinning", "quiet"),
                                                                         ("predict_checked", "brief", "quiet")))
                         if args.smoke and not smoke_runs:
                             continue
-                        runs.setdefault((name, variant, condition), []).append(measure(code, arguments(variant), variant))
+                        runs.setdefault((name, variant), {}).setdefault(condition, []).append(
+                            measure(code, arguments(variant), variant))
             finally:
                 if load is not None:
                     load.kill()
                     load.wait()
     for name in parts:
-        for variant in args.variants:
-            entry = result["parts"].setdefault(name, {}).setdefault(variant, {})
-            seconds = {}
-            for condition in CONDITIONS:
-                done = runs.get((name, variant, condition), [])
-                seconds[condition] = [r.get("seconds") for r in done]
-                good = [v for v in seconds[condition] if v is not None]
-                entry[condition] = {"median_s": round(statistics.median(good), 4) if good else None,
-                                    "spread_s": [round(min(good), 4), round(max(good), 4)] if good else None,
-                                    "threads": done[0].get("threads") if done else None,
-                                    **({"error": done[0]["error"]} if done and "error" in done[0] else {})}
-            for condition in ("loaded", "loaded_one"):
-                paired = [round(loaded / quiet, 3) for quiet, loaded in zip(seconds["quiet"], seconds[condition])
-                          if quiet and loaded]
-                entry[f"{condition}_over_quiet"] = round(statistics.median(paired), 2) if paired else None
-                entry[f"{condition}_over_quiet_rounds"] = paired
+        for variant in variants:
+            result["parts"].setdefault(name, {})[variant] = summarise(runs.get((name, variant), {}))
     if args.smoke:
         result["smoke"] = True
     print(json.dumps(result, indent=1))

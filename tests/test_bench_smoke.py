@@ -267,6 +267,7 @@ def check_threads(result: dict) -> None:
     expected = brief["loaded_one"]["median_s"] / brief["quiet"]["median_s"]
     assert brief["loaded_one_over_quiet"] == pytest.approx(expected, rel=0.05)
     assert targets["spinning"]["loaded_one_over_quiet_rounds"] == []  # not run in smoke mode
+    assert result["variants"] == ["spinning", "brief", "sleeping"]
     assert result["load_threads"]["loaded_one"] == 1
     entry = result["parts"]["epoch_workers2"]["spinning"]["quiet"]
     assert "error" not in entry, entry.get("error")
